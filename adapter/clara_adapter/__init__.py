@@ -1,0 +1,1 @@
+"""clara_adapter."""

@@ -1,0 +1,67 @@
+"""The `clara-dicom` command line.
+
+Each subcommand lives in the package that owns it, as a module exposing
+``add_arguments(parser)`` and ``run(args) -> int``. Those modules import only
+the standard library at top level, so building the parser stays fast; the
+heavy imports happen inside ``run``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from clara_dicom.errors import UserError
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("clara_adapter.cli_up", "local mode: adapter + Results Service + local job sink"),
+    "jobs": ("clara_adapter.cli_jobs", "inspect the PipelineJobs local mode created"),
+    "adapter": ("clara_adapter.cli_adapter", "the adapter in Kubernetes mode"),
+    "operator": ("clara_operator.cli", "the kopf operator"),
+    "results-service": ("clara_results.cli_service", "the Results Service alone"),
+    "register-results": ("clara_results.register", "register pipeline outputs with the Results Service"),
+    "import": ("clara_dicom.importer", "Clara configuration -> manifests on stdout"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clara-dicom",
+        description="DICOM adapter and Kubernetes operator turning studies into AI pipeline jobs.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError:
+            continue  # a part not installed in this build
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = getattr(logging, str(args.log_level).upper(), None)
+    if not isinstance(level, int):
+        parser.error(f"--log-level: unknown level {args.log_level!r}")
+    from clara_dicom.logs import setup_logging
+
+    setup_logging(level)
+    try:
+        return int(args._module.run(args) or 0)
+    except UserError as exc:
+        print(f"clara-dicom {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
