@@ -1,0 +1,264 @@
+"""register-results: register a pipeline's output files with the Results Service.
+
+    register-results --agent NAME [--data JSON_ARRAY] [--input DIR]...
+    clara-dicom register-results ...          (same)
+    python register.py ...                    (Clara pipelines, from the image's working directory)
+
+Scans every input directory (``--input``, else ``CLARA_INPUT_PATHS``) recursively
+and creates, for each element of ``--data`` (or once, with null parameters, without
+``--data``), one task for ``--agent`` whose ``uris`` are all files found, relative
+to ``CLARA_PAYLOAD_ROOT``, and whose ``parameters`` is the element's JSON
+serialisation. Each task carries an idempotency key over (job ID, operator, agent,
+element index), so running it again registers nothing twice.
+
+Exit status: 0 done; 2 bad input (one line on stderr); 1 the service refused a
+request; 3 the service stayed unreachable after the retries.
+
+Standard library only at top level (the HTTP client is imported inside ``run``).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from clara_dicom.errors import UserError
+from clara_results import models as m
+
+PROG = "register-results"
+
+
+class ServiceError(UserError):
+    """The Results Service answered but refused the request."""
+
+    exit_code = 1
+
+
+class ServiceUnreachable(UserError):
+    """The Results Service could not be reached, even after retrying."""
+
+    exit_code = 3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--agent", required=True,
+                        help="the agent that processes the tasks, e.g. ClaraSCU or renderserver")
+    parser.add_argument("--data", default=None, metavar="JSON_ARRAY",
+                        help="a non-empty JSON array; each element becomes one task whose parameters is the "
+                             "element's JSON serialisation, e.g. '[\"Orthanc\",\"DCM4CHEE\"]'")
+    parser.add_argument("--input", action="append", default=None, metavar="DIR",
+                        help="a directory to scan (repeatable; default: CLARA_INPUT_PATHS, colon-separated)")
+    parser.add_argument("--url", default=None, help="Results Service URL (default: CLARA_RESULTS_URL)")
+    parser.add_argument("--token-file", default=None, metavar="PATH",
+                        help="file holding the bearer token (default: CLARA_RESULTS_TOKEN)")
+    parser.add_argument("--attempts", type=int, default=None, metavar="N",
+                        help="tries per request while the service is unreachable (default 6; "
+                             "env CLARA_RESULTS_ATTEMPTS)")
+    parser.add_argument("--retry-wait", type=float, default=None, metavar="S",
+                        help="first wait between tries, doubling up to 30 s (default 1; "
+                             "env CLARA_RESULTS_RETRY_WAIT)")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="S", help="seconds per request (default 30)")
+
+
+# --------------------------------------------------------------------------- inputs
+def _env(*names: str) -> str | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value is not None and value.strip():
+            return value.strip()
+    return None
+
+
+def _required_env(label: str, *names: str) -> str:
+    value = _env(*names)
+    if value is None:
+        raise UserError(f"{' / '.join(names)} is not set: {label} is needed")
+    return value
+
+
+def parse_data(text: str | None) -> list[str | None]:
+    """``--data`` → the ``parameters`` of each task (``[None]`` without ``--data``)."""
+    if text is None:
+        return [None]
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        value = json.loads(text, parse_constant=no_constants)
+    except ValueError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "not JSON"
+        raise UserError(f"--data is not valid JSON: {first}") from None
+    if not isinstance(value, list) or not value:
+        raise UserError("--data must be a non-empty JSON array, e.g. '[\"Orthanc\"]'")
+    parameters = []
+    for i, element in enumerate(value):
+        serialised = json.dumps(element)
+        if len(serialised) > m.MAX_PARAMETERS_LENGTH:
+            raise UserError(f"--data element {i} is longer than {m.MAX_PARAMETERS_LENGTH} characters")
+        parameters.append(serialised)
+    return parameters
+
+
+def check_agent(agent: str) -> str:
+    if not m.is_valid_agent(agent):
+        raise UserError(
+            f"bad agent name {agent[:80]!r}: use letters, digits and hyphens, start with a letter, "
+            "do not end with a hyphen, at most 63 characters"
+        )
+    return agent
+
+
+def scan(inputs: list[str], payload_root: str) -> list[str]:
+    """Every file under ``inputs`` as a sorted list of '/'-separated paths relative to ``payload_root``.
+
+    Symbolic links are followed; a file whose real location is outside the payload
+    root is an error (UserError), as is finding no file at all.
+    """
+    root = os.path.realpath(payload_root)
+    if not os.path.isdir(root):
+        raise UserError(f"payload root {payload_root} (CLARA_PAYLOAD_ROOT) is not a directory")
+    uris: set[str] = set()
+
+    def add(path: str) -> None:
+        real = os.path.realpath(path)
+        if not os.path.isfile(real):
+            return  # broken link, socket, fifo...
+        try:
+            inside = os.path.commonpath([root, real]) == root
+        except ValueError:
+            inside = False
+        if not inside:
+            raise UserError(f"file {path} is outside the payload root {payload_root} (CLARA_PAYLOAD_ROOT)")
+        uri = os.path.relpath(real, root).replace(os.sep, "/")
+        problem = m.uri_problem(uri)
+        if problem:
+            raise UserError(f"file {path} cannot be registered: its path {problem}")
+        uris.add(uri)
+
+    for top in inputs:
+        if not os.path.exists(top):
+            raise UserError(f"input {top} does not exist")
+        if not os.path.isdir(top):
+            add(top)
+            continue
+        seen_dirs: set[tuple[int, int]] = set()
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=True, onerror=None):
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in seen_dirs:
+                dirnames[:] = []  # a link loop
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
+            dirnames.sort()
+            for name in sorted(filenames):
+                add(os.path.join(dirpath, name))
+    if not uris:
+        raise UserError(f"no files found in {', '.join(inputs)}")
+    if len(uris) > m.MAX_URIS:
+        raise UserError(f"{len(uris)} files found; a task holds at most {m.MAX_URIS}")
+    return sorted(uris)
+
+
+def idempotency_key(job_id: str, operator: str, agent: str, index: int) -> str:
+    """The key that makes re-running register-results harmless: (jobId, operator, agent, element index)."""
+    digest = hashlib.sha256(json.dumps([job_id, operator, agent, index]).encode("utf-8")).hexdigest()
+    return f"register-results-{digest}"
+
+
+def _check_id(label: str, value: str, pattern: Any) -> str:
+    if not pattern.match(value):
+        raise UserError(f"{label} {value[:80]!r} is not a valid ID")
+    return value
+
+
+# --------------------------------------------------------------------------- run
+def run(args: argparse.Namespace) -> int:
+    # Input checks first, in the order SPEC §4 lists them; none needs the service.
+    parameters = parse_data(args.data)
+    agent = check_agent(args.agent)
+
+    job_id = _check_id("job ID", _required_env("the job ID", "CLARA_JOB_ID", "NVIDIA_CLARA_JOBID"), m.ID_RE)
+    pipeline_id = _check_id(
+        "pipeline ID", _required_env("the pipeline ID", "CLARA_PIPELINE_ID", "NVIDIA_CLARA_PIPELINEID"), m.ID_RE)
+    payload_id = _check_id(
+        "payload ID", _required_env("the payload ID", "CLARA_PAYLOAD_ID", "NVIDIA_CLARA_PAYLOADID"),
+        m.PAYLOAD_ID_RE)
+    operator = _check_id("operator name", _required_env("the pipeline operator's name", "CLARA_OPERATOR"), m.ID_RE)
+    payload_root = _required_env("the job's payload directory", "CLARA_PAYLOAD_ROOT")
+
+    inputs = args.input
+    if not inputs:
+        raw = _env("CLARA_INPUT_PATHS") or ""
+        inputs = [p for p in raw.split(":") if p.strip()]
+    if not inputs:
+        raise UserError("no input directories: pass --input DIR or set CLARA_INPUT_PATHS")
+    uris = scan(inputs, payload_root)
+
+    url = args.url or _required_env("the Results Service URL", "CLARA_RESULTS_URL")
+    if not url.startswith(("http://", "https://")):
+        raise UserError(f"Results Service URL {url[:80]!r} must start with http:// or https://")
+    if args.token_file:
+        from clara_results.cli_service import read_token
+
+        token = read_token(args.token_file)
+    else:
+        token = _required_env("the Results Service token", "CLARA_RESULTS_TOKEN")
+
+    attempts = args.attempts if args.attempts is not None else int(_env("CLARA_RESULTS_ATTEMPTS") or 6)
+    wait = args.retry_wait if args.retry_wait is not None else float(_env("CLARA_RESULTS_RETRY_WAIT") or 1.0)
+    if attempts < 1:
+        raise UserError("--attempts must be at least 1")
+    if not wait >= 0:
+        raise UserError("--retry-wait must not be negative")
+
+    from clara_results.client import ResultsClient, ResultsError, ResultsUnavailable
+
+    created_count = 0
+    with ResultsClient(url, token, timeout=args.timeout) as client:
+        for index, params in enumerate(parameters):
+            key = idempotency_key(job_id, operator, agent, index)
+            delay = wait
+            for attempt in range(1, attempts + 1):
+                try:
+                    task, created = client.create_task_ex(
+                        job_id=job_id, pipeline_id=pipeline_id, payload_id=payload_id, agent=agent,
+                        uris=uris, parameters=params, operator=operator, idempotency_key=key,
+                    )
+                    break
+                except ResultsUnavailable as exc:
+                    if attempt == attempts:
+                        raise ServiceUnreachable(f"{exc} (gave up after {attempts} attempts)") from None
+                    print(f"{PROG}: {exc}; retrying in {delay:g} s", file=sys.stderr)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+                except ResultsError as exc:
+                    raise ServiceError(str(exc)) from None
+            created_count += created
+            what = "registered" if created else "already registered"
+            print(f"{what}: task {task.id} for agent {agent} (element {index}, {len(uris)} file(s))")
+    print(f"{created_count} new task(s), {len(parameters) - created_count} already registered")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``register-results`` console script (and ``python register.py``)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Register a pipeline's output files with the Results Service as tasks for an agent."
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(run(args) or 0)
+    except UserError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
