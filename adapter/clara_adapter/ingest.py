@@ -1,0 +1,270 @@
+"""From a received C-STORE to a journaled, acknowledged instance.
+
+`Ingest` owns the live routing table (AE title -> processor instance) and the
+processor instances themselves. Configuration changes swap the routing table
+atomically; associations already open keep the route they were accepted with.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from clara_dicom.config import RenderedConfig
+from clara_dicom.models import JobProcessorSpec
+from clara_dicom.plugins import processor_class
+
+from clara_adapter.journal import InstanceRecord, Journal
+from clara_adapter.processors.base import JobProcessorBase, Outcome, ProcessorContext, delete_files
+from clara_adapter.storage import DiskFull, InstanceStore, file_header, read_tags
+
+log = logging.getLogger(__name__)
+
+STUDY_UID, SERIES_UID = 0x0020000D, 0x0020000E
+
+# C-STORE statuses
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+
+# A-ASSOCIATE-RJ (result, source, reason)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
+REJECT_BUSY = (0x02, 0x03, 0x02)  # transient, service provider (presentation), local limit exceeded
+
+
+@dataclass(frozen=True)
+class Route:
+    """Everything an association on one AE title needs, snapshotted at accept time."""
+
+    owner: str
+    ae_title: str
+    processor: JobProcessorBase
+    tags: frozenset[int]
+    ignored_sop_classes: frozenset[str]
+    allowed_sop_classes: frozenset[str]
+    allowed_sources: frozenset[str]
+
+    def drops(self, sop_class_uid: str) -> bool:
+        if self.allowed_sop_classes:
+            return sop_class_uid not in self.allowed_sop_classes
+        return sop_class_uid in self.ignored_sop_classes
+
+
+@dataclass
+class SourceMatcher:
+    """Matches a calling (AE title, address) to ClaraSource names."""
+
+    sources: dict[str, Any] = field(default_factory=dict)  # name -> ClaraSourceSpec
+
+    def matching(self, calling_ae: str, address: str) -> set[str]:
+        names = set()
+        for name, spec in self.sources.items():
+            if spec.aeTitle == calling_ae and host_matches(spec.host, address):
+                names.add(name)
+        return names
+
+
+def host_matches(host: str, address: str) -> bool:
+    try:
+        peer = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped:
+        peer = peer.ipv4_mapped
+    try:
+        if "/" in host:
+            return peer in ipaddress.ip_network(host, strict=False)
+        return peer == ipaddress.ip_address(host)
+    except ValueError:
+        return address in _resolve(host, int(time.time() // 30))
+
+
+@lru_cache(maxsize=256)
+def _resolve(hostname: str, _epoch: int) -> frozenset[str]:
+    """Addresses of a hostname, cached for up to 30 s."""
+    try:
+        return frozenset(info[4][0] for info in socket.getaddrinfo(hostname, None))
+    except OSError:
+        return frozenset()
+
+
+class Ingest:
+    def __init__(self, ctx: ProcessorContext, store: InstanceStore, reject_unknown_sources: bool = True):
+        self.ctx = ctx
+        self.journal: Journal = ctx.journal
+        self.store = store
+        self.reject_unknown_sources = reject_unknown_sources
+        self.routes: dict[str, Route] = {}
+        self.sources = SourceMatcher()
+        self.processors: dict[str, JobProcessorBase] = {}  # owner -> instance (incl. retired)
+        self.config = RenderedConfig()
+        self.metrics = ctx.metrics
+
+    # -- configuration --------------------------------------------------------
+    def _make_processor(self, owner: str, ae_title: str, processor_name: str, spec: JobProcessorSpec,
+                        overwrite: bool) -> JobProcessorBase | None:
+        cls = processor_class(spec.type)
+        if cls is None:
+            log.error("processor type %r of %s is not installed", spec.type, owner)
+            return None
+        return cls(self.ctx, owner, ae_title, processor_name, spec, overwrite)
+
+    def recover(self) -> int:
+        """Rebuild processor instances from the journal and offer them their
+        unreleased instances and groups. Returns the number of instances recovered."""
+        groups_by_owner: dict[str, list] = {}
+        for g in self.journal.groups():
+            groups_by_owner.setdefault(g.owner, []).append(g)
+        count = 0
+        for owner, (ae_title, processor_name, spec_json) in self.journal.owners().items():
+            spec = JobProcessorSpec.model_validate(spec_json)
+            proc = self._make_processor(owner, ae_title, processor_name, spec, False)
+            if proc is None:
+                continue  # keep its instances: they are offered once the plug-in is installed
+            proc.retire()  # until the configuration names it again
+            instances = self.journal.instances(owner=owner)
+            for inst in instances:
+                inst.tags = self._read_tags(inst, proc.tags_needed())
+            with self.ctx.lock:
+                proc.recover(groups_by_owner.get(owner, []), instances)
+            self.processors[owner] = proc
+            count += len(instances)
+        return count
+
+    @staticmethod
+    def _read_tags(inst: InstanceRecord, tags: set[int]) -> dict[int, str]:
+        if not tags:
+            return {}
+        try:
+            with open(inst.path, "rb") as fh:
+                data = fh.read()
+            # Part 10 file: skip preamble, DICM and the file meta group.
+            meta_len = int.from_bytes(data[140:144], "little")
+            return read_tags(memoryview(data)[144 + meta_len:], inst.transfer_syntax, tags)
+        except Exception as exc:  # unreadable: let the processor treat the tag as missing
+            log.warning("cannot re-read %s: %s", inst.path, exc)
+            return {}
+
+    def apply_config(self, config: RenderedConfig) -> None:
+        routes: dict[str, Route] = {}
+        live: set[str] = set()
+        for owner, aet in sorted(config.aeTitles.items()):
+            spec = config.processors.get(aet.processor)
+            if spec is None:
+                continue  # resolve() never renders this; be defensive
+            proc = self.processors.get(owner)
+            if proc is not None and proc.spec.type != spec.type:
+                proc.retire()
+                proc = None
+            if proc is None:
+                proc = self._make_processor(owner, aet.aeTitle, aet.processor, spec, aet.overwriteSameInstance)
+                if proc is None:
+                    continue
+                self.processors[owner] = proc
+            else:
+                proc.update(aet.aeTitle, aet.processor, spec, aet.overwriteSameInstance)
+            self.journal.save_owner(owner, aet.aeTitle, aet.processor, spec.model_dump(mode="json"))
+            live.add(owner)
+            routes[aet.aeTitle] = Route(
+                owner=owner,
+                ae_title=aet.aeTitle,
+                processor=proc,
+                tags=frozenset(proc.tags_needed() | {STUDY_UID, SERIES_UID}),
+                ignored_sop_classes=frozenset(aet.ignoredSopClasses),
+                allowed_sop_classes=frozenset(aet.allowedSopClasses),
+                allowed_sources=frozenset(aet.allowedSources),
+            )
+        for owner, proc in list(self.processors.items()):
+            if owner not in live:
+                proc.retire()
+        self.sources = SourceMatcher(dict(config.sources))
+        self.routes = routes  # one assignment: readers see the old or the new table
+        self.config = config
+        self.collect_retired()
+
+    def collect_retired(self) -> None:
+        for owner, proc in list(self.processors.items()):
+            if proc.retired and proc.idle():
+                del self.processors[owner]
+                self.journal.forget_owner(owner)
+
+    # -- associations ---------------------------------------------------------
+    def check_association(self, called_ae: str, calling_ae: str, address: str) -> tuple[tuple[int, int, int], str] | None:
+        """None to accept, else (A-ASSOCIATE-RJ result/source/reason, why)."""
+        route = self.routes.get(called_ae.strip())
+        if route is None:
+            return REJECT_CALLED_AE, f"called AE title {called_ae.strip()!r} is not served"
+        if self.reject_unknown_sources or route.allowed_sources:
+            names = self.sources.matching(calling_ae.strip(), address)
+            if self.reject_unknown_sources and not names:
+                return REJECT_CALLING_AE, f"calling AE title {calling_ae.strip()!r} from {address} is no ClaraSource"
+            if route.allowed_sources and not names & route.allowed_sources:
+                return REJECT_CALLING_AE, f"source {calling_ae.strip()!r} from {address} may not send to {route.ae_title}"
+        if self.store.guard is not None:
+            problem = self.store.guard.check()
+            if problem:
+                return REJECT_BUSY, f"storage full: {problem}"
+        return None
+
+    # -- instances ------------------------------------------------------------
+    def store_instance(self, route: Route, calling_ae: str, sop_class_uid: str, sop_instance_uid: str,
+                       transfer_syntax: str, dataset: memoryview) -> int:
+        """Store, journal and hand over one instance; returns the C-STORE status.
+
+        Success is returned only after the file is renamed into place and its
+        journal record committed.
+        """
+        ae = route.ae_title
+        if route.drops(sop_class_uid):
+            self.metrics.ignored.labels(ae, "sop_class").inc()
+            return SUCCESS
+        try:
+            tags = read_tags(dataset, transfer_syntax, set(route.tags))
+        except Exception as exc:
+            log.warning("instance %s on %s: cannot read its header (%s)", sop_instance_uid, ae, type(exc).__name__)
+            self.metrics.store_failures.labels("unreadable").inc()
+            return CANNOT_UNDERSTAND
+        header = file_header(sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
+        try:
+            path, size = self.store.write(header, dataset)
+        except DiskFull as exc:
+            log.warning("instance %s on %s refused: %s", sop_instance_uid, ae, exc)
+            self.metrics.store_failures.labels("disk_full").inc()
+            return OUT_OF_RESOURCES
+        except OSError as exc:
+            log.error("instance %s on %s: write failed: %s", sop_instance_uid, ae, exc)
+            self.metrics.store_failures.labels("write_error").inc()
+            return OUT_OF_RESOURCES
+        inst = InstanceRecord(
+            owner=route.owner, ae_title=ae, calling_ae=calling_ae, sop_instance_uid=sop_instance_uid,
+            sop_class_uid=sop_class_uid, transfer_syntax=transfer_syntax,
+            study_uid=tags.get(STUDY_UID, ""), series_uid=tags.get(SERIES_UID, ""), path=path, size=size,
+            acked_at=0.0, tags=tags,
+        )
+        try:
+            with self.journal.atomic():
+                inst.acked_at = self.ctx.scheduler.now()
+                outcome = route.processor.handle_instance(inst)
+                if outcome is Outcome.KEEP and inst.id is None:
+                    self.journal.add_instance(inst)
+        except Exception:
+            log.exception("processor %s failed on instance %s", route.processor.name, sop_instance_uid)
+            delete_files([path])
+            self.metrics.store_failures.labels("processor_error").inc()
+            return PROCESSING_FAILURE
+        if outcome is Outcome.KEEP:
+            self.metrics.instances.labels(ae).inc()
+            self.metrics.bytes.labels(ae).inc(size)
+        else:
+            delete_files([path])
+            self.metrics.ignored.labels(ae, outcome.value).inc()
+        return SUCCESS
+
+    def open_groups(self) -> int:
+        return sum(len(getattr(p, "open_groups", ())) for p in self.processors.values())

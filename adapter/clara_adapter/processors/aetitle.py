@@ -1,0 +1,166 @@
+"""The AE Title Job Processor (Clara's default), written on the plug-in API.
+
+Instances are grouped by (AE title, value of the group tag). A group closes
+``timeout`` seconds after its last acknowledged instance, across associations;
+the close is journaled before its jobs are created, so a later instance with
+the same key starts a new group. Each group keeps the settings it opened with.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from clara_dicom.logs import short_hash
+from clara_dicom.models import JobProcessorSpec, format_tag, parse_group_by
+
+from clara_adapter.journal import GroupRecord, InstanceRecord
+from clara_adapter.jobs import JobRequest
+from clara_adapter.processors.base import JobProcessorBase, Outcome, delete_files
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OpenGroup:
+    record: GroupRecord
+    spec: JobProcessorSpec  # frozen at open
+    members: dict[str, InstanceRecord] = field(default_factory=dict)  # by SOP Instance UID
+    timer: Any = None
+
+    @property
+    def deadline(self) -> float:
+        return self.record.last_ack + self.spec.timeout
+
+
+class AETitleJobProcessor(JobProcessorBase):
+    type_name = "aetitle"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.open_groups: dict[str, OpenGroup] = {}
+
+    @classmethod
+    def validate(cls, settings: dict[str, Any]) -> None:
+        if settings:
+            raise ValueError(
+                "the aetitle processor takes no settings (use groupBy, priority, timeout and pipelines): "
+                f"remove {', '.join(sorted(settings))}"
+            )
+
+    def tags_needed(self) -> set[int]:
+        return {self.spec.group_tag}
+
+    # -- instances ----------------------------------------------------------
+    def handle_instance(self, inst: InstanceRecord) -> Outcome:
+        """Runs under the journal lock (see JobProcessorBase)."""
+        value = (inst.tags.get(self.spec.group_tag) or "").strip(" \0")
+        if not value:
+            log.info("instance %s ignored by processor %s: no %s value", inst.sop_instance_uid,
+                     self.processor_name, format_tag(self.spec.group_tag))
+            return Outcome.IGNORE
+        now = inst.acked_at
+        group = self.open_groups.get(value)
+        if group is None:
+            spec = self.spec
+            settings = {"spec": spec.model_dump(mode="json"), "processor": self.processor_name,
+                        "aeTitle": self.ae_title}
+            record = self.ctx.journal.open_group(self.owner, self.ae_title, self.processor_name, value, settings, now)
+            group = OpenGroup(record=record, spec=spec)
+            self.open_groups[value] = group
+            self._arm(group)
+        else:
+            old = group.members.get(inst.sop_instance_uid)
+            if old is not None:
+                if not self.overwrite_same_instance:
+                    return Outcome.DUPLICATE  # dropped; the quiet period is not extended
+                os.replace(inst.path, old.path)  # new content, same journal record
+                old.size, old.acked_at = inst.size, now
+                self.ctx.journal.update_instance(old)
+                self._touch(group, now)
+                return Outcome.DUPLICATE
+            self._touch(group, now)
+        inst.group_id = group.record.id
+        inst.group_value = value
+        group.members[inst.sop_instance_uid] = inst
+        return Outcome.KEEP
+
+    def _touch(self, group: OpenGroup, now: float) -> None:
+        if now > group.record.last_ack:
+            group.record.last_ack = now
+            self.ctx.journal.touch_group(group.record.id, now)
+
+    # -- timers -------------------------------------------------------------
+    def _arm(self, group: OpenGroup) -> None:
+        group.timer = self.ctx.scheduler.call_at(group.deadline, lambda: self._on_timer(group))
+
+    def _on_timer(self, group: OpenGroup) -> None:
+        with self.ctx.lock:
+            if self.open_groups.get(group.record.group_value) is not group:
+                return
+            now = self.ctx.scheduler.now()
+            if now < group.deadline:  # instances arrived since: wait for the new deadline
+                self._arm(group)
+                return
+            # Record the close before creating jobs: a new instance now opens a new group.
+            self.ctx.journal.close_group(group.record.id, now)
+            del self.open_groups[group.record.group_value]
+        self._submit(group.record, group.spec, list(group.members.values()), group.deadline)
+
+    def _submit(self, record: GroupRecord, spec: JobProcessorSpec, members: list[InstanceRecord],
+                deadline: float | None) -> None:
+        if not members:
+            self.ctx.journal.finish_group(record.id)
+            return
+        requests = [
+            JobRequest(
+                namespace=self.ctx.namespace,
+                ae_title=record.ae_title,
+                processor=record.processor,
+                pipeline_key=key,
+                pipeline_id=pipeline_id,
+                priority=spec.priority,
+                group_by=spec.groupBy,
+                group_value=record.group_value,
+                sequence=f"{self.ctx.journal.epoch}-{record.id}",
+                instances=members,
+                closed_at=record.closed_at or self.ctx.scheduler.now(),
+            )
+            for key, pipeline_id in sorted(spec.pipelines.items())
+        ]
+        log.info("group %s of %s closed: %d instances, %d pipeline jobs", short_hash(record.group_value),
+                 record.ae_title, len(members), len(requests))
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.group_closed(record.ae_title)
+
+        def release() -> None:
+            self.ctx.journal.finish_group(record.id)
+            delete_files([m.path for m in members])
+
+        self.submit_pipeline_job(record.id, requests, release, deadline)
+
+    # -- restart --------------------------------------------------------------
+    def recover(self, groups: list[GroupRecord], instances: list[InstanceRecord]) -> None:
+        by_group: dict[int, list[InstanceRecord]] = {}
+        for inst in instances:
+            by_group.setdefault(inst.group_id or -1, []).append(inst)
+        for record in groups:
+            spec = JobProcessorSpec.model_validate(record.settings["spec"])
+            members = by_group.pop(record.id, [])
+            if record.state == "closed":
+                self._submit(record, spec, members, None)
+                continue
+            group = OpenGroup(record=record, spec=spec, members={m.sop_instance_uid: m for m in members})
+            self.open_groups[record.group_value] = group
+            self._arm(group)
+        stray = [i for lst in by_group.values() for i in lst]
+        if stray:  # not expected: instances are journaled with their group in one commit
+            log.warning("%d journaled instances of %s had no group; releasing them", len(stray), self.owner)
+            self.remove_instances(stray)
+
+    def idle(self) -> bool:
+        return not self.open_groups and super().idle()
+
+
+__all__ = ["AETitleJobProcessor", "parse_group_by"]

@@ -1,0 +1,163 @@
+"""The adapter process: storage, journal, processors, SCP and health, wired together.
+
+Used by local mode (`clara-dicom up`) and Kubernetes mode (`clara-dicom adapter`);
+only the configuration source and the job sink differ.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+from clara_dicom.config import RenderedConfig
+from clara_dicom.errors import UserError
+
+from clara_adapter.http import HealthServer
+from clara_adapter.ingest import Ingest
+from clara_adapter.jobs import JobSink, JobSubmitter
+from clara_adapter.journal import Journal
+from clara_adapter.metrics import AdapterMetrics
+from clara_adapter.processors.base import ProcessorContext
+from clara_adapter.scp import StorageSCP
+from clara_adapter.settings import AdapterSettings
+from clara_adapter.storage import DiskGuard, InstanceStore
+from clara_adapter.timers import ThreadScheduler
+
+log = logging.getLogger(__name__)
+
+HOUSEKEEPING_SECONDS = 30.0
+
+
+class Adapter:
+    def __init__(self, settings: AdapterSettings, sink: JobSink, namespace: str = "default",
+                 scheduler: Any = None):
+        self.settings = settings
+        self.namespace = namespace
+        self.metrics = AdapterMetrics()
+        self.scheduler = scheduler or ThreadScheduler()
+        self.journal = Journal(settings.journal_path)
+        guard = DiskGuard(settings.incoming_dir.parent, settings.watermarkPercent,
+                          int(settings.reserveSpaceGB * 1024**3))
+        settings.incoming_dir.mkdir(parents=True, exist_ok=True)
+        settings.payloads_dir.mkdir(parents=True, exist_ok=True)
+        self.store = InstanceStore(settings.incoming_dir, guard, fsync=settings.fsyncFiles)
+        self.submitter = JobSubmitter(sink, settings.payloads_dir, self.scheduler, self.journal, self.metrics,
+                                      max_backoff=settings.jobRetryMaxSeconds)
+        self.ctx = ProcessorContext(namespace, self.journal, self.scheduler, self.submitter, self.metrics)
+        self.ingest = Ingest(self.ctx, self.store, settings.rejectUnknownSources)
+        self.scp = StorageSCP(self.ingest, settings, on_association=self._count_association)
+        self.http: HealthServer | None = None
+        self.config_version = ""
+        self.started = False
+        self.stopping = threading.Event()
+        self.extra_status: list[Callable[[], dict[str, Any]]] = []
+
+    def _count_association(self, result: str) -> None:
+        self.metrics.associations.labels(result).inc()
+
+    # -- configuration --------------------------------------------------------
+    def apply_config(self, config: RenderedConfig) -> None:
+        self.ingest.apply_config(config)
+        if config.version != self.config_version:
+            log.info("configuration %s applied: %d AE titles (%s), %d sources, %d destinations", config.version,
+                     len(config.aeTitles), ", ".join(sorted(a.aeTitle for a in config.aeTitles.values())) or "none",
+                     len(config.sources), len(config.destinations))
+        self.config_version = config.version
+
+    # -- lifecycle ------------------------------------------------------------
+    def start(self, config: RenderedConfig | None = None) -> None:
+        kept = self.journal.instance_paths()
+        swept = self.store.sweep(kept)
+        if swept:
+            log.info("removed %d unacknowledged or temporary files from a previous run", swept)
+        recovered = self.ingest.recover()
+        if recovered:
+            log.info("recovered %d acknowledged instances from the journal", recovered)
+        if config is not None:
+            self.apply_config(config)
+        s = self.settings
+        try:
+            self.scp.start(s.host, s.dicomPort)
+            if s.httpPort:
+                self.http = HealthServer(s.host, s.httpPort, self.status, self.ready, self.metrics.render)
+                self.http.start()
+        except OSError as exc:
+            self.scp.stop_accepting() if self.scp.server else None
+            if exc.errno == errno.EADDRINUSE:
+                raise UserError(f"port already in use on {s.host} (DICOM {s.dicomPort}, HTTP {s.httpPort}): "
+                                "stop the other process or choose another port") from None
+            raise UserError(f"cannot listen on {s.host}: {exc.strerror}") from None
+        self.scheduler.call_later(HOUSEKEEPING_SECONDS, self._housekeeping)
+        self.started = True
+        log.info("adapter listening: DICOM %s:%d, HTTP %s", s.host, s.dicomPort,
+                 f"{s.host}:{self.http.port}" if self.http else "off")
+
+    def _housekeeping(self) -> None:
+        try:
+            self.metrics.groups_open.set(self.ingest.open_groups())
+            with self.ctx.lock:
+                self.ingest.collect_retired()
+        finally:
+            if not self.stopping.is_set():
+                self.scheduler.call_later(HOUSEKEEPING_SECONDS, self._housekeeping)
+
+    def ready(self) -> bool:
+        return self.started and not self.stopping.is_set() and bool(self.config_version)
+
+    def status(self) -> dict[str, Any]:
+        out = {
+            "configVersion": self.config_version,
+            "activeAssociations": self.scp.active_associations,
+            "aeTitles": sorted(self.ingest.routes),
+            "groupsOpen": self.ingest.open_groups(),
+            "instancesHeld": self.journal.count_instances(),
+            "jobSubmissionsPending": self.submitter.pending,
+        }
+        for extra in self.extra_status:
+            out.update(extra())
+        return out
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Stop accepting, finish the C-STOREs in flight, flush the journal."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        log.info("stopping: no new associations; waiting for %d in progress", self.scp.active_associations)
+        self.scp.stop_accepting()
+        if not self.scp.wait_idle(grace):
+            log.warning("associations still open after %.0fs: aborting them", grace)
+            self.scp.abort_all()
+        if self.http is not None:
+            self.http.stop()
+        self.scheduler.stop()
+        self.submitter.stop()
+        self.journal.close()
+        log.info("stopped; open groups resume from the journal at the next start")
+
+
+def run_until_signalled(stop: Callable[[], None], tick: Callable[[], None] | None = None,
+                        interval: float = 1.0) -> None:
+    """Block until SIGTERM/SIGINT, calling ``tick`` every ``interval`` seconds."""
+    done = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        done.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    try:
+        while not done.wait(interval):
+            if tick is not None:
+                try:
+                    tick()
+                except UserError as exc:
+                    log.error("%s", exc)
+                except Exception:
+                    log.exception("periodic task failed")
+    finally:
+        stop()
+        time.sleep(0)

@@ -1,0 +1,133 @@
+"""Adapter settings (not resources): from a settings file, the environment and flags.
+
+Precedence, lowest first: defaults < settings file (YAML/JSON) < environment
+(``CLARA_`` + the field name in upper snake case, e.g. ``CLARA_DICOM_PORT``) <
+command-line flags.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from clara_dicom.errors import UserError
+from clara_dicom.models import AE_TITLE_PATTERN, AGENT_PATTERN
+
+ENV_PREFIX = "CLARA_"
+
+
+class AdapterSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # DICOM SCP
+    host: str = Field("0.0.0.0", description="Address the DICOM and HTTP ports bind to.")
+    dicomPort: int = Field(11112, ge=1, le=65535, description="DICOM (C-STORE SCP) port.")
+    httpPort: int = Field(8080, ge=0, le=65535, description="Health and metrics port (0: none).")
+    maxAssociations: int = Field(32, ge=1, le=1000, description="Concurrent inbound associations.")
+    maxPduSize: int = Field(262144, ge=0, description="Largest PDU we accept (0: unlimited).")
+    acseTimeout: float = Field(30, gt=0, description="Seconds to wait for association messages.")
+    dimseTimeout: float = Field(60, gt=0, description="Seconds to wait for DIMSE messages.")
+    networkTimeout: float = Field(60, gt=0, description="Seconds of network inactivity before closing.")
+    rejectUnknownSources: bool = Field(True, description="Refuse calling AE titles/hosts that are no ClaraSource.")
+    tlsCertFile: str | None = Field(None, description="PEM certificate for inbound DICOM TLS.")
+    tlsKeyFile: str | None = Field(None, description="PEM key for inbound DICOM TLS.")
+    tlsCaFile: str | None = Field(None, description="CA bundle to verify client certificates (mutual TLS).")
+
+    # storage
+    storageDir: str = Field("/var/lib/clara-dicom", description="Root of incoming files, payloads and journal.")
+    watermarkPercent: float = Field(85, gt=0, le=100, description="Refuse data when disk usage reaches this %.")
+    reserveSpaceGB: float = Field(5, ge=0, description="Refuse data when free space falls below this many GB.")
+    fsyncFiles: bool = Field(False, description="fsync each stored file before acknowledging (power-loss safety).")
+
+    # jobs
+    jobRetryMaxSeconds: float = Field(30, gt=0, description="Longest backoff between job-creation retries.")
+    payloadRetentionHours: float = Field(72, gt=0, description="Delete payload folders older than this.")
+
+    # SCU export agent
+    scuAeTitle: str = Field("ClaraSCU", pattern=AE_TITLE_PATTERN, description="Calling AE title for exports.")
+    agent: str = Field("ClaraSCU", pattern=AGENT_PATTERN, description="Results Service agent to take tasks for.")
+    resultsUrl: str | None = Field(None, description="Results Service URL (export agent disabled when unset).")
+    resultsToken: str | None = Field(None, description="Results Service bearer token.", repr=False)
+    resultsTokenFile: str | None = Field(None, description="File holding the Results Service token.")
+    exportConcurrency: int = Field(8, ge=1, le=64, description="Parallel export associations.")
+    failureThreshold: float = Field(0.5, ge=0, le=1, description="A task fails when more than this share fails.")
+    exportPollSeconds: float = Field(1.0, gt=0, description="Poll interval when no tasks are pending.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "AdapterSettings":
+        if bool(self.tlsCertFile) != bool(self.tlsKeyFile):
+            raise ValueError("tlsCertFile and tlsKeyFile must be set together")
+        return self
+
+    @property
+    def incoming_dir(self) -> Path:
+        return Path(self.storageDir) / "incoming"
+
+    @property
+    def payloads_dir(self) -> Path:
+        return Path(self.storageDir) / "payloads"
+
+    @property
+    def journal_path(self) -> Path:
+        return Path(self.storageDir) / "journal.sqlite"
+
+    def results_token(self) -> str | None:
+        if self.resultsToken:
+            return self.resultsToken
+        if self.resultsTokenFile:
+            try:
+                return Path(self.resultsTokenFile).read_text().strip()
+            except OSError as exc:
+                raise UserError(f"resultsTokenFile {self.resultsTokenFile}: {exc.strerror}") from None
+        return None
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + re.sub(r"(?<!^)(?=[A-Z])", "_", field).upper()
+
+
+def load_settings(
+    file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> AdapterSettings:
+    """Build settings from a file, the environment and explicit overrides (flags)."""
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if file:
+        path = Path(file)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise UserError(f"settings file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise UserError(f"settings file {path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"settings file {path}: expected a mapping of setting: value")
+        for key, value in data.items():
+            values[key] = value
+            origin[key] = f"settings file {path}"
+    env = os.environ if env is None else env
+    for name in AdapterSettings.model_fields:
+        var = env_name(name)
+        if var in env and env[var] != "":
+            values[name] = env[var]
+            origin[name] = f"environment variable {var}"
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+            origin[key] = "command line"
+    try:
+        return AdapterSettings.model_validate(values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else ""
+        src = origin.get(field, "settings")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting (check the spelling)"
+        raise UserError(f"{field or 'settings'} (from {src}): {msg}") from None
