@@ -13,6 +13,7 @@ handling, as ``clara-dicom results-service`` does.
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 import time
@@ -189,9 +190,16 @@ class ResultsServer:
         """Serve in this thread until SIGINT/SIGTERM (for the command line)."""
         server = self._prepare()
         self._purger.start()
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            # uvicorn re-raises SIGTERM to the previous handler once it has shut down
+            # gracefully; make that a clean exit (status 0) rather than death by signal.
+            previous = signal.signal(signal.SIGTERM, lambda *_: None)
         try:
             server.run(sockets=[self._sock])
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             self._cleanup()
 
     def stop(self, timeout: float = 10.0) -> None:
