@@ -56,6 +56,8 @@ def transitions(desired: Iterable[Cond], stored: list[dict[str, Any]] | None) ->
         old = previous.get(cond.type)
         if old and old.get("status") == status and old.get("reason") == cond.reason:
             continue
+        if cond.type != "Ready" and cond.status and old is None:
+            continue  # a secondary condition that starts out fine is no news
         if cond.status or cond.reason in NORMAL_FALSE_REASONS:
             kind = "Normal"
         else:

@@ -93,7 +93,7 @@ def test_unknown_processor_then_created():
     r = ready(p, "ClaraAETitle", "a")
     assert (r["status"], r["reason"]) == ("False", "ProcessorNotFound")
     assert p.config.aeTitles == {}
-    assert [e[0] for e in p.by_key()[("ClaraAETitle", "a")].events] == ["Warning", "Normal"]
+    assert [e[:2] for e in p.by_key()[("ClaraAETitle", "a")].events] == [("Warning", "ProcessorNotFound")]
     p2 = plan(apply(p, [])+[jp("missing"), pipe()], NS, feedback=False)
     r2 = ready(p2, "ClaraAETitle", "a")
     assert r2["status"] == "True"

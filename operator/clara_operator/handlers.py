@@ -1,0 +1,127 @@
+"""kopf handlers, all registered here (on a registry of our own, so importing
+this module never touches kopf's default registry).
+
+* every event (create, update, delete, and the initial listing after a
+  restart) of a configuration kind marks its namespace dirty: the namespace
+  reconcile (``reconciler.py``) re-resolves every object, so a change to one
+  object re-evaluates the others (processor created later, conflict winner
+  deleted...);
+* deletion is held by the finalizer ``dicom.clara.io/finalizer`` until the
+  adapter configuration no longer contains the object;
+* events on the adapter's ConfigMaps (the rendered one, and the status one the
+  adapter publishes its applied version in) re-run the reconcile too.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from clara_dicom.models import GROUP, VERSION
+
+from clara_operator.reconciler import Api, NamespaceReconciler, Options, reconcile_once
+from clara_operator.rendering import CONFIG_KINDS, DOMAIN
+
+registry = kopf.OperatorRegistry()
+log = logging.getLogger("clara_operator")
+
+FINALIZER = f"{DOMAIN}/finalizer"
+# How long a deletion waits for the configuration to be re-rendered before it
+# lets the object go anyway (a stuck finalizer would be worse than a briefly
+# stale configuration, which the next reconcile fixes).
+DELETE_WAIT_SECONDS = 15.0
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """Project-domain persistence, our own Event identity, quiet kopf Events."""
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=DOMAIN)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=DOMAIN, key="last-handled-configuration")
+    settings.posting.enabled = True
+    settings.posting.level = logging.WARNING  # kopf's own "handler succeeded" chatter stays in the log
+    settings.posting.reporting_component = "clara-dicom-operator"
+    settings.posting.event_name_prefix = "clara-dicom-"
+    settings.peering.standalone = True
+    settings.watching.server_timeout = 270
+    settings.watching.client_timeout = 300
+
+
+def post_event(body: dict[str, Any], event_type: str, reason: str, message: str) -> None:
+    ref = {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {k: body["metadata"].get(k) for k in ("name", "namespace", "uid")},
+    }
+    kopf.event(ref, type=event_type, reason=reason, message=message[:1000])  # type: ignore[arg-type]
+
+
+def reconciler_for(memo: Any, namespace: str, create: bool = True) -> NamespaceReconciler | None:
+    reconcilers: dict[str, NamespaceReconciler] = memo.reconcilers
+    found = reconcilers.get(namespace)
+    if found is None and create:
+        api: Api = memo.api
+        options: Options = memo.options
+
+        async def run() -> None:
+            await reconcile_once(api, namespace, options, post_event)
+
+        found = reconcilers[namespace] = NamespaceReconciler(namespace, run, debounce=options.debounce)
+    return found
+
+
+def _register() -> None:
+    for cls in CONFIG_KINDS:
+        kopf.on.event(GROUP, VERSION, cls.PLURAL, id="mark-dirty", registry=registry)(on_object_event)
+        kopf.on.delete(GROUP, VERSION, cls.PLURAL, id="finalize", registry=registry)(on_object_delete)
+
+
+async def on_object_event(namespace: str, memo: Any, **_: Any) -> None:
+    if namespace:
+        reconciler_for(memo, namespace).request()  # type: ignore[union-attr]
+
+
+async def on_object_delete(namespace: str, name: str, body: Any, memo: Any, logger: Any, **_: Any) -> None:
+    reconciler = reconciler_for(memo, namespace)
+    assert reconciler is not None
+    try:
+        await reconciler.request_and_wait(timeout=DELETE_WAIT_SECONDS)
+    except asyncio.TimeoutError:
+        logger.warning("the adapter configuration of %s was not re-rendered within %.0fs; releasing %s anyway",
+                       namespace, DELETE_WAIT_SECONDS, name)
+
+
+def _is_adapter_config_map(name: str, memo: Any, **_: Any) -> bool:
+    options: Options = memo.options
+    return name in (options.config_map, options.status_config_map)
+
+
+@kopf.on.event("", "v1", "configmaps", when=_is_adapter_config_map, registry=registry)
+async def on_adapter_config_map(namespace: str, memo: Any, **_: Any) -> None:
+    # Only namespaces where our objects live; never render into others.
+    reconciler = reconciler_for(memo, namespace, create=False)
+    if reconciler is not None:
+        reconciler.request()
+
+
+@kopf.on.login(registry=registry)
+async def login(**kwargs: Any) -> Any:
+    """In-cluster service account or the kubeconfig, as kubernetes_asyncio reads them
+    (the same credentials the reconcile's own API client uses)."""
+    return await kopf.login_via_async_client(**kwargs)
+
+
+@kopf.on.probe(id="namespaces", registry=registry)
+def probe_namespaces(memo: Any, **_: Any) -> int:
+    return len(memo.reconcilers)
+
+
+@kopf.on.cleanup(registry=registry)
+async def cleanup(memo: Any, **_: Any) -> None:
+    for reconciler in list(memo.reconcilers.values()):
+        await reconciler.stop()
+
+
+_register()
