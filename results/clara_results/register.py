@@ -215,7 +215,12 @@ def run(args: argparse.Namespace) -> int:
     if not wait >= 0:
         raise UserError("--retry-wait must not be negative")
 
+    import logging
+
     from clara_results.client import ResultsClient, ResultsError, ResultsUnavailable
+
+    # httpx logs every request at INFO; this command prints its own one line per task.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     created_count = 0
     with ResultsClient(url, token, timeout=args.timeout) as client:

@@ -26,6 +26,18 @@ import pytest
 from results_testlib import TOKEN, FakeClock, free_port, wait_for  # noqa: F401
 
 
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """clara_dicom.cli.main() installs a root handler on the (captured) stderr; undo it."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
