@@ -87,7 +87,9 @@ def load_manifests(path: str | Path, namespace: str | None = None) -> list[Resou
     seen: dict[tuple[str, str, str], str] = {}
     for file in iter_manifest_files(Path(path)):
         for origin, doc in load_documents(file):
-            items = doc.get("items", []) if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]
+            items = (doc.get("items") or []) if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]
+            if not isinstance(items, list):
+                raise ManifestError(f"{origin}: kind List: items must be a list of manifests")
             for item in items:
                 if namespace and isinstance(item, dict) and isinstance(item.get("metadata"), dict):
                     item["metadata"].setdefault("namespace", namespace)
