@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         except ModuleNotFoundError:
             continue  # a part not installed in this build
         p = sub.add_parser(name, help=help_text, description=help_text)
+        # Also accepted after the subcommand; SUPPRESS keeps the global value otherwise.
+        p.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         module.add_arguments(p)
         p.set_defaults(_module=module)
     return parser

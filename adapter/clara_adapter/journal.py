@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS instances (
 CREATE INDEX IF NOT EXISTS instances_by_owner ON instances(owner);
 CREATE INDEX IF NOT EXISTS instances_by_group ON instances(group_id);
 CREATE TABLE IF NOT EXISTS groups (
-  id INTEGER PRIMARY KEY,
+  -- AUTOINCREMENT: a group id is never reused, because job names hash it
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
   owner TEXT NOT NULL,
   ae_title TEXT NOT NULL,
   processor TEXT NOT NULL,

@@ -1,0 +1,245 @@
+"""Real DICOM peers for tests and benchmarks: dcmtk tools, Orthanc, and our own
+adapter as a subprocess. Everything listens on 127.0.0.1 and is stopped by
+its owner."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+# pynetdicom installs console scripts called storescu/echoscu/storescp that
+# shadow dcmtk's on PATH: always use dcmtk's by absolute path.
+DCMTK_DIR = Path(os.environ.get("DCMTK_BIN", "/usr/bin"))
+REPO = Path(__file__).resolve().parent.parent
+
+
+def dcmtk(tool: str) -> str:
+    path = DCMTK_DIR / tool
+    if not path.exists():
+        raise RuntimeError(f"dcmtk's {tool} not found in {DCMTK_DIR}: apt-get install dcmtk")
+    return str(path)
+
+
+def dcmtk_env() -> dict[str, str]:
+    # dcmtk honours TCP_NODELAY from the environment.
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, what: str = "condition") -> Any:
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def storescu(files: list[Path] | list[str], port: int, called: str = "CLARA", calling: str | None = None,
+             extra: list[str] | None = None, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [dcmtk("storescu"), "-aec", called]
+    if calling:
+        cmd += ["-aet", calling]
+    cmd += list(extra or []) + ["127.0.0.1", str(port)] + [str(f) for f in files]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"storescu failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def echoscu(port: int, called: str = "CLARA", calling: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [dcmtk("echoscu"), "-aec", called] + (["-aet", calling] if calling else []) + ["127.0.0.1", str(port)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=60)
+
+
+class Process:
+    """A child process in its own process group, logged to a file, always stopped."""
+
+    def __init__(self, cmd: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None):
+        self.cmd = cmd
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env or os.environ.copy(),
+                                     cwd=cwd, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.alive():
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.proc.wait(5)
+
+
+class StoreSCP(Process):
+    """dcmtk storescp writing to a folder."""
+
+    def __init__(self, folder: Path, port: int | None = None, fork: bool = False, extra: list[str] | None = None):
+        self.port = port or free_port()
+        folder.mkdir(parents=True, exist_ok=True)
+        cmd = [dcmtk("storescp"), "-pdu", "131072", "-od", str(folder)] + (["--fork"] if fork else [])
+        cmd += list(extra or []) + [str(self.port)]
+        super().__init__(cmd, folder.parent / f"storescp-{self.port}.log", env=dcmtk_env())
+        wait_for(lambda: port_open(self.port) or not self.alive(), 10, what="storescp")
+        if not self.alive():
+            raise RuntimeError(f"storescp did not start: {self.log()}")
+
+
+class Orthanc(Process):
+    """Debian's Orthanc with its own configuration on loopback, no plugins."""
+
+    def __init__(self, workdir: Path, aet: str = "ORTHANC", dicom_port: int | None = None,
+                 http_port: int | None = None, known_aets: dict[str, tuple[str, str, int]] | None = None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.dicom_port = dicom_port or free_port()
+        self.http_port = http_port or free_port()
+        self.aet = aet
+        config = {
+            "Name": "clara-dicom-test",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),
+            "StorageCompression": False,
+            "DicomAet": aet,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "Plugins": [],
+            "DicomModalities": {k: list(v) for k, v in (known_aets or {}).items()},
+            "HttpServerEnabled": True,
+            "SaveJobs": False,
+            "ConcurrentJobs": 2,
+        }
+        cfg = self.workdir / "orthanc.json"
+        cfg.write_text(json.dumps(config, indent=1))
+        super().__init__(["Orthanc", "--no-jobs", str(cfg)], self.workdir / "orthanc.log")
+        wait_for(lambda: (port_open(self.dicom_port) and port_open(self.http_port)) or not self.alive(), 30,
+                 what="Orthanc")
+        if not self.alive():
+            raise RuntimeError(f"Orthanc did not start: {self.log()[-2000:]}")
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as rsp:
+            return json.loads(rsp.read())
+
+    def sop_instance_uids(self) -> set[str]:
+        uids = set()
+        for iid in self.get("/instances"):
+            uids.add(self.get(f"/instances/{iid}/tags?simplify")["SOPInstanceUID"])
+        return uids
+
+    def count_instances(self) -> int:
+        return int(self.get("/statistics")["CountInstances"])
+
+
+def adapter_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "clara_dicom.cli", *args]
+
+
+class LocalAdapter(Process):
+    """`clara-dicom up` as a subprocess on free ports."""
+
+    def __init__(self, config: Path, state: Path, extra: list[str] | None = None, results: bool = False,
+                 env: dict[str, str] | None = None, dicom_port: int | None = None):
+        self.state = Path(state)
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.dicom_port = dicom_port or free_port()
+        self.http_port = free_port()
+        self.results_port = free_port() if results else 0
+        cmd = adapter_command("up", "--config", str(config), "--state", str(self.state), "--dicom-port",
+                              str(self.dicom_port), "--http-port", str(self.http_port), "--results-port",
+                              str(self.results_port), *(extra or []))
+        super().__init__(cmd, self.state.parent / f"adapter-{self.dicom_port}.log", env=env, cwd=REPO)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        wait_for(lambda: self.ready() or not self.alive(), timeout, what="adapter ready")
+        if not self.alive():
+            raise RuntimeError(f"adapter exited: {self.log()[-3000:]}")
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/health/ready", timeout=1) as rsp:
+                return rsp.status == 200
+        except OSError:
+            return False
+
+    def status(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/health/status", timeout=5) as rsp:
+            return json.loads(rsp.read())
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=5) as rsp:
+            return rsp.read().decode()
+
+    def jobs(self) -> list[dict[str, Any]]:
+        folder = self.state / "jobs"
+        out = []
+        for p in sorted(folder.glob("*.json")) if folder.exists() else []:
+            try:
+                out.append(json.loads(p.read_text()))
+            except ValueError:
+                continue  # being written
+        return out
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus sample's values matching the labels."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, dirs_exist_ok=True)
