@@ -495,3 +495,26 @@ def test_subprocess_cli(tmp_path):
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.strip().count("\n") == 0 and "no such file" in proc.stderr
+
+
+def test_imported_appsettings_are_ready_with_the_real_plugin(capsys, tmp_path):
+    pytest.importorskip("clara_adapter.processors.aetitle")
+    resources, _, _ = import_to_resources(capsys, tmp_path, str(FIXTURES / "appsettings.json"))
+    res = resolve(resources)  # the installed aetitle plug-in validates the processors
+    for obj in resources:
+        assert res.ready(obj.key).status is True, (obj.key, res.ready(obj.key))
+
+
+def test_yaml_ambiguous_values_survive_the_round_trip(capsys, tmp_path):
+    data = {"dicom": {"scp": {"ae-titles": [
+        {"name": "NO", "processorSettings": {"pipeline-a": "1e3", "pipeline-b": "null", "pipeline-c": "0123"}},
+        {"name": "123", "processorSettings": {"pipeline-on": "yes"}},
+    ]}, "scu": {"destinations": [{"name": "Off", "host-ip": "10.0.0.1", "port": 104, "ae-title": "TRUE"}]}}}
+    path = write_json(tmp_path, "tricky.json", data)
+    resources, _, _ = import_to_resources(capsys, tmp_path, str(path))
+    kinds = by_kind(resources)
+    assert kinds["ClaraAETitle"]["no"].spec.aeTitle == "NO"
+    assert kinds["ClaraAETitle"]["123"].spec.aeTitle == "123"
+    assert kinds["JobProcessor"]["no"].spec.pipelines == {"a": "1e3", "b": "null", "c": "0123"}
+    assert kinds["JobProcessor"]["123"].spec.pipelines == {"on": "yes"}
+    assert kinds["ClaraDestination"]["off"].spec.aeTitle == "TRUE"

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+import json
 
 import pytest
 import yaml
-from pydantic import ValidationError
 
 from clara_dicom.config import RenderedConfig, resolve
 from clara_dicom.errors import UserError
@@ -564,7 +563,7 @@ def test_folder_recursive_sorted_and_json(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "aet.yml").write_text(dump(aet()))
     (tmp_path / "a.yaml").write_text(dump(jp()))
-    (tmp_path / "dest.json").write_text(__import__("json").dumps(dst()))
+    (tmp_path / "dest.json").write_text(json.dumps(dst()))
     (tmp_path / "README.md").write_text("not a manifest: ignored")
     resources = load_manifests(tmp_path)
     assert [r.KIND for r in resources] == ["JobProcessor", "ClaraAETitle", "ClaraDestination"]
