@@ -112,8 +112,15 @@ def resolve(
     cfg = RenderedConfig(namespace=namespace)
     res = Resolution(config=cfg)
 
-    for pipe in (r for r in objs if isinstance(r, ClaraPipeline)):
-        cfg.pipelines.setdefault(pipe.pipeline_id, pipe.metadata.name)
+    pipes = [(r, i) for i, r in enumerate(objs) if isinstance(r, ClaraPipeline)]
+    pipes.sort(key=lambda pair: _creation_order(*pair))
+    for pipe, _ in pipes:
+        if pipe.pipeline_id in cfg.pipelines:  # the earlier one keeps the ID, as for AE titles
+            res.conditions[pipe.key] = [Condition("Ready", False, "Conflict",
+                                                  f"pipelineId {pipe.pipeline_id} is already provided by "
+                                                  f"ClaraPipeline {cfg.pipelines[pipe.pipeline_id]}")]
+            continue
+        cfg.pipelines[pipe.pipeline_id] = pipe.metadata.name
         res.conditions[pipe.key] = [Condition("Ready", True, "Valid", f"pipeline {pipe.pipeline_id} is available")]
 
     for src in (r for r in objs if isinstance(r, ClaraSource)):
