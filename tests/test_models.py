@@ -47,10 +47,11 @@ def dst(name="orthanc", host="orthanc.local", port=4242, ae_title="ORTHANC", **s
     return manifest("ClaraDestination", name, {"aeTitle": ae_title, "host": host, "port": port, **spec})
 
 
-def pipe(name="lung-pipeline", operators=None, **spec) -> dict:
+def pipe(name="lung-pipeline", operators=None, meta=None, **spec) -> dict:
     ops = operators if operators is not None else [{"name": "ai", "container": {"image": "clara/ai", "tag": "1"},
                          "input": [{"path": "/input"}], "output": [{"path": "/output"}]}]
-    return manifest("ClaraPipeline", name, {"definition": {"api-version": "0.4.0", "operators": ops}, **spec})
+    return manifest("ClaraPipeline", name, {"definition": {"api-version": "0.4.0", "operators": ops}, **spec},
+                    **(meta or {}))
 
 
 def rr(name="export", **spec) -> dict:
@@ -816,3 +817,17 @@ def test_version_changes_iff_content_changes():
     renamed[0]["spec"]["pipelineId"] = "lung-v2"
     assert version(*renamed) != v
     assert resolve(objects(*base), namespace="default", validate_processor=accept_all).config.version == v
+
+
+def test_duplicate_pipeline_id_later_one_conflicts():
+    older = pipe(name="lung-v1", pipelineId="lung", meta={"creationTimestamp": "2024-01-01T00:00:00Z"})
+    newer = pipe(name="lung-v2", pipelineId="lung", meta={"creationTimestamp": "2024-01-02T00:00:00Z"})
+    items = objects(newer, older)
+    res = resolve(items, validate_processor=accept_all)
+    assert res.config.pipelines == {"lung": "lung-v1"}
+    assert res.ready(items[1].key).status is True
+    loser = res.ready(items[0].key)
+    assert (loser.status, loser.reason) == (False, "Conflict") and "lung-v1" in loser.message
+    assert resolve(objects(older, newer), validate_processor=accept_all).config.version == res.config.version
+    res = resolve(objects(newer), validate_processor=accept_all)
+    assert res.config.pipelines == {"lung": "lung-v2"} and res.ready(items[0].key).status is True
