@@ -65,8 +65,8 @@ def reconciler_for(memo: Any, namespace: str, create: bool = True) -> NamespaceR
         api: Api = memo.api
         options: Options = memo.options
 
-        async def run() -> None:
-            await reconcile_once(api, namespace, options, post_event)
+        async def run() -> Any:
+            return await reconcile_once(api, namespace, options, post_event)
 
         found = reconcilers[namespace] = NamespaceReconciler(namespace, run, debounce=options.debounce)
     return found
@@ -113,9 +113,10 @@ async def login(**kwargs: Any) -> Any:
     return await kopf.login_via_async_client(**kwargs)
 
 
-@kopf.on.probe(id="namespaces", registry=registry)
-def probe_namespaces(memo: Any, **_: Any) -> int:
-    return len(memo.reconcilers)
+@kopf.on.probe(id="reconciles", registry=registry)
+def probe_reconciles(memo: Any, **_: Any) -> dict[str, int]:
+    """Successful reconciles per namespace since start (in the liveness response)."""
+    return {ns: r.runs for ns, r in memo.reconcilers.items()}
 
 
 @kopf.on.cleanup(registry=registry)

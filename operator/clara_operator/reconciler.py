@@ -59,8 +59,10 @@ class Api:
 
     async def list_objects(self, namespace: str) -> list[dict[str, Any]]:
         bodies: list[dict[str, Any]] = []
-        for cls in CONFIG_KINDS:
-            result = await self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, cls.PLURAL)
+        results = await asyncio.gather(*(
+            self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, cls.PLURAL)
+            for cls in CONFIG_KINDS))
+        for cls, result in zip(CONFIG_KINDS, results):
             for item in result.get("items", []):
                 item.setdefault("kind", cls.KIND)
                 item.setdefault("apiVersion", f"{GROUP}/{VERSION}")
@@ -101,37 +103,49 @@ PLURALS = {cls.KIND: cls.PLURAL for cls in CONFIG_KINDS}
 
 
 async def reconcile_once(api: Api, namespace: str, options: Options, post_event: EventPoster | None) -> Plan:
-    bodies = await api.list_objects(namespace)
-    applied = None
-    if options.feedback:
+    async def applied_version() -> str | None:
+        if not options.feedback:
+            return None
         status_cm = await api.read_config_map(namespace, options.status_config_map)
-        applied = (status_cm or {}).get("data", {}).get(APPLIED_VERSION_KEY)
+        return (status_cm or {}).get("data", {}).get(APPLIED_VERSION_KEY)
+
+    bodies, applied, existing = await asyncio.gather(
+        api.list_objects(namespace), applied_version(), api.read_config_map(namespace, options.config_map))
     result = plan(bodies, namespace, applied_version=applied, feedback=options.feedback)
 
+    writes = 0
     # 1. The rendered configuration (only written when its content changed).
-    existing = await api.read_config_map(namespace, options.config_map)
     config_json = result.config_json
     if existing is None or existing["data"].get(CONFIG_KEY) != config_json:
         await api.write_config_map(namespace, options.config_map, {CONFIG_KEY: config_json},
                                    {CONFIG_VERSION_ANNOTATION: result.config.version})
+        writes += 1
         log.info("namespace %s: rendered adapter configuration %s (%d AE titles)", namespace,
                  result.config.version, len(result.config.aeTitles))
 
-    # 2. Objects: last valid version, status, Events on transitions.
-    for obj in result.objects:
+    # 2. Objects: last valid version, status, Events on transitions (objects in parallel).
+    async def update(obj: Any) -> int:
         plural = PLURALS[obj.kind]
+        done = 0
         try:
             if obj.last_valid is not None:
                 await api.patch_annotation(namespace, plural, obj.name, LAST_VALID_ANNOTATION, obj.last_valid)
+                done += 1
             if obj.status_changed:
                 await api.patch_status(namespace, plural, obj.name, obj.status)
+                done += 1
         except api.ApiException as exc:
             if exc.status == 404:  # deleted meanwhile; the deletion event re-runs us
-                continue
+                return done
             raise
         if post_event is not None:
             for event_type, reason, message in obj.events:
                 post_event(obj.body, event_type, reason, message)
+        return done
+
+    pending = [o for o in result.objects if o.last_valid is not None or o.status_changed]
+    writes += sum(await asyncio.gather(*(update(o) for o in pending)))
+    result.writes = writes  # type: ignore[attr-defined]
     return result
 
 
@@ -172,7 +186,7 @@ class NamespaceReconciler:
             ticket = self._requested
             started = time.monotonic()
             try:
-                await self._run()
+                outcome = await self._run()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - retried; the API may be briefly unavailable
@@ -185,7 +199,10 @@ class NamespaceReconciler:
                 continue
             failures = 0
             self.runs += 1
-            log.debug("namespace %s: reconciled in %.0f ms", self.namespace, (time.monotonic() - started) * 1000)
+            writes = getattr(outcome, "writes", None)
+            level = logging.INFO if self.runs == 1 or writes else logging.DEBUG
+            log.log(level, "namespace %s: reconciled in %.0f ms (run %d, %s writes)", self.namespace,
+                    (time.monotonic() - started) * 1000, self.runs, "?" if writes is None else writes)
             async with self._done:
                 self._completed = max(self._completed, ticket)
                 self._done.notify_all()
