@@ -57,7 +57,12 @@ def parse_resource(obj: Any, origin: str = "<input>") -> Resource:
 
 def iter_manifest_files(path: Path) -> list[Path]:
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.suffix in YAML_SUFFIXES and p.is_file())
+        # Hidden entries are skipped: a mounted ConfigMap keeps copies under ..data/.
+        return sorted(
+            p for p in path.rglob("*")
+            if p.suffix in YAML_SUFFIXES and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
     if path.is_file():
         return [path]
     raise ManifestError(f"{path}: no such file or folder")

@@ -74,13 +74,30 @@ def read_tags(dataset: bytes | memoryview, transfer_syntax: str, tags: set[int])
         return {}
     data = bytes(dataset) if transfer_syntax != DEFLATED_LE else zlib.decompress(bytes(dataset), -zlib.MAX_WBITS)
     last = max(tags)
+    fp = io.BytesIO(data)
+    stopped = []
+
+    def stop_when(tag: int, vr: object, length: object) -> bool:
+        if tag > last:
+            stopped.append(tag)
+            return True
+        return False
+
     ds = read_dataset(
-        io.BytesIO(data),
+        fp,
         is_implicit_VR=transfer_syntax == IMPLICIT_LE,
         is_little_endian=transfer_syntax != EXPLICIT_BE,
-        stop_when=lambda tag, vr, length: tag > last,
+        stop_when=stop_when,
         specific_tags=sorted(tags),
     )
+    # pydicom stops silently at a truncated element: the scan must end either
+    # at a tag past the ones we need or exactly at the end of the data.
+    if not stopped and fp.tell() != len(data):
+        raise ValueError("dataset is truncated (an element is longer than the data)")
+    for tag in tags:
+        raw = ds.get_item(tag)
+        if raw is not None and raw.length != 0xFFFFFFFF and raw.value is not None and len(raw.value) != raw.length:
+            raise ValueError(f"element {tag:08X} is truncated")
     out: dict[int, str] = {}
     for tag in tags:
         if tag in ds:

@@ -1,0 +1,118 @@
+"""Part 10 files, header scan, disk guard and adapter settings."""
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+
+from clara_dicom.errors import UserError
+from clara_dicom.synthetic import ct_slice
+
+from clara_adapter.settings import env_name, load_settings
+from clara_adapter.storage import DiskGuard, InstanceStore, file_header, read_tags
+
+STUDY, SERIES, PATIENT = 0x0020000D, 0x0020000E, 0x00100020
+
+
+def encode(ds, implicit=False, little=True) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = little, implicit
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+@pytest.fixture
+def ds():
+    return ct_slice("PAT 7", "1.2.3", "1.2.3.4", 0, rows=8, cols=8)
+
+
+@pytest.mark.parametrize("ts, implicit, little", [
+    ("1.2.840.10008.1.2", True, True),
+    ("1.2.840.10008.1.2.1", False, True),
+    ("1.2.840.10008.1.2.2", False, False),
+])
+def test_read_tags_in_each_uncompressed_syntax(ds, ts, implicit, little):
+    raw = encode(ds, implicit, little)
+    assert read_tags(memoryview(raw), ts, {STUDY, SERIES, PATIENT}) == {STUDY: "1.2.3", SERIES: "1.2.3.4",
+                                                                         PATIENT: "PAT 7"}
+
+
+def test_read_tags_deflated(ds):
+    raw = encode(ds)
+    comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = comp.compress(raw) + comp.flush()
+    assert read_tags(memoryview(deflated), "1.2.840.10008.1.2.1.99", {STUDY})[STUDY] == "1.2.3"
+
+
+def test_read_tags_refuses_truncated_data(ds):
+    raw = encode(ds)
+    with pytest.raises(ValueError):  # inside a value we read
+        read_tags(memoryview(raw[:-3]), "1.2.840.10008.1.2.1", {0x7FE00010})
+    with pytest.raises(ValueError):  # inside a value we skip
+        read_tags(memoryview(raw[:57]), "1.2.840.10008.1.2.1", {0x7FE00010})
+
+
+def test_part10_file_round_trips_through_pydicom(tmp_path, ds):
+    raw = encode(ds)
+    header = file_header(ds.SOPClassUID, ds.SOPInstanceUID, "1.2.840.10008.1.2.1", "MODALITY")
+    path, size = InstanceStore(tmp_path).write(header, memoryview(raw))
+    assert size == path.stat().st_size and path.suffix == ".dcm"
+    back = pydicom.dcmread(path)
+    assert back.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert back.file_meta.SourceApplicationEntityTitle == "MODALITY"
+    assert back.PatientID == "PAT 7" and back.PixelData == ds.PixelData
+    assert path.read_bytes().endswith(raw)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_sweep_removes_unjournaled_and_temporary_files(tmp_path):
+    store = InstanceStore(tmp_path)
+    keep = tmp_path / "a.dcm"
+    keep.write_bytes(b"x")
+    (tmp_path / "b.dcm").write_bytes(b"x")
+    (tmp_path / ".tmp-c").write_bytes(b"x")
+    assert store.sweep({str(keep)}) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["a.dcm"]
+
+
+def test_disk_guard_rules(tmp_path):
+    st = os.statvfs(tmp_path)
+    free = st.f_bavail * st.f_frsize
+    assert DiskGuard(tmp_path, 100, 0).check() is None
+    assert "reserve" in DiskGuard(tmp_path, 100, free + 1).check()
+    assert "watermark" in DiskGuard(tmp_path, 0.001, 0).check()
+
+
+def test_settings_precedence_file_env_flags(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("dicomPort: 2000\nagent: FromFile\nwatermarkPercent: 70\n")
+    s = load_settings(f, env={"CLARA_DICOM_PORT": "3000", "CLARA_AGENT": "FromEnv"}, overrides={"dicomPort": 4000})
+    assert (s.dicomPort, s.agent, s.watermarkPercent, s.reserveSpaceGB) == (4000, "FromEnv", 70, 5)
+    assert env_name("reserveSpaceGB") == "CLARA_RESERVE_SPACE_G_B" or env_name("dicomPort") == "CLARA_DICOM_PORT"
+
+
+@pytest.mark.parametrize("content, env, message", [
+    ("dicomPort: 70000\n", {}, "dicomPort (from settings file"),
+    ("dicomPrt: 1\n", {}, "unknown setting"),
+    ("", {"CLARA_WATERMARK_PERCENT": "abc"}, "environment variable CLARA_WATERMARK_PERCENT"),
+    ("agent: -bad\n", {}, "agent"),
+    ("tlsCertFile: /x.pem\n", {}, "tlsKeyFile"),
+    ("[1, 2\n", {}, "invalid YAML"),
+    ("- a\n", {}, "expected a mapping"),
+])
+def test_bad_settings_give_one_line_naming_the_source(tmp_path, content, env, message):
+    f = tmp_path / "s.yaml"
+    f.write_text(content)
+    with pytest.raises(UserError) as exc:
+        load_settings(f, env=env)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_missing_settings_file(tmp_path):
+    with pytest.raises(UserError, match="settings file"):
+        load_settings(tmp_path / "nope.yaml", env={})
