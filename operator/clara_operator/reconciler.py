@@ -117,8 +117,17 @@ async def reconcile_once(api: Api, namespace: str, options: Options, post_event:
     # 1. The rendered configuration (only written when its content changed).
     config_json = result.config_json
     if existing is None or existing["data"].get(CONFIG_KEY) != config_json:
-        await api.write_config_map(namespace, options.config_map, {CONFIG_KEY: config_json},
-                                   {CONFIG_VERSION_ANNOTATION: result.config.version})
+        try:
+            await api.write_config_map(namespace, options.config_map, {CONFIG_KEY: config_json},
+                                       {CONFIG_VERSION_ANNOTATION: result.config.version})
+        except api.ApiException as exc:
+            # A namespace being deleted refuses new objects; its objects' finalizers must
+            # still be released, so this is not an error.
+            if exc.status == 403 and "terminat" in str(exc.body):
+                log.info("namespace %s is being deleted; not rendering its configuration", namespace)
+                result.writes = 0  # type: ignore[attr-defined]
+                return result
+            raise
         writes += 1
         log.info("namespace %s: rendered adapter configuration %s (%d AE titles)", namespace,
                  result.config.version, len(result.config.aeTitles))
