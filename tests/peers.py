@@ -222,7 +222,7 @@ class LocalAdapter(Process):
     def jobs(self) -> list[dict[str, Any]]:
         folder = self.state / "jobs"
         out = []
-        for p in sorted(folder.glob("*.json")) if folder.exists() else []:
+        for p in sorted(folder.glob("[!.]*.json")) if folder.exists() else []:
             try:
                 out.append(json.loads(p.read_text()))
             except ValueError:

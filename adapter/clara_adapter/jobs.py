@@ -156,7 +156,7 @@ class LocalJobSink:
 
     def list(self) -> list[dict[str, Any]]:
         jobs = []
-        for path in sorted(self.folder.glob("*.json")):
+        for path in sorted(self.folder.glob("[!.]*.json")):
             try:
                 jobs.append(json.loads(path.read_text()))
             except (OSError, ValueError):
