@@ -423,3 +423,17 @@ def test_restart_does_no_duplicate_work(k8s_cluster, rest, ns, operator, adapter
     operator.start()
     wait_for(lambda: operator.runs() >= 1, 10, "a reconcile after restart")
     assert snapshot() == steady
+
+
+def test_namespace_deletion_is_not_blocked_by_finalizers(k8s_cluster, rest, operator, adapter):
+    """The namespace controller deletes our objects (and the ConfigMaps) in any order;
+    the finalizers must never keep the namespace in Terminating."""
+    ns = operator.ns
+    apply(k8s_cluster, ns, EXAMPLES)
+    wait_for(lambda: is_ready(rest, ns, "aet", "clara"), 10, "example AE title Ready")
+    if k8s_cluster.kubectl("get", "--raw", "/healthz", check=False).returncode != 0:
+        pytest.skip("API server unhealthy")
+    k8s_cluster.kubectl("delete", "namespace", ns, "--wait=false")
+    # Needs the namespace controller (kube-controller-manager), which the e2e cluster runs.
+    wait_for(lambda: rest.get(f"/api/v1/namespaces/{ns}") is None, 60, f"namespace {ns} deleted", interval=0.5)
+    assert "Traceback" not in operator.log()
