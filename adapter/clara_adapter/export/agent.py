@@ -1,0 +1,276 @@
+"""The export agent: lease tasks for our agent name, export them, report outcomes.
+
+One poller thread leases up to ``exportConcurrency`` tasks at a time and hands
+them to as many worker threads; each worker exports one task over one
+association and reports the outcome. Outcome rules (SPEC §3):
+
+* success: every DICOM file sent, or failures not more than ``failureThreshold``
+  of the task's DICOM files (non-DICOM files are skipped with a warning and not
+  counted; a URI naming a missing file counts as a failed DICOM file);
+* failure, ``retryLater=true``: the destination is unreachable, refuses or aborts
+  the association, or the failures above the threshold are all transient
+  (C-STORE "out of resources" 0xA7xx); also an unexpected error of ours;
+* failure, ``retryLater=false``: bad parameters, unknown destination, a URI or
+  payload ID escaping ``<payloads root>/<payloadId>/``, too many files failing for
+  lasting reasons (refused SOP class/transfer syntax, missing codec, C-STORE
+  failure status), or no DICOM file at all in the task (nothing to export is a
+  pipeline mistake worth seeing, not a success).
+
+The server alone decides whether a failed task is retried (``--max-retries``).
+Nothing a task contains can stop the agent: every worker catches everything.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from clara_dicom.config import RenderedConfig
+
+from clara_adapter.export.scu import SendReport, StoreSCU
+from clara_adapter.export.task import PermanentTaskError, resolve_task
+
+log = logging.getLogger(__name__)
+
+MAX_POLL_BACKOFF = 30.0
+REPORT_ATTEMPTS = 4
+
+
+@dataclass(frozen=True)
+class Outcome:
+    succeeded: bool
+    retry_later: bool = False
+    reason: str = ""
+
+    @property
+    def label(self) -> str:
+        return "succeeded" if self.succeeded else ("retry" if self.retry_later else "failed")
+
+
+def decide(report: SendReport, threshold: float) -> Outcome:
+    """The task outcome for what happened to its files."""
+    if report.association_error:
+        return Outcome(False, True, report.association_error)
+    total = report.dicom_files
+    if total == 0:
+        return Outcome(False, False, f"no DICOM files to export ({len(report.skipped)} non-DICOM skipped)")
+    failed = len(report.failed)
+    if failed / total > threshold:
+        transient = all(f.transient for f in report.failed)
+        sample = report.failed[0]
+        return Outcome(False, transient, f"{failed} of {total} DICOM files failed (more than "
+                                         f"{threshold:.0%}); e.g. {sample.uri}: {sample.reason}")
+    note = f"{report.sent} of {total} DICOM files sent"
+    if failed:
+        note += f", {failed} failed (within the {threshold:.0%} threshold)"
+    return Outcome(True, False, note)
+
+
+class ExportAgent:
+    """Polls the Results Service for ``settings.agent`` and exports its tasks.
+
+    ``config``: returns the live RenderedConfig (destinations change at runtime).
+    ``client``: a :class:`clara_results.client.ResultsClient` (or compatible).
+    """
+
+    def __init__(self, settings: Any, config: Callable[[], RenderedConfig], client: Any, metrics: Any = None,
+                 results_url: str | None = None):
+        self.settings = settings
+        self.config = config
+        self.client = client
+        self.metrics = metrics
+        self.results_url = results_url or getattr(client, "base_url", None)
+        self.agent = settings.agent
+        self.concurrency = settings.exportConcurrency
+        self.scu = StoreSCU(settings.scuAeTitle, acse_timeout=settings.acseTimeout,
+                            dimse_timeout=settings.dimseTimeout, network_timeout=settings.networkTimeout,
+                            max_pdu=settings.maxPduSize)
+        self._stop = threading.Event()
+        self._slots = threading.Semaphore(self.concurrency)
+        self._lock = threading.Lock()
+        self._in_progress: dict[str, str] = {}  # task id -> destination name ("" while resolving)
+        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="clara-export")
+        self._thread = threading.Thread(target=self._poll_loop, name="clara-export-poller", daemon=True)
+        self.last_poll_error: str | None = None
+        self.counts = {"succeeded": 0, "retry": 0, "failed": 0}
+
+    @classmethod
+    def connect(cls, settings: Any, config: Callable[[], RenderedConfig], metrics: Any, results_url: str,
+                token: str | None) -> "ExportAgent":
+        """An agent talking to the Results Service at ``results_url`` (not started yet)."""
+        from clara_dicom.errors import UserError
+        from clara_results.client import ResultsClient
+
+        if not token:
+            raise UserError("resultsUrl is set but no Results Service token: set resultsToken or resultsTokenFile "
+                            "(CLARA_RESULTS_TOKEN / CLARA_RESULTS_TOKEN_FILE)")
+        return cls(settings, config, ResultsClient(results_url, token), metrics, results_url=results_url)
+
+    # -- lifecycle ------------------------------------------------------------
+    def start(self) -> "ExportAgent":
+        self._thread.start()
+        log.info("export agent %s polling %s (calling AE %s, %d parallel associations)", self.agent,
+                 self.results_url, self.settings.scuAeTitle, self.concurrency)
+        return self
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop leasing; let exports in progress finish for ``grace`` seconds, then abort
+        them (their leases expire and the tasks go back to Pending)."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        end = time.monotonic() + grace
+        while self.tasks_in_progress and time.monotonic() < end:
+            time.sleep(0.05)
+        if self.tasks_in_progress:
+            log.warning("aborting %d export(s) still in progress", self.tasks_in_progress)
+            self.scu.abort_all()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        close = getattr(self.client, "close", None)
+        if close:
+            close()
+
+    @property
+    def tasks_in_progress(self) -> int:
+        with self._lock:
+            return len(self._in_progress)
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            destinations = sorted({d for d in self._in_progress.values() if d})
+            n = len(self._in_progress)
+        return {"exportAgent": {"agent": self.agent, "resultsService": self.results_url, "tasksInProgress": n,
+                                "destinationsBusy": destinations, "lastPollError": self.last_poll_error,
+                                "tasks": dict(self.counts)}}
+
+    # -- polling --------------------------------------------------------------
+    def _poll_loop(self) -> None:
+        backoff = self.settings.exportPollSeconds
+        while not self._stop.is_set():
+            # wait for a free worker
+            if not self._slots.acquire(timeout=0.5):
+                continue
+            free = 1
+            while free < self.concurrency and self._slots.acquire(blocking=False):
+                free += 1
+            try:
+                tasks = self.client.lease(self.agent, size=free)
+            except Exception as exc:  # noqa: BLE001 - the service may be down; keep trying
+                self._release(free)
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if message != self.last_poll_error:
+                    log.warning("cannot lease export tasks: %s (retrying)", message)
+                self.last_poll_error = message
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, MAX_POLL_BACKOFF)
+                continue
+            if self.last_poll_error:
+                log.info("Results Service reachable again")
+            self.last_poll_error = None
+            backoff = self.settings.exportPollSeconds
+            self._release(free - len(tasks))
+            for task in tasks:
+                with self._lock:
+                    self._in_progress[task.id] = ""
+                try:
+                    self._pool.submit(self._run, task)
+                except RuntimeError:  # pool shut down: stopping
+                    self._finish(task.id)
+            if not tasks:
+                self._stop.wait(self.settings.exportPollSeconds)
+
+    def _release(self, n: int) -> None:
+        for _ in range(max(0, n)):
+            self._slots.release()
+
+    def _finish(self, task_id: str) -> None:
+        with self._lock:
+            self._in_progress.pop(task_id, None)
+        self._slots.release()
+
+    # -- one task -------------------------------------------------------------
+    def _run(self, task: Any) -> None:
+        try:
+            outcome = self.export(task)
+            self._report(task, outcome)
+        except Exception:  # noqa: BLE001 - never let a task take the worker down
+            log.exception("export task %s: unexpected error", getattr(task, "id", "?"))
+        finally:
+            self._finish(task.id)
+
+    def export(self, task: Any) -> Outcome:
+        """Export one leased task and decide its outcome (no reporting)."""
+        started = time.monotonic()
+        try:
+            resolved = resolve_task(task, self.config(), self.settings.payloads_dir)
+        except PermanentTaskError as exc:
+            return Outcome(False, False, str(exc))
+        dest = resolved.destination
+        if dest.tls is not None:
+            return Outcome(False, False, f"destination {resolved.destination_name} uses TLS, which the export "
+                                         "agent does not support yet")
+        with self._lock:
+            if task.id in self._in_progress:
+                self._in_progress[task.id] = resolved.destination_name
+        try:
+            report = self.scu.send(dest, resolved.files)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("export task %s: sending failed unexpectedly", task.id)
+            return Outcome(False, True, f"internal error while sending: {exc}")
+        self._count_files(report)
+        for uri in report.skipped:
+            log.warning("export task %s: %s is not a DICOM file; skipped", task.id, uri)
+        for failure in report.failed[:5]:
+            log.warning("export task %s: %s not exported: %s", task.id, failure.uri, failure.reason)
+        if len(report.failed) > 5:
+            log.warning("export task %s: %d more files not exported", task.id, len(report.failed) - 5)
+        outcome = decide(report, self.settings.failureThreshold)
+        seconds = time.monotonic() - started
+        log.info("export task %s to %s (%s@%s:%d): %s; %s in %.2fs", task.id, resolved.destination_name,
+                 dest.aeTitle, dest.host, dest.port, outcome.label, outcome.reason, seconds)
+        return outcome
+
+    def _count_files(self, report: SendReport) -> None:
+        if self.metrics is None:
+            return
+        files = self.metrics.exported_files
+        if report.sent:
+            files.labels("sent").inc(report.sent)
+        if report.failed:
+            files.labels("failed").inc(len(report.failed))
+        if report.skipped:
+            files.labels("skipped").inc(len(report.skipped))
+
+    def _report(self, task: Any, outcome: Outcome) -> None:
+        if not outcome.succeeded:
+            level = logging.INFO if outcome.retry_later else logging.WARNING
+            log.log(level, "export task %s failed (%s): %s", task.id,
+                    "will be retried if retries remain" if outcome.retry_later else "permanent", outcome.reason)
+        delay = 0.5
+        for attempt in range(1, REPORT_ATTEMPTS + 1):
+            try:
+                if outcome.succeeded:
+                    self.client.report_success(task.id)
+                else:
+                    self.client.report_failure(task.id, retry_later=outcome.retry_later)
+                break
+            except Exception as exc:  # noqa: BLE001
+                name = type(exc).__name__
+                if name in ("TaskConflictError", "TaskNotFoundError") or attempt == REPORT_ATTEMPTS:
+                    # The lease expired and the task moved on, or the service stays away: the
+                    # lease brings the task back to Pending, so it is exported again later.
+                    log.warning("export task %s: cannot report %s: %s", task.id, outcome.label, exc)
+                    if self.metrics is not None:
+                        self.metrics.exports.labels("unreported").inc()
+                    return
+                time.sleep(delay)
+                delay *= 2
+        with self._lock:
+            self.counts[outcome.label] += 1
+        if self.metrics is not None:
+            self.metrics.exports.labels(outcome.label).inc()
