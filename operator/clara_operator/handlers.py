@@ -55,7 +55,8 @@ def post_event(body: dict[str, Any], event_type: str, reason: str, message: str)
         "kind": body.get("kind"),
         "metadata": {k: body["metadata"].get(k) for k in ("name", "namespace", "uid")},
     }
-    kopf.event(ref, type=event_type, reason=reason, message=message[:1000])  # type: ignore[arg-type]
+    # Best effort: one retry (a namespace being deleted refuses new Events).
+    kopf.event(ref, type=event_type, reason=reason, message=message[:1000], backoffs=(1,))  # type: ignore[arg-type]
 
 
 def reconciler_for(memo: Any, namespace: str, create: bool = True) -> NamespaceReconciler | None:
