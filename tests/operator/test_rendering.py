@@ -224,3 +224,17 @@ def test_lasttransitiontime_kept_when_status_unchanged():
     assert r["lastTransitionTime"] == "2024-01-01T00:00:00Z" and r["observedGeneration"] == 2
     assert p2.by_key()[("ClaraAETitle", "a")].status_changed
     assert not p2.by_key()[("ClaraAETitle", "a")].events  # same status and reason: no Event
+
+
+def test_kubernetes_examples_are_all_valid():
+    from pathlib import Path
+
+    from clara_dicom.manifests import load_manifests
+
+    examples = Path(__file__).resolve().parents[2] / "examples" / "k8s"
+    bodies = [dict(r.to_manifest(), metadata={"name": r.metadata.name, "namespace": NS, "generation": 1})
+              for r in load_manifests(examples, namespace=NS)]
+    p = plan(bodies, NS, feedback=False)
+    assert {o.name for o in p.objects if not o.valid} == set()
+    assert all(c["status"] == "True" for o in p.objects for c in o.status["conditions"]), [
+        (o.name, o.status["conditions"]) for o in p.objects]
