@@ -299,6 +299,12 @@ def test_invalid_objects_are_rejected_or_not_ready(k8s_cluster, rest, ns, operat
     copycat = wait_for(lambda: is_ready(rest, ns, "aet", "copycat", "Conflict", "False"), 10, "copycat")
     assert "clara" in copycat["message"]
     wait_for(lambda: is_ready(rest, ns, "jp", "plugin", "UnknownProcessorType", "False"), 10, "plugin")
+    # The plug-in's own validate(settings): the aetitle processor takes no settings.
+    apply(k8s_cluster, ns, jp_yaml("with-settings", "  settings: {colour: blue}\n"))
+    apply(k8s_cluster, ns, aet_yaml("uses-bad", "USESBAD", "with-settings"))
+    cond = wait_for(lambda: is_ready(rest, ns, "jp", "with-settings", "InvalidSettings", "False"), 10, "settings")
+    assert "colour" in cond["message"]
+    wait_for(lambda: is_ready(rest, ns, "aet", "uses-bad", "ProcessorInvalid", "False"), 10, "ProcessorInvalid")
     # Nothing else disturbed.
     after = rest.config(ns)
     assert after["aeTitles"] == before["aeTitles"] and after["processors"] == before["processors"]
