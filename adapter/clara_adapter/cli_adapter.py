@@ -1,0 +1,67 @@
+"""`clara-dicom adapter`: the adapter in Kubernetes mode."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--namespace", help="namespace of the resources (default: the pod's namespace, else 'default')")
+    p.add_argument("--config-map", default="clara-dicom-adapter-config", metavar="NAME",
+                   help="ConfigMap the operator renders (default %(default)s)")
+    p.add_argument("--status-config-map", default="clara-dicom-adapter-status", metavar="NAME",
+                   help="ConfigMap where the applied configuration version is published (default %(default)s)")
+    p.add_argument("--storage", metavar="DIR", help="storage root: incoming files, payloads, journal")
+    p.add_argument("--dicom-port", type=int, metavar="N", help="DICOM port (default 11112)")
+    p.add_argument("--http-port", type=int, metavar="N", help="health/metrics port (default 8080)")
+    p.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--settings", metavar="FILE", help="adapter settings file (YAML)")
+    p.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig (default: $KUBECONFIG, else in-cluster)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    from clara_adapter.k8s import KubeBridge
+    from clara_adapter.service import Adapter, run_until_signalled
+    from clara_adapter.settings import load_settings
+
+    log = logging.getLogger("clara_adapter")
+    namespace = args.namespace or _pod_namespace() or "default"
+    settings = load_settings(args.settings, overrides={"storageDir": args.storage, "dicomPort": args.dicom_port,
+                                                        "httpPort": args.http_port, "host": args.host})
+    Path(settings.storageDir).mkdir(parents=True, exist_ok=True)
+    bridge = KubeBridge(namespace, args.config_map, args.status_config_map,
+                        Path(settings.storageDir) / "applied-config.json", args.kubeconfig)
+    adapter = Adapter(settings, bridge, namespace=namespace)
+    started = []
+
+    def on_config(config) -> None:
+        if started:
+            adapter.apply_config(config)
+        else:
+            pending.append(config)
+
+    pending: list = []
+    initial = bridge.start(on_config)
+    adapter.start(initial)
+    started.append(True)
+    for config in pending:  # arrived while starting
+        adapter.apply_config(config)
+    if initial is None:
+        log.warning("no configuration yet: every association is refused until the operator renders one")
+
+    def stop() -> None:
+        adapter.stop()
+        bridge.stop()
+
+    run_until_signalled(stop)
+    return 0
+
+
+def _pod_namespace() -> str | None:
+    try:
+        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
