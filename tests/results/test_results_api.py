@@ -55,18 +55,21 @@ PROTECTED = [
 ]
 
 
-@pytest.mark.parametrize("method,path", PROTECTED)
+@pytest.mark.parametrize("backend", ["sqlite"])  # authentication happens before any storage
 @pytest.mark.parametrize("headers,why", [
     ({}, "missing bearer token"),
     ({"Authorization": "Bearer wrong"}, "wrong bearer token"),
+    ({"Authorization": f"Bearer {TOKEN}x"}, "wrong bearer token"),
     ({"Authorization": f"Basic {TOKEN}"}, "malformed Authorization header"),
     ({"Authorization": "Bearer"}, "malformed Authorization header"),
 ])
-def test_every_endpoint_but_health_needs_the_token(client, method, path, headers, why):
-    r = client.request(method, path, headers=headers, json=body())
-    assert r.status_code == 401
-    assert r.json()["message"].startswith(why)
-    assert r.headers["www-authenticate"].startswith("Bearer")
+def test_every_endpoint_but_health_needs_the_token(client, store, headers, why):
+    for method, path in PROTECTED:
+        r = client.request(method, path, headers=headers, json=body())
+        assert r.status_code == 401, (method, path)
+        assert r.json()["message"].startswith(why)
+        assert r.headers["www-authenticate"].startswith("Bearer")
+    assert store.list() == []
 
 
 def test_right_token_is_accepted(client):
