@@ -113,6 +113,13 @@ def check_agent(agent: str) -> str:
     return agent
 
 
+def _show(path: str) -> str:
+    """A path for a one-line message (control characters escaped)."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path) or m.text_problem(path):
+        return ascii(path)
+    return path
+
+
 def scan(inputs: list[str], payload_root: str) -> list[str]:
     """Every file under ``inputs`` as a sorted list of '/'-separated paths relative to ``payload_root``.
 
@@ -121,7 +128,7 @@ def scan(inputs: list[str], payload_root: str) -> list[str]:
     """
     root = os.path.realpath(payload_root)
     if not os.path.isdir(root):
-        raise UserError(f"payload root {payload_root} (CLARA_PAYLOAD_ROOT) is not a directory")
+        raise UserError(f"payload root {_show(payload_root)} (CLARA_PAYLOAD_ROOT) is not a directory")
     uris: set[str] = set()
 
     def add(path: str) -> None:
@@ -133,16 +140,17 @@ def scan(inputs: list[str], payload_root: str) -> list[str]:
         except ValueError:
             inside = False
         if not inside:
-            raise UserError(f"file {path} is outside the payload root {payload_root} (CLARA_PAYLOAD_ROOT)")
+            raise UserError(
+                f"file {_show(path)} is outside the payload root {_show(payload_root)} (CLARA_PAYLOAD_ROOT)")
         uri = os.path.relpath(real, root).replace(os.sep, "/")
         problem = m.uri_problem(uri)
         if problem:
-            raise UserError(f"file {path} cannot be registered: its path {problem}")
+            raise UserError(f"file {_show(path)} cannot be registered: its path {problem}")
         uris.add(uri)
 
     for top in inputs:
         if not os.path.exists(top):
-            raise UserError(f"input {top} does not exist")
+            raise UserError(f"input {_show(top)} does not exist")
         if not os.path.isdir(top):
             add(top)
             continue
@@ -157,7 +165,7 @@ def scan(inputs: list[str], payload_root: str) -> list[str]:
             for name in sorted(filenames):
                 add(os.path.join(dirpath, name))
     if not uris:
-        raise UserError(f"no files found in {', '.join(inputs)}")
+        raise UserError(f"no files found in {', '.join(_show(i) for i in inputs)}")
     if len(uris) > m.MAX_URIS:
         raise UserError(f"{len(uris)} files found; a task holds at most {m.MAX_URIS}")
     return sorted(uris)

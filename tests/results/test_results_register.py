@@ -179,6 +179,11 @@ def test_symlink_escaping_the_payload_root(job, capsys, tmp_path):
     assert "outside the payload root" in run_bad(capsys, "--agent", "ClaraSCU")
 
 
+def test_file_name_with_a_newline_is_refused_on_one_line(job, capsys):
+    (job["dicom"] / "bad\nname.dcm").write_bytes(b"x")
+    assert "cannot be registered" in run_bad(capsys, "--agent", "ClaraSCU")
+
+
 def test_missing_input(job, capsys, monkeypatch):
     assert "does not exist" in run_bad(capsys, "--agent", "ClaraSCU", "--input", str(job["root"] / "nope"))
     monkeypatch.delenv("CLARA_INPUT_PATHS")
