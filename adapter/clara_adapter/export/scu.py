@@ -127,10 +127,11 @@ def load_uncompressed(path: Path) -> Any:
     ts = ds.file_meta.TransferSyntaxUID
     if ts.is_compressed:
         try:
-            ds.decompress()
+            ds.decompress(generate_instance_uid=False)
         except Exception as exc:  # noqa: BLE001 - pydicom raises various types for missing codecs
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TranscodeError(f"cannot decompress {ts.name}: {first}") from None
+            text = " ".join(line.strip() for line in str(exc).strip().splitlines()) or type(exc).__name__
+            raise TranscodeError(f"destination does not accept {ts.name} and it cannot be decompressed "
+                                 f"here: {text}") from None
     elif ts.is_deflated:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     implicit, little = ds.original_encoding
