@@ -54,6 +54,7 @@ class Adapter:
         self.started = False
         self.stopping = threading.Event()
         self.extra_status: list[Callable[[], dict[str, Any]]] = []
+        self.export: Any = None  # the SCU export agent, once start_export() ran
 
     def _count_association(self, result: str) -> None:
         self.metrics.associations.labels(result).inc()
@@ -91,9 +92,19 @@ class Adapter:
                                 "stop the other process or choose another port") from None
             raise UserError(f"cannot listen on {s.host}: {exc.strerror}") from None
         self.scheduler.call_later(HOUSEKEEPING_SECONDS, self._housekeeping)
+        if s.resultsUrl:
+            self.start_export(s.resultsUrl, s.results_token())
         self.started = True
         log.info("adapter listening: DICOM %s:%d, HTTP %s", s.host, s.dicomPort,
                  f"{s.host}:{self.http.port}" if self.http else "off")
+
+    def start_export(self, results_url: str, token: str | None) -> None:
+        """Start the SCU export agent against the Results Service at ``results_url``."""
+        from clara_adapter.export import ExportAgent
+
+        self.export = ExportAgent.connect(self.settings, lambda: self.ingest.config, self.metrics, results_url, token)
+        self.export.start()
+        self.extra_status.append(self.export.status)
 
     def _housekeeping(self) -> None:
         try:
@@ -130,6 +141,8 @@ class Adapter:
         if not self.scp.wait_idle(grace):
             log.warning("associations still open after %.0fs: aborting them", grace)
             self.scp.abort_all()
+        if self.export is not None:
+            self.export.stop()
         if self.http is not None:
             self.http.stop()
         self.scheduler.stop()
