@@ -35,6 +35,10 @@ def run_local(args: argparse.Namespace) -> int:
     if results is not None:
         stoppers.insert(0, results.stop)
         adapter.extra_status.append(lambda: {"resultsService": results.url})
+        if adapter.export is None:  # no resultsUrl setting: export from the in-process service
+            adapter.start_export(results.url, results.token)
+        if adapter.export is not None:  # report the last outcomes before the service stops
+            stoppers.insert(0, adapter.export.stop)
 
     def tick() -> None:
         new = source.poll()
