@@ -1,7 +1,7 @@
 """Resource models for every custom resource kind (SPEC §2): the one source of truth.
 
 The CRD schemas in ``crds/`` are generated from these models (see
-``clara_dicom.crdgen``), so descriptions, defaults, enums and patterns are
+``clara_operator.crdgen``), so descriptions, defaults, enums and patterns are
 written once, here. Rules that a Kubernetes structural schema can express are
 written as field constraints (patterns, bounds, enums); cross-field rules carry
 their CEL twin in ``x-kubernetes-validations`` next to the Python check, and a
@@ -246,9 +246,12 @@ class PipelineContainer(BaseModel):
     @field_validator("tag", mode="before")
     @classmethod
     def _tag_is_text(cls, v: Any) -> Any:
-        if v is not None and not isinstance(v, (str, int, float)):
-            raise ValueError(f"tag must be a string (got {v!r}; replace placeholders such as [IMAGE_TAG])")
-        return None if v is None else str(v)
+        # Same rule as the CRD (type: string): a YAML number such as 0.10 would
+        # silently become "0.1", so numbers must be quoted.
+        if v is not None and not isinstance(v, str):
+            hint = "quote it" if isinstance(v, (int, float)) else "replace placeholders such as [IMAGE_TAG]"
+            raise ValueError(f"tag must be a string (got {v!r}; {hint})")
+        return v
 
 
 class PipelineInput(BaseModel):

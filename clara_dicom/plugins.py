@@ -29,7 +29,10 @@ def installed_types() -> list[str]:
 def validate_processor_spec(spec: Any) -> tuple[str, str] | None:
     """None when the processor's type is installed and accepts its settings,
     else (reason, message) for a Ready=False condition."""
-    cls = processor_class(spec.type)
+    try:
+        cls = processor_class(spec.type)
+    except Exception as exc:  # a broken plug-in must not take the operator or adapter down
+        return ("UnknownProcessorType", f"processor plug-in {spec.type!r} failed to load: {type(exc).__name__}: {exc}")
     if cls is None:
         known = ", ".join(installed_types()) or "none"
         return ("UnknownProcessorType", f"processor type {spec.type!r} is not installed (installed: {known})")

@@ -374,10 +374,13 @@ def test_unreplaced_image_tag_placeholder_is_a_clear_error():
     assert "replace" in message
 
 
-def test_numeric_tags_are_text():
+def test_numeric_tags_must_be_quoted_as_in_the_crd():
     doc = liver_tumor()
-    doc["spec"]["definition"]["operators"][0]["container"]["tag"] = 0.8
-    assert parse(doc).spec.definition.operators[0].container.tag == "0.8"
+    doc["spec"]["definition"]["operators"][0]["container"]["tag"] = 0.10  # YAML would make "0.1" of it
+    with pytest.raises(ManifestError, match="quote it"):
+        parse(doc)
+    doc["spec"]["definition"]["operators"][0]["container"]["tag"] = "0.10"
+    assert parse(doc).spec.definition.operators[0].container.tag == "0.10"
 
 
 def test_unknown_definition_keys_are_preserved():
