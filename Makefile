@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: install test test-fast bench run e2e-build
+.PHONY: install test test-fast bench run e2e-build crds crds-check
 
 install:
 	$(PYTHON) -m pip install -e '.[test]'
@@ -21,3 +21,11 @@ e2e-build:
 
 bench:
 	$(PYTHON) bench/ingest.py
+	$(PYTHON) bench/job_latency.py
+
+# The CRDs are generated from clara_dicom/models.py; a unit test fails when they are stale.
+crds:
+	$(PYTHON) -m clara_operator.crdgen
+
+crds-check:
+	$(PYTHON) -m clara_operator.crdgen --check

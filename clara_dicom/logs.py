@@ -14,6 +14,8 @@ def setup_logging(level: int = logging.INFO) -> None:
     root.setLevel(level)
     # pynetdicom logs every PDU at DEBUG and association details at INFO.
     logging.getLogger("pynetdicom").setLevel(max(level, logging.WARNING))
+    # httpx logs every request at INFO: the export agent polls constantly.
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
 
 
 def short_hash(value: str, length: int = 10) -> str:
