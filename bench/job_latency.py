@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import write_config  # noqa: E402
+from local_setup import write_config  # noqa: E402
 from peers import LocalAdapter, dcmtk, dcmtk_env, metric_value  # noqa: E402
 
 

@@ -3,7 +3,6 @@ developer machine without them they skip with the install command; in CI
 (CI=true) a missing peer is a failure, never a silent skip."""
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -12,17 +11,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from local_setup import require, write_config  # noqa: E402
 from peers import DCMTK_DIR, LocalAdapter  # noqa: E402
-
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-def require(available: bool, what: str) -> None:
-    if available:
-        return
-    if IN_CI:
-        pytest.fail(f"{what} is required in CI but missing", pytrace=False)
-    pytest.skip(f"{what} not installed")
 
 
 @pytest.fixture(scope="session")
@@ -41,49 +31,6 @@ def ct_series(tmp_path_factory) -> list[Path]:
     from clara_dicom.synthetic import write_study
 
     return write_study(tmp_path_factory.mktemp("ct"), slices=20, rows=64, cols=64, patient_id="PAT-CT")
-
-
-PROCESSOR_TEMPLATE = """
-apiVersion: dicom.clara.io/v1alpha1
-kind: ClaraAETitle
-metadata: {{name: {name}}}
-spec:
-  aeTitle: {ae}
-  processor: {name}-proc
-{aet_extra}
----
-apiVersion: dicom.clara.io/v1alpha1
-kind: JobProcessor
-metadata: {{name: {name}-proc}}
-spec:
-{processor}
-"""
-
-SOURCES = """
----
-apiVersion: dicom.clara.io/v1alpha1
-kind: ClaraSource
-metadata: {name: storescu}
-spec: {aeTitle: STORESCU, host: 127.0.0.1}
----
-apiVersion: dicom.clara.io/v1alpha1
-kind: ClaraSource
-metadata: {name: echoscu}
-spec: {aeTitle: ECHOSCU, host: 127.0.0.1}
-"""
-
-
-def indent(text: str, n: int = 2) -> str:
-    return "\n".join(" " * n + line if line.strip() else line for line in text.strip("\n").splitlines())
-
-
-def write_config(folder: Path, ae: str = "CLARA", processor: str = "pipelines: {seg: seg}",
-                 aet_extra: str = "", name: str = "clara", extra: str = "") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.yaml"
-    path.write_text(PROCESSOR_TEMPLATE.format(name=name, ae=ae, processor=indent(processor),
-                                              aet_extra=indent(aet_extra)) + SOURCES + extra)
-    return path
 
 
 @pytest.fixture

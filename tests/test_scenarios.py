@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from clara_dicom.synthetic import write_study
-from conftest import SOURCES, write_config
+from local_setup import SOURCES, write_config
 from peers import LocalAdapter, adapter_command, dcmtk, dcmtk_env, metric_value, storescu, wait_for
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]

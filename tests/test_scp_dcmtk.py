@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import write_config
+from local_setup import write_config
 from peers import dcmtk, echoscu, metric_value, storescu, wait_for
 
 pytestmark = pytest.mark.dcmtk
@@ -171,7 +171,7 @@ def small_disk(tmp_path):
     mount.mkdir()
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount)], capture_output=True)
     if proc.returncode != 0:
-        from conftest import require
+        from local_setup import require
 
         require(False, f"a tmpfs mount (root): {proc.stderr.decode().strip()}")
     yield mount
