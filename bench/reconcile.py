@@ -28,18 +28,10 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "e2e"))
 
 import k8s_cluster as kc  # noqa: E402
+from local_setup import SOURCES  # noqa: E402
 from peers import Process, adapter_command, dcmtk, dcmtk_env, echoscu, free_port  # noqa: E402
 
-SOURCES = """
-apiVersion: dicom.clara.io/v1alpha1
-kind: ClaraSource
-metadata: {name: storescu}
-spec: {aeTitle: STORESCU, host: 127.0.0.1}
----
-apiVersion: dicom.clara.io/v1alpha1
-kind: ClaraSource
-metadata: {name: echoscu}
-spec: {aeTitle: ECHOSCU, host: 127.0.0.1}
+PROCESSOR = """
 ---
 apiVersion: dicom.clara.io/v1alpha1
 kind: JobProcessor
@@ -66,7 +58,7 @@ def main() -> int:
         try:
             env = {**os.environ, **cluster.env}
             cluster.kubectl("create", "namespace", ns)
-            cluster.kubectl("apply", "-n", ns, "-f", "-", input=SOURCES)
+            cluster.kubectl("apply", "-n", ns, "-f", "-", input=SOURCES + PROCESSOR)
             port = free_port()
             procs.append(Process(adapter_command("operator", "--namespace", ns, "--liveness-port", "0",
                                                  "--log-level", "WARNING"), tmp / "operator.log", env=env))

@@ -18,21 +18,12 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 from clara_dicom.synthetic import write_study  # noqa: E402
+from local_setup import SOURCES  # noqa: E402
 from peers import Process, adapter_command, dcmtk, dcmtk_env, echoscu, free_port, storescu, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dcmtk]
 
-SOURCE = """
-apiVersion: dicom.clara.io/v1alpha1
-kind: ClaraSource
-metadata: {name: storescu}
-spec: {aeTitle: STORESCU, host: 127.0.0.1}
----
-apiVersion: dicom.clara.io/v1alpha1
-kind: ClaraSource
-metadata: {name: echoscu}
-spec: {aeTitle: ECHOSCU, host: 127.0.0.1}
-"""
+
 
 
 def processor(name: str, pipelines: dict[str, str], priority: str = "higher", timeout: int = 5,
@@ -105,7 +96,7 @@ class Stack:
 @pytest.fixture
 def stack(k8s_cluster, k8s_namespace, tmp_path, dcmtk_available):
     s = Stack(k8s_cluster, k8s_namespace, tmp_path)
-    s.apply(SOURCE)
+    s.apply(SOURCES)
     yield s
     s.stop()
     print(s.logs())  # shown by pytest for failing tests only
