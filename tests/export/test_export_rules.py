@@ -143,3 +143,22 @@ def test_file_classification(tmp_path):
     with pytest.raises(Exception) as info:
         read_header("broken", broken)
     assert not isinstance(info.value, NotDicom)
+
+
+@pytest.mark.parametrize("sop_class, instance, msg_id", [
+    (CTImageStorage, "1.2.3.45", 7),                       # even-length UIDs
+    ("1.2.840.10008.5.1.4.1.1.20", "1.2.3.456", 65535),   # odd-length UIDs get a NUL pad
+])
+def test_hand_built_c_store_command_matches_pynetdicom(sop_class, instance, msg_id):
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    from clara_adapter.export.scu import c_store_rq
+
+    req = C_STORE()
+    req.MessageID, req.AffectedSOPClassUID, req.AffectedSOPInstanceUID, req.Priority = msg_id, sop_class, instance, 2
+    req._dataset_path = (Path("x"), 0)
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    assert c_store_rq(msg_id, sop_class, instance) == encode(msg.command_set, True, True)
