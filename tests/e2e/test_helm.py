@@ -1,0 +1,250 @@
+"""The Helm chart against the real control plane (issue 11).
+
+`helm install` into a fresh namespace; then the operator and the adapter run as
+local processes with kubeconfigs holding the chart's ServiceAccount tokens (from
+the TokenRequest API, not the admin's certificate) and reconcile the example
+manifests end to end: objects Ready, the adapter's applied version published, a
+study sent over DICOM becoming a PipelineJob. The same tokens are refused what
+they must not do. `helm upgrade` changes an object and keeps what the
+components wrote; `helm uninstall` leaves nothing of the release but the CRDs.
+
+Pods of the chart never execute here (kwok plays the node; the PVCs stay
+Pending without a storage provisioner): the local processes play them.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parents[1]
+REPO = TESTS.parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+from peers import Process, adapter_command, free_port, wait_for  # noqa: E402
+
+CHART = REPO / "charts" / "clara-dicom"
+EXAMPLES = REPO / "examples" / "k8s"
+RELEASE = "clara"
+PREFIX = f"{RELEASE}-clara-dicom"
+INSTANCE = f"app.kubernetes.io/instance={RELEASE}"
+
+pytestmark = [pytest.mark.e2e]
+
+
+def helm(cluster, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**__import__("os").environ, **cluster.env}
+    res = subprocess.run([cluster.tool("helm"), "--kubeconfig", str(cluster.kubeconfig), *args],
+                         capture_output=True, text=True, env=env, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} exited {res.returncode}:\n{res.stderr}")
+    return res
+
+
+def token_kubeconfig(cluster, namespace: str, service_account: str, path: Path) -> Path:
+    """A kubeconfig that authenticates with the ServiceAccount's token only."""
+    cluster_entry = cluster.kubeconfig_json()["clusters"][0]["cluster"]
+    token = cluster.service_account_token(namespace, service_account)
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
+        "clusters": [{"name": "cluster", "cluster": cluster_entry}],
+        "users": [{"name": service_account, "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "cluster", "user": service_account,
+                                                "namespace": namespace}}],
+    }))
+    return path
+
+
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [
+    [],
+    ["--set", "rbac.clusterWide=true", "--set", "adapter.dicom.service.type=LoadBalancer",
+     "--set", "adapter.dicom.service.loadBalancerSourceRanges[0]=10.0.0.0/8",
+     "--set", "resultsService.database.existingSecret=pg", "--set", "adapter.persistence.existingClaim=shared",
+     "--set", "networkPolicy.dicomFrom[0].ipBlock.cidr=10.20.0.0/16"],
+    ["--set", "adapter.dicom.service.type=ClusterIP", "--set", "networkPolicy.enabled=false",
+     "--set", "resultsService.enabled=false", "--set", "priorityClasses.create=false"],
+], ids=["defaults", "cluster-wide-loadbalancer", "minimal"])
+def test_lint_strict_and_server_dry_run(k8s_cluster, k8s_namespace, values):
+    lint = helm(k8s_cluster, "lint", "--strict", str(CHART), *values)
+    assert "0 chart(s) failed" in lint.stdout, lint.stdout
+    rendered = helm(k8s_cluster, "template", RELEASE, str(CHART), "-n", k8s_namespace, "--include-crds",
+                    *values).stdout
+    res = k8s_cluster.kubectl("apply", "--dry-run=server", "-n", k8s_namespace, "-f", "-", input=rendered,
+                              check=False)
+    assert res.returncode == 0, res.stderr
+    assert "Warning" not in res.stderr, res.stderr  # e.g. unknown fields
+    assert "(server dry run)" in res.stdout
+
+
+def test_values_typo_fails_install(k8s_cluster, k8s_namespace):
+    res = helm(k8s_cluster, "install", RELEASE, str(CHART), "-n", k8s_namespace, "--dry-run",
+               "--set", "adapter.settings.watermarkPercnt=80", check=False)
+    assert res.returncode != 0
+    assert "watermarkPercnt" in res.stderr and "not allowed" in res.stderr
+
+
+# ---------------------------------------------------------------------------
+
+
+class ChartStack:
+    """Operator and adapter as local processes, each with its chart ServiceAccount's token."""
+
+    def __init__(self, cluster, ns: str, tmp: Path):
+        self.cluster, self.ns, self.tmp = cluster, ns, tmp
+        self.kubeconfigs = {c: token_kubeconfig(cluster, ns, f"{PREFIX}-{c}", tmp / f"{c}.kubeconfig")
+                            for c in ("operator", "adapter", "results")}
+        base = {k: v for k, v in __import__("os").environ.items()
+                if not k.startswith(("KUBERNETES_", "CLARA_"))}
+        self.dicom_port = free_port()
+        self.operator = Process(adapter_command("operator", "--namespace", ns, "--liveness-port", "0"),
+                                tmp / "operator.log", env={**base, "KUBECONFIG": str(self.kubeconfigs["operator"])})
+        self.adapter = Process(adapter_command("adapter", "--namespace", ns, "--storage", str(tmp / "storage"),
+                                               "--dicom-port", str(self.dicom_port), "--http-port", "0",
+                                               "--host", "127.0.0.1"),
+                               tmp / "adapter.log", env={**base, "KUBECONFIG": str(self.kubeconfigs["adapter"])})
+
+    def token(self, component: str) -> str:
+        return json.loads(self.kubeconfigs[component].read_text())["users"][0]["user"]["token"]
+
+    def stop(self) -> None:
+        for proc in (self.adapter, self.operator):
+            proc.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.log_path.name}\n{p.log()[-6000:]}" for p in (self.operator, self.adapter))
+
+
+def ready(cluster, ns: str, kind: str, name: str) -> bool:
+    obj = cluster.kubectl_json("get", kind, name, "-n", ns)
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in obj.get("status", {}).get("conditions", []))
+
+
+def config_map_data(cluster, ns: str, name: str) -> dict:
+    return cluster.kubectl_json("get", "configmap", name, "-n", ns).get("data") or {}
+
+
+def send_study(port: int, folder: Path) -> None:
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    from clara_dicom.synthetic import write_study
+
+    files = write_study(folder, slices=3, rows=16, cols=16, patient_id="PAT-HELM-1")
+    ae = AE(ae_title="STORESCU")
+    datasets = [dcmread(f) for f in files]
+    for sop in {ds.SOPClassUID for ds in datasets}:
+        ae.add_requested_context(sop)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CLARA")
+    assert assoc.is_established, "association refused"
+    try:
+        for ds in datasets:
+            assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+
+
+def denied(cluster, token: str, method: str, path: str, body=None) -> bool:
+    status, _ = cluster.request(method, path, body, token=token)
+    return status == 403
+
+
+def release_leftovers(cluster, ns: str) -> list[str]:
+    kinds = ("all,configmaps,secrets,serviceaccounts,roles,rolebindings,persistentvolumeclaims,"
+             "networkpolicies")
+    left = cluster.kubectl("get", kinds, "-n", ns, "-l", INSTANCE, "-o", "name").stdout.split()
+    left += cluster.kubectl("get", "priorityclasses,clusterroles,clusterrolebindings", "-l", INSTANCE,
+                            "-o", "name").stdout.split()
+    return left
+
+
+def test_install_run_with_chart_tokens_upgrade_uninstall(k8s_cluster, k8s_namespace, tmp_path):
+    cluster, ns = k8s_cluster, k8s_namespace
+    helm(cluster, "install", RELEASE, str(CHART), "-n", ns)
+    secret_name = f"{PREFIX}-results-token"
+    token_before = cluster.kubectl_json("get", "secret", secret_name, "-n", ns)["data"]["token"]
+    deployment = cluster.kubectl_json("get", "deployment", f"{PREFIX}-adapter", "-n", ns)
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["CLARA_RESULTS_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": secret_name, "key": "token"}
+    assert cluster.kubectl_json("get", "service", f"{PREFIX}-adapter", "-n", ns)["spec"][
+        "externalTrafficPolicy"] == "Local"
+
+    stack = ChartStack(cluster, ns, tmp_path)
+    try:
+        # --- the README example, end to end, with the chart's RBAC only
+        cluster.apply(EXAMPLES, namespace=ns)
+        for kind, name in (("aet", "clara"), ("jp", "by-study"), ("pipe", "liver-tumor")):
+            wait_for(lambda: ready(cluster, ns, kind, name), 60, interval=0.5, what=f"{kind}/{name} Ready")
+        rendered = json.loads(config_map_data(cluster, ns, "clara-dicom-adapter-config")["config.json"])
+        wait_for(lambda: config_map_data(cluster, ns, "clara-dicom-adapter-status").get("appliedVersion")
+                 == rendered["version"], 20, interval=0.5, what="the adapter's applied version")
+        send_study(stack.dicom_port, tmp_path / "study")
+        jobs = wait_for(lambda: cluster.kubectl_json("get", "pipelinejobs", "-n", ns)["items"], 30, interval=0.5,
+                        what="a PipelineJob created by the adapter")
+        assert jobs[0]["spec"]["pipeline"] == "liver-tumor" and jobs[0]["spec"]["payload"]["instances"] == 3
+
+        # --- what the same tokens must not do
+        op, ad, rs = stack.token("operator"), stack.token("adapter"), stack.token("results")
+        for token in (op, ad, rs):
+            assert denied(cluster, token, "GET", "/api/v1/namespaces/kube-system/secrets")
+            assert denied(cluster, token, "GET", "/api/v1/namespaces/default/configmaps")
+            assert denied(cluster, token, "GET", f"/api/v1/namespaces/{ns}/secrets/{secret_name}")
+            assert denied(cluster, token, "POST", "/api/v1/namespaces",
+                          {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "rbac-escape"}})
+            assert denied(cluster, token, "POST", "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+                          {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                           "metadata": {"name": "rbac-escape"}, "rules": []})
+            assert denied(cluster, token, "POST", "/apis/scheduling.k8s.io/v1/priorityclasses",
+                          {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                           "metadata": {"name": "rbac-escape"}, "value": 1})
+            assert denied(cluster, token, "DELETE", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/"
+                          "pipelinejobs.dicom.clara.io")
+        # the adapter: only its two ConfigMaps, and PipelineJobs create-only
+        assert denied(cluster, ad, "GET", f"/api/v1/namespaces/{ns}/configmaps")
+        assert denied(cluster, ad, "DELETE", f"/apis/dicom.clara.io/v1alpha1/namespaces/{ns}/pipelinejobs/"
+                      f"{jobs[0]['metadata']['name']}")
+        assert denied(cluster, ad, "GET",
+                      f"/apis/dicom.clara.io/v1alpha1/namespaces/{ns}/claraaetitles")
+        # the operator: no writes to the adapter's status ConfigMap, no Secrets, no pod exec
+        assert denied(cluster, op, "GET", f"/api/v1/namespaces/{ns}/secrets")
+        assert denied(cluster, op, "DELETE", f"/api/v1/namespaces/{ns}/configmaps/clara-dicom-adapter-status")
+        assert denied(cluster, op, "POST", f"/api/v1/namespaces/{ns}/configmaps",
+                      {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}})
+        # the Results Service: nothing at all
+        assert denied(cluster, rs, "GET", f"/api/v1/namespaces/{ns}/configmaps/clara-dicom-adapter-config")
+        assert denied(cluster, rs, "GET", f"/apis/dicom.clara.io/v1alpha1/namespaces/{ns}/pipelinejobs")
+
+        # --- helm upgrade: a changed value changes the object; what the
+        # components wrote and the generated token survive
+        applied = config_map_data(cluster, ns, "clara-dicom-adapter-status")["appliedVersion"]
+        helm(cluster, "upgrade", RELEASE, str(CHART), "-n", ns, "--set", "adapter.settings.watermarkPercent=70")
+        deployment = cluster.kubectl_json("get", "deployment", f"{PREFIX}-adapter", "-n", ns)
+        env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["CLARA_WATERMARK_PERCENT"] == "70"
+        assert cluster.kubectl_json("get", "secret", secret_name, "-n", ns)["data"]["token"] == token_before
+        assert config_map_data(cluster, ns, "clara-dicom-adapter-status")["appliedVersion"] == applied
+        assert "config.json" in config_map_data(cluster, ns, "clara-dicom-adapter-config")
+
+        # --- clean up our objects while the operator runs (its finalizers)
+        cluster.kubectl("delete", "-n", ns, "-f", str(EXAMPLES), "--wait=true", timeout=60)
+        cluster.kubectl("delete", "pipelinejobs", "--all", "-n", ns, "--wait=true", timeout=60)
+    except BaseException:
+        print(stack.logs())
+        raise
+    finally:
+        stack.stop()
+
+    # --- helm uninstall: nothing of the release left but the CRDs (by design)
+    helm(cluster, "uninstall", RELEASE, "-n", ns, "--wait")
+    wait_for(lambda: not release_leftovers(cluster, ns), 60, interval=0.5,
+             what=f"no leftovers; still: {release_leftovers(cluster, ns)}")
+    for name in ("clara-dicom-adapter-config", "clara-dicom-adapter-status"):
+        assert cluster.kubectl("get", "configmap", name, "-n", ns, check=False).returncode != 0
+    crds = cluster.kubectl("get", "crd", "-o", "name").stdout
+    assert "pipelinejobs.dicom.clara.io" in crds and "claraaetitles.dicom.clara.io" in crds
