@@ -17,7 +17,7 @@ from pydicom.uid import JPEGLSLossless, RLELossless
 from clara_results.models import TaskState
 
 from export_testlib import received, sop_uids, write_series
-from peers import REPO, Orthanc, StoreSCP, free_port, metric_value, wait_for
+from peers import REPO, Orthanc, StoreSCP, metric_value, wait_for
 
 pytestmark = pytest.mark.dcmtk
 
@@ -261,16 +261,3 @@ def test_many_tasks_in_parallel(tmp_path, export_harness, storescp):
     assert all(h.wait_finished(t.id).state == TaskState.SUCCEEDED for t in tasks)
     assert received(tmp_path / "scp" / "many") == expected
 
-
-def test_unreachable_results_service_is_survived(tmp_path, export_harness, storescp):
-    """The agent keeps polling (with backoff) while the service is away."""
-    h = export_harness()
-    port = free_port()
-    from clara_adapter.export import ExportAgent
-
-    lonely = ExportAgent.connect(h.settings, lambda: h.config, None, f"http://127.0.0.1:{port}", "t").start()
-    try:
-        wait_for(lambda: lonely.status()["exportAgent"]["lastPollError"], 10, what="a poll error")
-        assert lonely._thread.is_alive()
-    finally:
-        lonely.stop(grace=1)

@@ -162,3 +162,46 @@ def test_hand_built_c_store_command_matches_pynetdicom(sop_class, instance, msg_
     msg = C_STORE_RQ()
     msg.primitive_to_message(req)
     assert c_store_rq(msg_id, sop_class, instance) == encode(msg.command_set, True, True)
+
+
+def test_unreachable_results_service_is_survived(tmp_path, export_harness):
+    """The agent keeps polling (with backoff) while the service is away."""
+    h = export_harness()
+    from clara_adapter.export import ExportAgent
+    from peers import free_port, wait_for
+
+    port = free_port()
+
+    lonely = ExportAgent.connect(h.settings, lambda: h.config, None, f"http://127.0.0.1:{port}", "t").start()
+    try:
+        wait_for(lambda: lonely.status()["exportAgent"]["lastPollError"], 10, what="a poll error")
+        assert lonely._thread.is_alive()
+    finally:
+        lonely.stop(grace=1)
+
+
+def test_adapter_starts_the_agent_when_results_url_is_set(tmp_path, export_harness):
+    """Kubernetes mode: resultsUrl + token file in the settings start the agent with the adapter."""
+    from clara_adapter.jobs import LocalJobSink
+    from clara_adapter.service import Adapter
+    from clara_adapter.settings import AdapterSettings
+    from clara_dicom.errors import UserError
+    from export_testlib import TOKEN
+    from peers import free_port
+
+    h = export_harness()
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    settings = AdapterSettings(storageDir=str(tmp_path / "adapter"), host="127.0.0.1", dicomPort=free_port(),
+                               httpPort=0, resultsUrl=h.results.url, resultsTokenFile=str(tmp_path / "token"))
+    adapter = Adapter(settings, LocalJobSink(tmp_path / "jobs"))
+    adapter.start(RenderedConfig(version="v1"))
+    try:
+        status = adapter.status()["exportAgent"]
+        assert status["resultsService"] == h.results.url and status["tasksInProgress"] == 0
+    finally:
+        adapter.stop(grace=1)
+    assert not adapter.export._thread.is_alive()
+
+    no_token = AdapterSettings(storageDir=str(tmp_path / "adapter2"), resultsUrl=h.results.url)
+    with pytest.raises(UserError, match="no Results Service token"):
+        Adapter(no_token, LocalJobSink(tmp_path / "jobs2")).start_export(h.results.url, no_token.results_token())
