@@ -374,29 +374,30 @@ def _store_raw(assoc: Any, context_id: int, msg_id: int, f: DicomFile) -> Any:
             rest = (header + bytes(data))[sent:]
             sock.sendall(rest)
 
+    fh = open(f.path, "rb")  # before anything is sent: a vanished file fails alone
     try:
+        remaining = fh.seek(0, 2) - offset
+        fh.seek(offset)
         for start in range(0, len(command), chunk):
             last = start + chunk >= len(command)
             pdv(command[start:start + chunk], 0x03 if last else 0x01)
-        buf = bytearray(chunk)
-        view = memoryview(buf)
-        with open(f.path, "rb") as fh:
-            remaining = fh.seek(0, 2) - offset
-            fh.seek(offset)
-            while True:
-                want = min(chunk, remaining)
-                got = fh.readinto(view[:want]) if want else 0
-                if got != want:
-                    raise OSError(f"{f.uri} changed while being sent")
-                remaining -= got
-                pdv(view[:got], 0x00 if remaining else 0x02)
-                if not remaining:
-                    break
+        view = memoryview(bytearray(chunk))
+        while True:
+            want = min(chunk, remaining)
+            got = fh.readinto(view[:want]) if want else 0
+            if got != want:
+                raise OSError(f"{f.uri} changed while being sent")
+            remaining -= got
+            pdv(view[:got], 0x00 if remaining else 0x02)
+            if not remaining:
+                break
     except OSError as exc:
         if isinstance(exc, (ConnectionError, BrokenPipeError, TimeoutError)) or not assoc.is_established:
             raise ConnectionLost() from exc
         assoc.abort()  # half a message on the wire: the association cannot continue
         raise ConnectionLost() from exc
+    finally:
+        fh.close()
     _, rsp = assoc.dimse.get_msg(block=True)
     if rsp is None or getattr(rsp, "MessageIDBeingRespondedTo", msg_id) != msg_id:
         return None
