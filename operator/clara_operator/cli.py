@@ -25,6 +25,85 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--liveness-port", type=int, default=8081,
                         help="port of the liveness endpoint http://127.0.0.1:PORT/healthz (0: off; default %(default)s)")
     parser.add_argument("--liveness-host", default="127.0.0.1", help="address of the liveness endpoint")
+    add_runner_arguments(parser)
+
+
+def add_runner_arguments(parser: argparse.ArgumentParser) -> None:
+    """How PipelineJobs run as batch Jobs (operator/PIPELINES.md)."""
+    g = parser.add_argument_group("pipeline jobs (operator/PIPELINES.md)")
+    g.add_argument("--payload-pvc", default="clara-dicom-payloads", metavar="NAME",
+                   help="PersistentVolumeClaim holding the adapter's payloads, mounted in pipeline pods "
+                        "(default %(default)s)")
+    g.add_argument("--payload-host-path", default=None, metavar="DIR",
+                   help="instead of the PVC: this node directory is the payload volume (single-node clusters)")
+    g.add_argument("--payload-root", default="/var/lib/clara-dicom", metavar="DIR",
+                   help="where the adapter sees the payload volume's root; spec.payload.path lies under it "
+                        "(default %(default)s)")
+    g.add_argument("--prepare-image", default=os.environ.get("CLARA_DICOM_IMAGE", "clara-dicom:latest"),
+                   metavar="IMAGE", help="image of the init container that creates the output folders "
+                                         "(default: $CLARA_DICOM_IMAGE or clara-dicom:latest)")
+    g.add_argument("--results-url", default=os.environ.get("CLARA_RESULTS_URL"), metavar="URL",
+                   help="CLARA_RESULTS_URL for pipeline containers (default: $CLARA_RESULTS_URL)")
+    g.add_argument("--results-token-secret", default=None, metavar="NAME",
+                   help="Secret whose key (--results-token-key) becomes CLARA_RESULTS_TOKEN in pipeline containers")
+    g.add_argument("--results-token-key", default="token", metavar="KEY", help="key in that Secret (default token)")
+    g.add_argument("--image-pull-secret", action="append", default=[], metavar="NAME",
+                   help="imagePullSecret for pipeline pods (repeatable)")
+    g.add_argument("--toleration", action="append", default=[], type=_json_object, metavar="JSON",
+                   help='toleration for pipeline pods, e.g. \'{"key":"nvidia.com/gpu","operator":"Exists",'
+                        '"effect":"NoSchedule"}\' (repeatable)')
+    g.add_argument("--node-selector", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                   help="nodeSelector entry for pipeline pods (repeatable)")
+    g.add_argument("--pod-annotation", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                   help="annotation on pipeline pods, e.g. sidecar.istio.io/inject=false (repeatable)")
+    g.add_argument("--fs-group", type=int, default=None, metavar="GID",
+                   help="pod fsGroup, so non-root pipeline images can read the payload")
+    g.add_argument("--run-as-user", type=int, default=None, metavar="UID", help="pod runAsUser")
+    g.add_argument("--run-as-non-root", action="store_true", help="pod runAsNonRoot")
+    g.add_argument("--pipeline-service-account", default=None, metavar="NAME",
+                   help="ServiceAccount of pipeline pods (default: the namespace's default; no token mounted)")
+    g.add_argument("--active-deadline-seconds", type=int, default=600, metavar="S",
+                   help="activeDeadlineSeconds of pipeline Jobs (default %(default)s)")
+    g.add_argument("--priority-class-prefix", default="clara-dicom-", metavar="PREFIX",
+                   help="PriorityClass of a job = PREFIX + priority (lower|normal|higher|immediate; "
+                        "default %(default)s)")
+    g.add_argument("--job-retention-hours", type=float, default=24.0, metavar="H",
+                   help="delete finished PipelineJobs (and their Jobs and pods) after H hours (0: never; "
+                        "default %(default)s)")
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
+def runner_settings(args: argparse.Namespace) -> Any:
+    from clara_operator.jobspec import RunnerSettings
+
+    return RunnerSettings(
+        payload_root=args.payload_root, payload_pvc=args.payload_pvc or None,
+        payload_host_path=args.payload_host_path, prepare_image=args.prepare_image,
+        results_url=args.results_url or None, results_token_secret=args.results_token_secret,
+        results_token_key=args.results_token_key, image_pull_secrets=list(args.image_pull_secret),
+        tolerations=list(args.toleration), node_selector=dict(args.node_selector),
+        pod_annotations=dict(args.pod_annotation), fs_group=args.fs_group,
+        run_as_user=args.run_as_user, run_as_non_root=args.run_as_non_root,
+        service_account=args.pipeline_service_account, active_deadline_seconds=args.active_deadline_seconds,
+        priority_class_prefix=args.priority_class_prefix, retention_hours=args.job_retention_hours)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,6 +176,10 @@ async def _main(args: argparse.Namespace) -> int:
         memo.options = Options(config_map=args.config_map, status_config_map=args.status_config_map,
                                feedback=not args.no_adapter_feedback)
         memo.reconcilers = {}
+        from clara_operator.pipelinejobs import Runner
+
+        memo.runner = Runner(api_client, runner_settings(args),
+                             namespaces=None if args.all_namespaces else [args.namespace or current_namespace])
         liveness = (f"http://{args.liveness_host}:{args.liveness_port}/healthz"
                     if args.liveness_port else None)
         scope: dict[str, Any]

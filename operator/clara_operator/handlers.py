@@ -9,7 +9,9 @@ this module never touches kopf's default registry).
 * deletion is held by the finalizer ``dicom.clara.io/finalizer`` until the
   adapter configuration no longer contains the object;
 * events on the adapter's ConfigMaps (the rendered one, and the status one the
-  adapter publishes its applied version in) re-run the reconcile too.
+  adapter publishes its applied version in) re-run the reconcile too;
+* PipelineJobs, their batch Jobs and waiting jobs' ClaraPipelines:
+  ``pipelinejobs.register`` (see operator/PIPELINES.md).
 """
 from __future__ import annotations
 
@@ -127,3 +129,7 @@ async def cleanup(memo: Any, **_: Any) -> None:
 
 
 _register()
+
+from clara_operator import pipelinejobs  # noqa: E402 - needs post_event above
+
+pipelinejobs.register(registry)
