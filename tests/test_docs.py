@@ -1,0 +1,48 @@
+"""docs/reference.md is generated from crds/*.yaml; docs/troubleshooting.md covers every reason."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_reference_is_the_generators_output():
+    res = subprocess.run([sys.executable, str(REPO / "docs" / "gen_reference.py"), "--check"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr + " (run: python docs/gen_reference.py)"
+
+
+def test_reference_covers_every_crd_field():
+    sys.path.insert(0, str(REPO / "docs"))
+    import gen_reference as gen
+
+    text = (REPO / "docs" / "reference.md").read_text()
+    for crd in gen.load():
+        kind = crd["spec"]["names"]["kind"]
+        assert f"## {kind}" in text
+        schema = next(v for v in crd["spec"]["versions"] if v.get("storage"))["schema"]["openAPIV3Schema"]
+        for path, _, _ in gen.fields(schema["properties"]["spec"], "spec"):
+            assert f"`{path}`" in text, f"{kind} {path}"
+
+
+def _reasons_in_code() -> set[str]:
+    """Every reason of a False condition the operator and the resolver can set."""
+    reasons: set[str] = set()
+    for path in (REPO / "clara_dicom" / "config.py", REPO / "operator" / "clara_operator" / "rendering.py",
+                 REPO / "clara_dicom" / "plugins.py"):
+        text = path.read_text()
+        reasons |= set(re.findall(r'(?:Condition|Cond)\("\w+", False, "(\w+)"', text))
+        reasons |= set(re.findall(r'return \("(\w+)", ', text))  # processor problems (reason, message)
+    return reasons
+
+
+def test_troubleshooting_explains_every_ready_false_reason():
+    text = (REPO / "docs" / "troubleshooting.md").read_text()
+    documented = set(re.findall(r"^### `(\w+)`", text, flags=re.M))
+    readme = (REPO / "operator" / "README.md").read_text()
+    from_readme = set(re.findall(r"`(?:Ready|PipelinesResolved|SourcesResolved)=False` `(\w+)`", readme))
+    missing = (_reasons_in_code() | from_readme) - documented
+    assert not missing, f"docs/troubleshooting.md lacks: {sorted(missing)}"
