@@ -29,8 +29,8 @@ from peers import Process, adapter_command, free_port, wait_for  # noqa: E402
 
 CHART = REPO / "charts" / "clara-dicom"
 EXAMPLES = REPO / "examples" / "k8s"
-RELEASE = "clara"
-PREFIX = f"{RELEASE}-clara-dicom"
+RELEASE = "clara-dicom"
+PREFIX = RELEASE  # the release name contains the chart name
 INSTANCE = f"app.kubernetes.io/instance={RELEASE}"
 
 pytestmark = [pytest.mark.e2e]
