@@ -28,11 +28,16 @@
 #                                versions.env (needs the Go module proxy)
 set -euo pipefail
 
+# The whole script is one { ... } block, so bash reads it all before running
+# any of it: editing or checking out this file during a build is harmless.
+{
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 MODS="$HERE/modules"
 # shellcheck source=versions.env
 source "$HERE/versions.env"
 
+# Go's default module and build caches live under $HOME.
+export HOME="${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}"
 export GOTOOLCHAIN=local
 export CGO_ENABLED=0
 export GOFLAGS="${GOFLAGS:-} -trimpath -buildvcs=false"
@@ -198,3 +203,5 @@ done
 build helm helm "" "$helm_ldflags" "helm" helm.sh/helm/v3/cmd/helm
 
 echo "$BIN"
+exit 0
+}

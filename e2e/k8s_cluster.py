@@ -247,6 +247,7 @@ class Cluster:
             "PATH": f"{self.bin_dir}{os.pathsep}{path}" if self.bin_dir else path,
         }
         self._kubeconfig_json: dict | None = None
+        self._ssl: dict[bool, ssl.SSLContext] = {}
 
     # ---- paths
     @property
@@ -325,6 +326,11 @@ class Cluster:
 
     def ssl_context(self, client_cert: bool = True) -> ssl.SSLContext:
         """TLS context trusting the cluster's CA (and presenting the admin cert)."""
+        if client_cert not in self._ssl:
+            self._ssl[client_cert] = self._make_ssl_context(client_cert)
+        return self._ssl[client_cert]
+
+    def _make_ssl_context(self, client_cert: bool) -> ssl.SSLContext:
         kc = self.kubeconfig_json()
         cluster = kc["clusters"][0]["cluster"]
         if cluster.get("insecure-skip-tls-verify"):
@@ -739,7 +745,7 @@ def connect(kubeconfig: Path, crds_dir: Path | None = CRDS_DIR) -> Cluster:
     """Use an existing cluster (start nothing); applies crds/ like start()."""
     bin_dir = default_bin_dir()
     cluster = Cluster(kubeconfig=kubeconfig, bin_dir=bin_dir if bin_dir.is_dir() else None,
-                      workdir=Path(tempfile.mkdtemp(prefix="clara-dicom-k8s-ext-")), external=True)
+                      workdir=Path(kubeconfig).resolve().parent, external=True)
     # A cluster that `e2e/cluster up` started has kwok and our state file.
     state_dir = Path(kubeconfig).resolve().parent
     own = Cluster.from_state(state_dir)
