@@ -325,3 +325,20 @@ def test_restart_resumes_open_groups_from_the_journal(harness, tmp_path):
     assert h.counts() == []
     h.clock.advance(0.02)
     assert h.counts() == [2]
+
+
+def test_journal_never_reuses_ids_that_job_names_depend_on(tmp_path):
+    """Instance ids, group ids and sequences stay unique after everything is released."""
+    journal = Journal(tmp_path / "j.sqlite")
+    h = Harness(tmp_path / "h", {"pipelines": {"a": "p1"}})
+    first = h.journal.open_group("o", "AE", "p", "v", {}, 0.0).id
+    h.journal.finish_group(first)
+    assert h.journal.open_group("o", "AE", "p", "v", {}, 0.0).id > first
+    seqs = [journal.next_sequence() for _ in range(3)]
+    assert seqs == sorted(set(seqs))
+    h.send()
+    (inst,) = h.journal.instances()
+    h.journal.remove_instances([inst.id])
+    h.send()
+    (again,) = h.journal.instances()
+    assert again.id > inst.id

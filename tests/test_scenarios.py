@@ -175,9 +175,10 @@ class BatchProcessor(JobProcessorBase):
             batch, self.held = self.held, []
             self.batches += 1
             key, pipeline = sorted(self.spec.pipelines.items())[0]
+            number, sequence = self.new_sequence()
             req = JobRequest(self.ctx.namespace, self.ae_title, self.processor_name, key, pipeline,
-                             self.spec.priority, "batch", str(self.batches), f"{self.owner}-{batch[0].id}", batch)
-            self.submit_pipeline_job(-batch[0].id, [req], lambda: self.remove_instances(batch))
+                             self.spec.priority, "batch", str(self.batches), sequence, batch)
+            self.submit_pipeline_job(-number, [req], lambda: self.remove_instances(batch))
         return Outcome.KEEP
 '''
 

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS instances (
-  id INTEGER PRIMARY KEY,
+  id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: plug-ins may key work on it
   owner TEXT NOT NULL,              -- processor instance (ClaraAETitle object name)
   ae_title TEXT NOT NULL,           -- called AE title
   calling_ae TEXT NOT NULL,
@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS owners (
   processor TEXT NOT NULL,
   spec TEXT NOT NULL                -- last JobProcessor spec (JSON), to recover after removal
 );
+CREATE TABLE IF NOT EXISTS sequences (id INTEGER PRIMARY KEY AUTOINCREMENT);
 CREATE TABLE IF NOT EXISTS jobs (
   name TEXT PRIMARY KEY,
   group_id INTEGER NOT NULL,
@@ -230,6 +231,13 @@ class Journal:
         sql = "SELECT id, owner, ae_title, processor, group_value, settings, state, opened_at, last_ack, closed_at FROM groups"
         rows = self._query(sql + (" WHERE owner=?" if owner else "") + " ORDER BY id", (owner,) if owner else ())
         return [_group(r) for r in rows]
+
+    def next_sequence(self) -> int:
+        """A number never handed out before by this journal."""
+        with self.atomic():
+            cur = self._db.execute("INSERT INTO sequences DEFAULT VALUES")
+            self._db.execute("DELETE FROM sequences WHERE id < ?", (cur.lastrowid,))
+            return int(cur.lastrowid)
 
     # -- jobs ---------------------------------------------------------------
     def record_job(self, name: str, group_id: int, now: float) -> None:

@@ -107,9 +107,18 @@ class JobProcessorBase:
             self.handle_instance(inst)
 
     # -- services for plug-ins ----------------------------------------------
+    def new_sequence(self) -> tuple[int, str]:
+        """A (number, text) never used before in this journal, for JobRequest.sequence
+        and as the submission's group id. Job names hash the sequence, so reusing
+        one would make a new job look like an existing one. A plug-in that needs
+        exactly-once across crashes persists the sequence with its instances."""
+        number = self.ctx.journal.next_sequence()
+        return number, f"{self.ctx.journal.epoch}-s{number}"
+
     def submit_pipeline_job(self, group_id: int, requests: list[JobRequest],
                             on_done: Callable[[], None] | None = None, deadline: float | None = None) -> None:
-        """Create these PipelineJobs (retried until they exist); then ``on_done``."""
+        """Create these PipelineJobs (retried until they exist); then ``on_done``.
+        ``group_id`` identifies the submission in the journal (see ``new_sequence``)."""
         self.ctx.submitter.submit(group_id, requests, on_done or (lambda: None), deadline)
 
     def remove_instances(self, instances: list[InstanceRecord]) -> None:
