@@ -124,6 +124,8 @@ def test_liver_pipeline_waits_for_its_pipeline_then_runs(k8s_cluster, k8s_namesp
     assert status["startTime"] and status["completionTime"] >= status["startTime"]
     conds = {c["type"]: c for c in status["conditions"]}
     assert conds["Succeeded"]["status"] == "True" and conds["JobCreated"]["status"] == "True"
+    assert not done["metadata"].get("finalizers")  # nothing holds a PipelineJob's deletion
+    assert not [k for k in done["metadata"].get("annotations") or {} if "kopf" in k]
 
     # The Job as the API server stored it.
     (job,) = jobs(rest, ns)
