@@ -116,3 +116,22 @@ def test_bad_settings_give_one_line_naming_the_source(tmp_path, content, env, me
 def test_missing_settings_file(tmp_path):
     with pytest.raises(UserError, match="settings file"):
         load_settings(tmp_path / "nope.yaml", env={})
+
+
+def test_retention_purges_old_payloads_and_keeps_recent_ones(tmp_path):
+    import time as _time
+
+    from clara_adapter.service import purge_older_than
+
+    old, new = tmp_path / "old-job", tmp_path / "new-job"
+    for d in (old, new):
+        (d / "input").mkdir(parents=True)
+        (d / "input" / "a.dcm").write_bytes(b"x")
+    record = tmp_path / "old.json"
+    record.write_text("{}")
+    past = _time.time() - 7200
+    os.utime(old, (past, past))
+    os.utime(record, (past, past))
+    assert purge_older_than(tmp_path, 3600) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new-job"]
+    assert purge_older_than(tmp_path / "missing", 1) == 0

@@ -78,11 +78,18 @@ class KubeBridge:
                 config = RenderedConfig.from_json(self.cache_file.read_text())
             except Exception:
                 config = None
-        asyncio.run_coroutine_threadsafe(self._watch(), self.loop)
+        self._watch_future = asyncio.run_coroutine_threadsafe(self._watch(), self.loop)
         return config
 
     def stop(self) -> None:
         self._stopping = True
+        future = getattr(self, "_watch_future", None)
+        if future is not None:
+            future.cancel()  # ends the watch task before the loop stops (no "Task was destroyed")
+            try:
+                future.result(timeout=5)
+            except BaseException:
+                pass
         if self.api_client is not None:
             try:
                 self._run(self.api_client.close(), timeout=5)

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from clara_dicom.config import RenderedConfig
@@ -54,6 +57,8 @@ class Adapter:
         self.started = False
         self.stopping = threading.Event()
         self.extra_status: list[Callable[[], dict[str, Any]]] = []
+        # Local mode's PipelineJob records, purged like payloads (Kubernetes has its own retention).
+        self.job_records: Path | None = getattr(sink, "folder", None)
         self.export: Any = None  # the SCU export agent, once start_export() ran
 
     def _count_association(self, result: str) -> None:
@@ -111,6 +116,11 @@ class Adapter:
             self.metrics.groups_open.set(self.ingest.open_groups())
             with self.ctx.lock:
                 self.ingest.collect_retired()
+            purge_older_than(self.settings.payloads_dir, self.settings.payloadRetentionHours * 3600)
+            if self.job_records is not None:
+                purge_older_than(self.job_records, self.settings.jobRecordRetentionHours * 3600)
+        except Exception:
+            log.exception("housekeeping failed")
         finally:
             if not self.stopping.is_set():
                 self.scheduler.call_later(HOUSEKEEPING_SECONDS, self._housekeeping)
@@ -149,6 +159,32 @@ class Adapter:
         self.submitter.stop()
         self.journal.close()
         log.info("stopped; open groups resume from the journal at the next start")
+
+
+def purge_older_than(folder: Path, seconds: float, now: float | None = None) -> int:
+    """Delete entries of ``folder`` last modified more than ``seconds`` ago.
+
+    Payload folders and local job records must not grow without bound; a
+    payload is only needed while its pipeline runs (far shorter than the
+    retention)."""
+    now = time.time() if now is None else now
+    removed = 0
+    if not folder.is_dir():
+        return 0
+    for entry in os.scandir(folder):
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime <= seconds:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed += 1
+        except FileNotFoundError:
+            continue
+    if removed:
+        log.info("retention: removed %d entries older than %.0fh from %s", removed, seconds / 3600, folder)
+    return removed
 
 
 def run_until_signalled(stop: Callable[[], None], tick: Callable[[], None] | None = None,

@@ -46,6 +46,8 @@ class AdapterSettings(BaseModel):
     # jobs
     jobRetryMaxSeconds: float = Field(30, gt=0, description="Longest backoff between job-creation retries.")
     payloadRetentionHours: float = Field(72, gt=0, description="Delete payload folders older than this.")
+    jobRecordRetentionHours: float = Field(
+        168, gt=0, description="Local mode: delete PipelineJob records (state/jobs) older than this.")
 
     # SCU export agent
     scuAeTitle: str = Field("ClaraSCU", pattern=AE_TITLE_PATTERN, description="Calling AE title for exports.")
