@@ -42,6 +42,8 @@ def add_runner_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prepare-image", default=os.environ.get("CLARA_DICOM_IMAGE", "clara-dicom:latest"),
                    metavar="IMAGE", help="image of the init container that creates the output folders "
                                          "(default: $CLARA_DICOM_IMAGE or clara-dicom:latest)")
+    g.add_argument("--register-image", default=None, metavar="IMAGE",
+                   help="image of RegisterResults Jobs, which run register-results (default: --prepare-image)")
     g.add_argument("--results-url", default=os.environ.get("CLARA_RESULTS_URL"), metavar="URL",
                    help="CLARA_RESULTS_URL for pipeline containers (default: $CLARA_RESULTS_URL)")
     g.add_argument("--results-token-secret", default=None, metavar="NAME",
@@ -97,6 +99,7 @@ def runner_settings(args: argparse.Namespace) -> Any:
     return RunnerSettings(
         payload_root=args.payload_root, payload_pvc=args.payload_pvc or None,
         payload_host_path=args.payload_host_path, prepare_image=args.prepare_image,
+        register_image=args.register_image,
         results_url=args.results_url or None, results_token_secret=args.results_token_secret,
         results_token_key=args.results_token_key, image_pull_secrets=list(args.image_pull_secret),
         tolerations=list(args.toleration), node_selector=dict(args.node_selector),

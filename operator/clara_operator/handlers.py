@@ -11,7 +11,9 @@ this module never touches kopf's default registry).
 * events on the adapter's ConfigMaps (the rendered one, and the status one the
   adapter publishes its applied version in) re-run the reconcile too;
 * PipelineJobs, their batch Jobs and waiting jobs' ClaraPipelines:
-  ``pipelinejobs.register`` (see operator/PIPELINES.md).
+  ``pipelinejobs.register`` (see operator/PIPELINES.md);
+* RegisterResults, their register Jobs, and the succeeded-PipelineJob hook:
+  ``registerresults.register`` (see operator/REGISTER.md).
 """
 from __future__ import annotations
 
@@ -130,6 +132,7 @@ async def cleanup(memo: Any, **_: Any) -> None:
 
 _register()
 
-from clara_operator import pipelinejobs  # noqa: E402 - needs post_event above
+from clara_operator import pipelinejobs, registerresults  # noqa: E402 - needs post_event above
 
 pipelinejobs.register(registry)
+registerresults.register(registry)

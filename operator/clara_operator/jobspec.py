@@ -84,6 +84,7 @@ class RunnerSettings:
     payload_host_path: str | None = None  # instead of the PVC: this node directory is the volume root
     pod_payload_root: str = "/payload"  # CLARA_PAYLOAD_ROOT inside the pod
     prepare_image: str = "clara-dicom:latest"
+    register_image: str | None = None  # RegisterResults Jobs (registerjob.py); None: prepare_image
     results_url: str | None = None
     results_token_secret: str | None = None
     results_token_key: str = "token"
@@ -251,6 +252,60 @@ def payload_sub_path(payload_path: str, settings: RunnerSettings) -> str:
     return rel
 
 
+def results_env(settings: RunnerSettings) -> list[dict[str, Any]]:
+    """CLARA_RESULTS_URL and CLARA_RESULTS_TOKEN (a secretKeyRef, never a literal), as configured."""
+    env: list[dict[str, Any]] = []
+    if settings.results_url:
+        env.append({"name": "CLARA_RESULTS_URL", "value": settings.results_url})
+    if settings.results_token_secret:
+        env.append({"name": "CLARA_RESULTS_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": settings.results_token_secret, "key": settings.results_token_key, "optional": True}}})
+    return env
+
+
+def payload_volume(settings: RunnerSettings) -> dict[str, Any]:
+    if settings.payload_host_path:
+        return {"name": VOLUME, "hostPath": {"path": settings.payload_host_path, "type": "Directory"}}
+    if settings.payload_pvc:
+        return {"name": VOLUME, "persistentVolumeClaim": {"claimName": settings.payload_pvc}}
+    raise JobSpecError("NoPayloadVolume", "the operator has neither --payload-pvc nor --payload-host-path")
+
+
+def pod_spec(settings: RunnerSettings, priority: str | None, init_containers: list[dict[str, Any]],
+             containers: list[dict[str, Any]]) -> dict[str, Any]:
+    """A pod spec with the payload volume and the operator's pod settings (security context,
+    pull secrets, tolerations, node selector, service account, priority class)."""
+    security: dict[str, Any] = {}
+    if settings.fs_group is not None:
+        security["fsGroup"] = settings.fs_group
+        security["fsGroupChangePolicy"] = "OnRootMismatch"
+    if settings.run_as_user is not None:
+        security["runAsUser"] = settings.run_as_user
+    if settings.run_as_non_root:
+        security["runAsNonRoot"] = True
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "priorityClassName": priority_class(priority, settings),
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+    }
+    if init_containers:
+        pod["initContainers"] = init_containers
+    pod["containers"] = containers
+    pod["volumes"] = [payload_volume(settings)]
+    if security:
+        pod["securityContext"] = security
+    if settings.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s} for s in settings.image_pull_secrets]
+    if settings.tolerations:
+        pod["tolerations"] = [dict(t) for t in settings.tolerations]
+    if settings.node_selector:
+        pod["nodeSelector"] = dict(settings.node_selector)
+    if settings.service_account:
+        pod["serviceAccountName"] = settings.service_account
+    return pod
+
+
 def build_job(pipelinejob: dict[str, Any], definition: PipelineDefinition, settings: RunnerSettings
               ) -> dict[str, Any]:
     """The batch/v1 Job that runs ``definition`` over ``pipelinejob``'s payload."""
@@ -313,11 +368,7 @@ def build_job(pipelinejob: dict[str, Any], definition: PipelineDefinition, setti
             {"name": "CLARA_OPERATOR", "value": op.name},
             {"name": "CLARA_INPUT_PATHS", "value": ":".join(input_paths)},
         ]
-        if settings.results_url:
-            env.append({"name": "CLARA_RESULTS_URL", "value": settings.results_url})
-        if settings.results_token_secret:
-            env.append({"name": "CLARA_RESULTS_TOKEN", "valueFrom": {"secretKeyRef": {
-                "name": settings.results_token_secret, "key": settings.results_token_key, "optional": True}}})
+        env += results_env(settings)
         env += [
             {"name": "NVIDIA_CLARA_JOBID", "value": pj_name},
             {"name": "NVIDIA_CLARA_JOBNAME", "value": (meta.get("annotations") or {}).get(ANNOTATION_CLARA_NAME)
@@ -354,39 +405,7 @@ def build_job(pipelinejob: dict[str, Any], definition: PipelineDefinition, setti
         LABEL_COMPONENT: COMPONENT_PIPELINE,
         LABEL_PIPELINE: label_value(str(spec.get("pipeline", ""))),
     }
-    if settings.payload_host_path:
-        volume = {"name": VOLUME, "hostPath": {"path": settings.payload_host_path, "type": "Directory"}}
-    elif settings.payload_pvc:
-        volume = {"name": VOLUME, "persistentVolumeClaim": {"claimName": settings.payload_pvc}}
-    else:
-        raise JobSpecError("NoPayloadVolume", "the operator has neither --payload-pvc nor --payload-host-path")
-    security: dict[str, Any] = {}
-    if settings.fs_group is not None:
-        security["fsGroup"] = settings.fs_group
-        security["fsGroupChangePolicy"] = "OnRootMismatch"
-    if settings.run_as_user is not None:
-        security["runAsUser"] = settings.run_as_user
-    if settings.run_as_non_root:
-        security["runAsNonRoot"] = True
-    pod: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "priorityClassName": priority_class(spec.get("priority"), settings),
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "initContainers": [prepare, *containers[:-1]],
-        "containers": containers[-1:],
-        "volumes": [volume],
-    }
-    if security:
-        pod["securityContext"] = security
-    if settings.image_pull_secrets:
-        pod["imagePullSecrets"] = [{"name": s} for s in settings.image_pull_secrets]
-    if settings.tolerations:
-        pod["tolerations"] = [dict(t) for t in settings.tolerations]
-    if settings.node_selector:
-        pod["nodeSelector"] = dict(settings.node_selector)
-    if settings.service_account:
-        pod["serviceAccountName"] = settings.service_account
+    pod = pod_spec(settings, spec.get("priority"), [prepare, *containers[:-1]], containers[-1:])
 
     owner = {"apiVersion": API_VERSION, "kind": "PipelineJob", "name": pj_name, "uid": meta.get("uid"),
              "controller": True, "blockOwnerDeletion": True}
