@@ -46,6 +46,9 @@ ANNOTATION_PIPELINEJOB = f"{GROUP}/pipelinejob"
 CONTAINER = "register-results"
 OPERATOR_PREFIX = "register-"  # CLARA_OPERATOR = register-<RegisterResults name>
 JOB_NAME_MAX = 52
+# On the register pod: the chart's NetworkPolicy lets pods with these labels reach the Results
+# Service (values networkPolicy.pipelinePodLabels, together with part-of: clara-dicom).
+POD_LABELS = {"app.kubernetes.io/component": "pipeline"}
 BACKOFF_LIMIT = 2  # register-results is idempotent (jobId, operator, agent, element): a retry is harmless
 # Finished Jobs older than this are folded into the stored totals (no new Job can share their second).
 FOLD_AFTER = _dt.timedelta(seconds=5)
@@ -206,7 +209,7 @@ def build_register_job(registerresults: dict[str, Any], pipelinejob: dict[str, A
     }
     owner = {"apiVersion": API_VERSION, "kind": "PipelineJob", "name": pj_name, "uid": pmeta.get("uid"),
              "controller": True, "blockOwnerDeletion": True}
-    template_meta: dict[str, Any] = {"labels": dict(labels)}
+    template_meta: dict[str, Any] = {"labels": {**labels, **POD_LABELS}}
     if settings.pod_annotations:
         template_meta["annotations"] = dict(settings.pod_annotations)
     return {
