@@ -34,6 +34,7 @@ from clara_dicom.models import API_VERSION, GROUP, ClaraPipelineSpec, PipelineDe
 MANAGED_BY = "clara-dicom-operator"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_PART_OF = "app.kubernetes.io/part-of"
+POD_LABELS = {"app.kubernetes.io/component": "pipeline"}  # pipeline and register pods
 LABEL_COMPONENT = f"{GROUP}/component"
 COMPONENT_PIPELINE = "pipeline-job"
 LABEL_PIPELINE = f"{GROUP}/pipeline"
@@ -424,7 +425,8 @@ def build_job(pipelinejob: dict[str, Any], definition: PipelineDefinition, setti
             "completions": 1,
             "parallelism": 1,
             "activeDeadlineSeconds": int(settings.active_deadline_seconds),
-            "template": {"metadata": {"labels": dict(labels), **(
+            # Pods also carry POD_LABELS: the chart's NetworkPolicy lets them reach the Results Service.
+            "template": {"metadata": {"labels": {**labels, **POD_LABELS}, **(
                 {"annotations": dict(settings.pod_annotations)} if settings.pod_annotations else {})},
                 "spec": pod},
         },

@@ -25,6 +25,7 @@ from clara_operator.jobspec import (
     LABEL_MANAGED_BY,
     LABEL_PART_OF,
     LABEL_PIPELINE,
+    POD_LABELS,
     MANAGED_BY,
     VOLUME,
     JobSpecError,
@@ -48,7 +49,6 @@ OPERATOR_PREFIX = "register-"  # CLARA_OPERATOR = register-<RegisterResults name
 JOB_NAME_MAX = 52
 # On the register pod: the chart's NetworkPolicy lets pods with these labels reach the Results
 # Service (values networkPolicy.pipelinePodLabels, together with part-of: clara-dicom).
-POD_LABELS = {"app.kubernetes.io/component": "pipeline"}
 BACKOFF_LIMIT = 2  # register-results is idempotent (jobId, operator, agent, element): a retry is harmless
 # Finished Jobs older than this are folded into the stored totals (no new Job can share their second).
 FOLD_AFTER = _dt.timedelta(seconds=5)

@@ -88,7 +88,8 @@ def test_job_metadata_is_deterministic_and_owned():
                                         "blockOwnerDeletion": True}]
     assert meta["labels"]["dicom.clara.io/component"] == "pipeline-job"
     assert meta["labels"]["dicom.clara.io/pipeline"] == "liver-tumor-example"
-    assert job["spec"]["template"]["metadata"]["labels"] == meta["labels"]
+    assert job["spec"]["template"]["metadata"]["labels"] == {**meta["labels"],
+                                                             "app.kubernetes.io/component": "pipeline"}
     assert "1.2.3" not in json.dumps(job)  # the group value (patient data) is never copied
     assert liver_job() == job
 
