@@ -66,7 +66,8 @@ def on_succeeded(fn: SucceededHook) -> SucceededHook:
     return fn
 
 
-def _post_event(body: dict[str, Any], event_type: str, reason: str, message: str) -> None:
+def post_event_best_effort(body: dict[str, Any], event_type: str, reason: str, message: str) -> None:
+    """Post an Event; a failure is logged, never raised (Events are informational)."""
     from clara_operator.handlers import post_event
 
     try:
@@ -272,7 +273,7 @@ class Runner:
                 new_phase == "Pending" and want.get("reason") != "JobCreated") else "Normal"
             event_reason = {"Succeeded": "Succeeded", "Failed": want.get("reason") or "Failed",
                             "Running": "Running"}.get(new_phase or "", want.get("reason") or "Pending")
-            _post_event(body, event_type, event_reason, want.get("message") or "")
+            post_event_best_effort(body, event_type, event_reason, want.get("message") or "")
             log.info("PipelineJob %s/%s: %s (%s)", body["metadata"]["namespace"], body["metadata"]["name"],
                      new_phase, want.get("reason"))
 

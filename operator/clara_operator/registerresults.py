@@ -33,6 +33,7 @@ from clara_dicom.manifests import describe_validation_error
 from clara_dicom.models import GROUP, VERSION, RegisterResultsSpec
 
 from clara_operator import pipelinejobs
+from clara_operator.pipelinejobs import post_event_best_effort
 from clara_operator.conditions import Cond, comparable, merge, transitions
 from clara_operator.jobspec import (
     LABEL_COMPONENT,
@@ -63,15 +64,6 @@ MERGE = "application/merge-patch+json"
 REGISTERRESULTS = "registerresults"
 UID_ANNOTATION = f"{GROUP}/registerresults-uid"
 CREATE_ATTEMPTS = 4  # API errors while creating a Job: retried (1, 2, 4 s) before giving up to the catch-up
-
-
-def _post_event(body: dict[str, Any], event_type: str, reason: str, message: str) -> None:
-    from clara_operator.handlers import post_event
-
-    try:
-        post_event(body, event_type, reason, message)
-    except Exception as exc:  # noqa: BLE001 - Events are best effort
-        log.debug("event not posted: %s", exc)
 
 
 class Registrar:
@@ -145,7 +137,7 @@ class Registrar:
             manifest = build_register_job(rr, pipelinejob, chosen, self.runner.settings)
         except JobSpecError as exc:
             log.warning("RegisterResults %s/%s: no Job for PipelineJob %s: %s", ns, rr_name, pj_name, exc.message)
-            _post_event(rr, "Warning", exc.reason, f"PipelineJob {pj_name}: {exc.message}")
+            post_event_best_effort(rr, "Warning", exc.reason, f"PipelineJob {pj_name}: {exc.message}")
             return False
         manifest["metadata"]["annotations"][UID_ANNOTATION] = str(rr["metadata"].get("uid") or "")
         name = manifest["metadata"]["name"]
@@ -168,7 +160,7 @@ class Registrar:
         self.jobs_created += 1
         log.info("RegisterResults %s/%s: created Job %s for PipelineJob %s (agent %s, %d input(s))", ns, rr_name,
                  name, pj_name, spec.agent, len(chosen))
-        _post_event(rr, "Normal", "RunCreated", f"Job {name} registers the results of PipelineJob {pj_name}")
+        post_event_best_effort(rr, "Normal", "RunCreated", f"Job {name} registers the results of PipelineJob {pj_name}")
         return True
 
     async def catch_up(self, rr: dict[str, Any]) -> int:
@@ -228,7 +220,7 @@ class Registrar:
                     raise
                 return
             for event_type, event_reason, text in transitions([ready], stored.get("conditions")):
-                _post_event(rr, event_type, event_reason, text)
+                post_event_best_effort(rr, event_type, event_reason, text)
 
     async def refresh_for_pipeline(self, namespace: str, pipeline_id: str) -> None:
         for rr in await self.list_registerresults(namespace):
