@@ -300,7 +300,7 @@ class FakeRunner(pipelinejobs.Runner):
 
 
 def test_status_never_goes_backwards_and_the_succeeded_hook_runs_first(monkeypatch):
-    monkeypatch.setattr(pipelinejobs, "_post_event", lambda *a: None)
+    monkeypatch.setattr(pipelinejobs, "post_event_best_effort", lambda *a: None)
     seen = []
 
     async def hook(body, job_body, runner):

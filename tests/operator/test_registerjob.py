@@ -182,7 +182,7 @@ class FakeRunner:
 
 
 def test_the_hook_creates_one_job_per_matching_registerresults_once(monkeypatch):
-    monkeypatch.setattr(registerresults, "_post_event", lambda *a: None)
+    monkeypatch.setattr(registerresults, "post_event_best_effort", lambda *a: None)
     rrs = [rr("a"), rr("b", inputs=["dicom-writer/dicom"]), rr("other", pipeline="other"),
            rr("late", created="2024-01-01T01:00:00Z"), rr("bad", inputs=["nope"])]
     runner = FakeRunner(rrs)
