@@ -36,6 +36,19 @@ INSTANCE = f"app.kubernetes.io/instance={RELEASE}"
 pytestmark = [pytest.mark.e2e]
 
 
+@pytest.fixture(autouse=True)
+def no_foreign_priority_classes(k8s_cluster):
+    """Other e2e tests create the clara-dicom-* PriorityClasses by hand (pipeline pods
+    need them); Helm refuses to adopt objects it did not create, so remove those
+    before each chart test (the tests that need them re-apply them)."""
+    items = k8s_cluster.kubectl_json("get", "priorityclasses", "-o", "json")["items"]
+    for pc in items:
+        name = pc["metadata"]["name"]
+        managed = (pc["metadata"].get("labels") or {}).get("app.kubernetes.io/managed-by") == "Helm"
+        if name.startswith("clara-dicom-") and not managed:
+            k8s_cluster.kubectl("delete", "priorityclass", name, "--wait=true")
+
+
 def helm(cluster, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
     env = {**__import__("os").environ, **cluster.env}
     res = subprocess.run([cluster.tool("helm"), "--kubeconfig", str(cluster.kubeconfig), *args],
