@@ -65,7 +65,7 @@ _STORAGE_SETTINGS = {
 
 def env_name(setting: str) -> str:
     """Environment variable of an adapter setting (same rule as clara_adapter.settings)."""
-    return "CLARA_" + re.sub(r"(?<!^)(?=[A-Z])", "_", setting).upper()
+    return "CLARA_" + re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", setting).upper()
 
 
 def _norm(key: Any) -> str:

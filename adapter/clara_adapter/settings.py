@@ -89,7 +89,7 @@ class AdapterSettings(BaseModel):
 
 
 def env_name(field: str) -> str:
-    return ENV_PREFIX + re.sub(r"(?<!^)(?=[A-Z])", "_", field).upper()
+    return ENV_PREFIX + re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", field).upper()  # reserveSpaceGB -> RESERVE_SPACE_GB
 
 
 def load_settings(

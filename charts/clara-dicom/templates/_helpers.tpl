@@ -64,7 +64,7 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* adapter setting name -> environment variable, as clara_adapter.settings.env_name */}}
 {{- define "clara-dicom.envName" -}}
-{{- printf "CLARA_%s" (regexReplaceAll "([A-Z])" . "_${1}" | upper) -}}
+{{- printf "CLARA_%s" (regexReplaceAll "([a-z0-9])([A-Z])" . "${1}_${2}" | upper) -}}
 {{- end -}}
 
 {{/* Pod-level and container-level security contexts. */}}
