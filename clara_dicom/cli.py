@@ -56,10 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     from clara_dicom.logs import setup_logging
 
     setup_logging(level)
+    return run_command(args._module, args, f"clara-dicom {args.command}")
+
+
+def run_command(module, args: argparse.Namespace, prog: str) -> int:
+    """Run a subcommand module; a UserError becomes one line on stderr, not a traceback."""
     try:
-        return int(args._module.run(args) or 0)
+        return int(module.run(args) or 0)
     except UserError as exc:
-        print(f"clara-dicom {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

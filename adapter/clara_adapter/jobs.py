@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -179,11 +180,13 @@ class JobSubmitter:
         self.max_backoff = max_backoff
         self.synchronous = synchronous  # tests on the manual clock run attempts inline
         self._pool = None if synchronous else concurrent.futures.ThreadPoolExecutor(workers, "clara-submit")
-        self.pending = 0
+        self.pending = 0  # groups whose jobs are not all created yet (for /health/status)
+        self._pending_lock = threading.Lock()
 
     def submit(self, group_id: int, requests: list[JobRequest], on_done: Callable[[], None],
                deadline: float | None = None) -> None:
-        self.pending += 1
+        with self._pending_lock:
+            self.pending += 1
         self._dispatch(group_id, requests, on_done, 0, deadline)
 
     def _dispatch(self, group_id, requests, on_done, attempt, deadline) -> None:
@@ -218,7 +221,8 @@ class JobSubmitter:
             self.scheduler.call_later(delay, lambda: self._dispatch(group_id, requests, on_done, attempt + 1,
                                                                     deadline))
             return
-        self.pending -= 1
+        with self._pending_lock:
+            self.pending -= 1
         on_done()
 
     def stop(self) -> None:

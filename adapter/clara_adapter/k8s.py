@@ -7,7 +7,6 @@ threads (job submitter) call into it synchronously.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket

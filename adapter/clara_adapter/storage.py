@@ -11,7 +11,6 @@ import io
 import os
 import shutil
 import struct
-import threading
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -140,7 +139,6 @@ class InstanceStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.guard = guard
         self.fsync = fsync
-        self._local = threading.local()
 
     def write(self, header: bytes, dataset: memoryview) -> tuple[Path, int]:
         """Write header + dataset under a temporary name, then rename. Returns (path, size)."""

@@ -264,13 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return int(run(args) or 0)
-    except UserError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+    from clara_dicom.cli import run_command
+
+    return run_command(sys.modules[__name__], args, PROG)
 
 
 if __name__ == "__main__":  # pragma: no cover
