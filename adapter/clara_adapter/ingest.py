@@ -247,6 +247,13 @@ class Ingest:
             study_uid=tags.get(STUDY_UID, ""), series_uid=tags.get(SERIES_UID, ""), path=path, size=size,
             acked_at=0.0, tags=tags,
         )
+        return self.commit_instance(route, inst)
+
+    def commit_instance(self, route: Route, inst: InstanceRecord) -> int:
+        """Hand a stored file (renamed into place) to its processor and journal it;
+        returns the C-STORE status. The receive side calls this once the file is
+        complete; success means the instance's journal record is committed."""
+        ae, sop_instance_uid, path, size = route.ae_title, inst.sop_instance_uid, inst.path, inst.size
         try:
             with self.journal.atomic():
                 inst.acked_at = self.ctx.scheduler.now()
