@@ -19,7 +19,8 @@ from clara_dicom.models import JobProcessorSpec
 from clara_dicom.synthetic import UID_ROOT, ct_slice
 
 from clara_adapter.ingest import SUCCESS, Ingest
-from clara_adapter.jobs import JobRequest, JobSubmitter
+from clara_adapter.job_requests import JobRequest
+from clara_adapter.submitter import JobSubmitter
 from clara_adapter.journal import Journal
 from clara_adapter.metrics import AdapterMetrics
 from clara_adapter.processors.base import ProcessorContext
@@ -67,8 +68,10 @@ class Harness:
         self.clock = ManualScheduler()
         self.journal = Journal(tmp / "journal.sqlite")
         self.sink = sink or MemorySink()
-        self.submitter = JobSubmitter(self.sink, tmp / "payloads", self.clock, self.journal, synchronous=True)
-        self.ctx = ProcessorContext("default", self.journal, self.clock, self.submitter, AdapterMetrics())
+        metrics = AdapterMetrics()
+        self.submitter = JobSubmitter(self.sink, tmp / "payloads", self.clock, self.journal, metrics,
+                                      synchronous=True)
+        self.ctx = ProcessorContext("default", self.journal, self.clock, self.submitter, metrics)
         self.store = InstanceStore(tmp / "incoming")
         self.ingest = Ingest(self.ctx, self.store)
         self.configure(processor, aet)

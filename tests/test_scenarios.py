@@ -167,9 +167,12 @@ class BatchProcessor(JobProcessorBase):
         self.held = []
         self.batches = 0
 
-    def handle_instance(self, instance):
-        if instance.id is None:
-            self.ctx.journal.add_instance(instance)
+    def handle_instance(self, instance, tx):
+        # decide in the transaction; hold (and batch) only once the record is committed
+        tx.after_commit(lambda: self._hold(instance))
+        return Outcome.KEEP
+
+    def _hold(self, instance):
         self.held.append(instance)
         if len(self.held) >= self.spec.settings["batch"]:
             batch, self.held = self.held, []
@@ -179,7 +182,6 @@ class BatchProcessor(JobProcessorBase):
             req = JobRequest(self.ctx.namespace, self.ae_title, self.processor_name, key, pipeline,
                              self.spec.priority, "batch", str(self.batches), sequence, batch)
             self.submit_pipeline_job(-number, [req], lambda: self.remove_instances(batch))
-        return Outcome.KEEP
 '''
 
 

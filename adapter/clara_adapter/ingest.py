@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -18,7 +19,8 @@ from clara_dicom.config import RenderedConfig
 from clara_dicom.models import JobProcessorSpec
 from clara_dicom.plugins import processor_class
 
-from clara_adapter.journal import InstanceRecord, Journal
+from clara_adapter.group_commit import GroupCommit
+from clara_adapter.journal import InstanceRecord, Journal, TransactionAborted, is_disk_full
 from clara_adapter.processors.base import JobProcessorBase, Outcome, ProcessorContext, delete_files
 from clara_adapter.storage import DiskFull, InstanceStore, file_header, read_tags
 
@@ -105,6 +107,7 @@ class Ingest:
         self.processors: dict[str, JobProcessorBase] = {}  # owner -> instance (incl. retired)
         self.config = RenderedConfig()
         self.metrics = ctx.metrics
+        self._group_commit: GroupCommit = GroupCommit(self._commit_batch, self.journal.lock)
 
     # -- configuration --------------------------------------------------------
     def _make_processor(self, owner: str, ae_title: str, processor_name: str, spec: JobProcessorSpec,
@@ -252,26 +255,61 @@ class Ingest:
     def commit_instance(self, route: Route, inst: InstanceRecord) -> int:
         """Hand a stored file (renamed into place) to its processor and journal it;
         returns the C-STORE status. The receive side calls this once the file is
-        complete; success means the instance's journal record is committed."""
-        ae, sop_instance_uid, path, size = route.ae_title, inst.sop_instance_uid, inst.path, inst.size
+        complete, from any number of threads: concurrent callers' records share
+        one transaction (group commit), and each caller returns only after its
+        own record is committed. On failure the file is deleted and memory is
+        untouched (the processor publishes only after the commit)."""
+        return self._group_commit.submit((route, inst))
+
+    def _commit_batch(self, items: list[tuple[Route, InstanceRecord]]) -> list[int]:
+        """One transaction for every queued instance (runs under the journal lock)."""
+        outcomes: list[Outcome | None] = [None] * len(items)
+        statuses: list[int | None] = [None] * len(items)  # None: decided by the commit
+        sched = self.ctx.scheduler
         try:
-            with self.journal.atomic():
-                inst.acked_at = self.ctx.scheduler.now()
-                outcome = route.processor.handle_instance(inst)
-                if outcome is Outcome.KEEP and inst.id is None:
-                    self.journal.add_instance(inst)
-        except Exception:
-            log.exception("processor %s failed on instance %s", route.processor.name, sop_instance_uid)
-            delete_files([path])
-            self.metrics.store_failures.labels("processor_error").inc()
-            return PROCESSING_FAILURE
-        if outcome is Outcome.KEEP:
-            self.metrics.instances.labels(ae).inc()
-            self.metrics.bytes.labels(ae).inc(size)
-        else:
-            delete_files([path])
-            self.metrics.ignored.labels(ae, outcome.value).inc()
-        return SUCCESS
+            with self.journal.transaction(sched.now(), sched.mono()) as tx:
+                for i, (route, inst) in enumerate(items):
+                    try:
+                        with tx.step():
+                            inst.acked_at = tx.now
+                            outcome = route.processor.handle_instance(inst, tx)
+                            if outcome is Outcome.KEEP and inst.id is None:
+                                tx.journal.add_instance(inst)
+                        outcomes[i] = outcome
+                    except TransactionAborted:
+                        raise
+                    except Exception as exc:
+                        statuses[i] = self._failed(route, inst, exc)
+                if self.store.fsync and any(o is Outcome.KEEP for o in outcomes):
+                    self.store.sync_directory()  # the renames of this batch survive a power loss
+        except Exception as exc:
+            # nothing of this batch is committed, nothing published
+            return [self._failed(route, inst, exc) if status is None else status
+                    for (route, inst), status in zip(items, statuses)]
+        for i, ((route, inst), outcome) in enumerate(zip(items, outcomes)):
+            if outcome is None:
+                continue
+            statuses[i] = SUCCESS
+            ae = route.ae_title
+            if outcome is Outcome.KEEP:
+                self.metrics.instances.labels(ae).inc()
+                self.metrics.bytes.labels(ae).inc(inst.size)
+            else:
+                delete_files([inst.path])
+                self.metrics.ignored.labels(ae, outcome.value).inc()
+        return [PROCESSING_FAILURE if status is None else status for status in statuses]
+
+    def _failed(self, route: Route, inst: InstanceRecord, exc: BaseException) -> int:
+        delete_files([inst.path])
+        inst.id = None
+        if is_disk_full(exc):
+            log.warning("instance %s on %s refused: journal full (%s)", inst.sop_instance_uid, route.ae_title, exc)
+            self.metrics.store_failures.labels("disk_full").inc()
+            return OUT_OF_RESOURCES
+        log.error("instance %s on %s failed in processor %s: %s: %s", inst.sop_instance_uid, route.ae_title,
+                  route.processor.name, type(exc).__name__, exc, exc_info=not isinstance(exc, sqlite3.Error))
+        self.metrics.store_failures.labels("processor_error").inc()
+        return PROCESSING_FAILURE
 
     def open_groups(self) -> int:
         return sum(len(getattr(p, "open_groups", ())) for p in self.processors.values())

@@ -3,19 +3,29 @@
 It records every acknowledged instance and every group with its
 last-acknowledged time, so a restarted adapter (after SIGKILL) resumes exactly
 where it stopped. One connection guarded by a re-entrant lock: all writes are
-short, and ``atomic()`` groups the writes of one C-STORE (instance + group)
-into a single commit before the success status is sent.
+short. ``transaction()`` is "commit, then publish": processors write their
+records through it and register memory/timer changes with
+``Transaction.after_commit``, which run only once the commit succeeded.
+
+File paths are stored relative to the storage root (SPEC §9), so the same
+journal works whatever spelling of the root (relative, symlinked) a restart uses.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
 import threading
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+SQLITE_FULL = 13
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -36,7 +46,7 @@ CREATE TABLE IF NOT EXISTS instances (
   group_id INTEGER
 );
 CREATE INDEX IF NOT EXISTS instances_by_owner ON instances(owner);
-CREATE INDEX IF NOT EXISTS instances_by_group ON instances(group_id);
+CREATE INDEX IF NOT EXISTS instances_by_group ON instances(group_id, sop_instance_uid);
 CREATE TABLE IF NOT EXISTS groups (
   -- AUTOINCREMENT: a group id is never reused, because job names hash it
   id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -50,6 +60,7 @@ CREATE TABLE IF NOT EXISTS groups (
   last_ack REAL NOT NULL,
   closed_at REAL
 );
+CREATE INDEX IF NOT EXISTS groups_by_key ON groups(owner, group_value, state);
 CREATE TABLE IF NOT EXISTS owners (
   owner TEXT PRIMARY KEY,
   ae_title TEXT NOT NULL,
@@ -104,11 +115,11 @@ _INSTANCE_COLUMNS = (
 )
 
 
-def _instance(row: tuple) -> InstanceRecord:
+def _instance(row: tuple, root: Path) -> InstanceRecord:
     (id_, owner, ae, calling, sop, cls, ts, study, series, gval, path, size, acked, gid) = row
     return InstanceRecord(owner=owner, ae_title=ae, calling_ae=calling, sop_instance_uid=sop, sop_class_uid=cls,
-                          transfer_syntax=ts, study_uid=study, series_uid=series, group_value=gval, path=Path(path),
-                          size=size, acked_at=acked, group_id=gid, id=id_)
+                          transfer_syntax=ts, study_uid=study, series_uid=series, group_value=gval,
+                          path=root / path, size=size, acked_at=acked, group_id=gid, id=id_)
 
 
 def _group(row: tuple) -> GroupRecord:
@@ -117,16 +128,83 @@ def _group(row: tuple) -> GroupRecord:
                        settings=json.loads(settings), state=state, opened_at=opened, last_ack=last, closed_at=closed)
 
 
+class TransactionAborted(Exception):
+    """The whole transaction was rolled back (e.g. SQLite undid it after SQLITE_FULL)."""
+
+
+class Transaction:
+    """One journal transaction, possibly holding the records of several instances.
+
+    ``journal`` writes join the transaction; ``after_commit(fn)`` queues a
+    memory/timer change that runs, in order, only once the commit succeeded.
+    ``now`` (wall clock, for records) and ``mono`` (monotonic, for timers) are
+    the same instant, taken when the transaction began.
+    """
+
+    def __init__(self, journal: "Journal", now: float, mono: float):
+        self.journal = journal
+        self.now = now
+        self.mono = mono
+        self.pending: dict[Any, Any] = {}  # plug-ins' decisions not yet published (see processors/base.py)
+        self._callbacks: list[Callable[[], None]] = []
+        self._savepoints = 0
+
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        self._callbacks.append(fn)
+
+    @contextmanager
+    def step(self) -> Iterator["Transaction"]:
+        """A savepoint: if the body raises, its writes and its ``after_commit``
+        callbacks are undone and the rest of the transaction goes on."""
+        db = self.journal._db
+        self._savepoints += 1
+        name = f"s{self._savepoints}"
+        mark, pending = len(self._callbacks), dict(self.pending)
+        db.execute(f"SAVEPOINT {name}")
+        try:
+            yield self
+        except BaseException as exc:
+            del self._callbacks[mark:]
+            self.pending = pending
+            try:
+                db.execute(f"ROLLBACK TO {name}")
+                db.execute(f"RELEASE {name}")
+            except sqlite3.Error:  # SQLite already rolled the whole transaction back (e.g. SQLITE_FULL)
+                raise TransactionAborted(f"transaction rolled back: {exc}") from exc
+            raise
+        db.execute(f"RELEASE {name}")
+
+    def publish(self) -> None:
+        callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn()
+            except Exception:  # the record is committed; one bad callback must not stop the others
+                log.exception("after-commit callback failed")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, TransactionAborted) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL or "full" in str(exc)
+    return isinstance(exc, OSError) and exc.errno in (28, 122)  # ENOSPC, EDQUOT
+
+
 class Journal:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, root: str | Path | None = None, durable: bool = False):
+        """``root``: the storage root that paths are relative to (default: the
+        journal's folder). ``durable``: fsync every commit (``synchronous=FULL``),
+        for power-loss safety; otherwise a commit survives a process crash."""
         self.path = Path(path)
+        self.root = Path(root) if root is not None else self.path.parent
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._depth = 0
+        self.commits = 0  # committed write transactions (group-commit tests and benchmarks read it)
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL: a commit survives a process crash (SIGKILL); fsync happens at checkpoints.
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self._db.executescript(SCHEMA)
         row = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
         if row is None:
@@ -134,6 +212,35 @@ class Journal:
             self._db.execute("INSERT INTO meta(key, value) VALUES ('epoch', ?)", (self.epoch,))
         else:
             self.epoch = row[0]
+        self._migrate_absolute_paths()
+
+    # -- paths --------------------------------------------------------------
+    def _rel(self, path: Path) -> str:
+        """``path`` relative to the storage root, however either is spelled."""
+        path = Path(os.path.abspath(path))
+        for base, target in ((Path(os.path.abspath(self.root)), path), (self.root.resolve(), path.resolve())):
+            try:
+                return str(target.relative_to(base))
+            except ValueError:
+                continue
+        return str(path)  # outside the root (a plug-in's own file): kept absolute
+
+    def _migrate_absolute_paths(self) -> None:
+        """Journals written before paths were relative held absolute paths as the
+        root was spelled then; files always live in ``<root>/incoming``."""
+        rows = self._db.execute("SELECT id, path FROM instances WHERE path LIKE '/%'").fetchall()
+        if not rows:
+            return
+        updates = []
+        for id_, text in rows:
+            old = Path(text)
+            rel = self._rel(old)
+            if Path(rel).is_absolute() and old.parent.name == "incoming":
+                rel = f"incoming/{old.name}"
+            updates.append((rel, id_))
+        with self.atomic():
+            self._db.executemany("UPDATE instances SET path=? WHERE id=?", updates)
+        log.info("journal: %d instance paths made relative to the storage root", len(updates))
 
     # -- transactions -------------------------------------------------------
     @contextmanager
@@ -149,11 +256,42 @@ class Journal:
             except BaseException:
                 self._depth -= 1
                 if outer:
-                    self._db.execute("ROLLBACK")
+                    self._rollback()
                 raise
             self._depth -= 1
             if outer:
-                self._db.execute("COMMIT")
+                try:
+                    self._commit()
+                except BaseException:
+                    self._rollback()
+                    raise
+                self.commits += 1
+
+    def _commit(self) -> None:
+        self._db.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.warning("journal rollback failed: %s", exc)
+
+    @contextmanager
+    def transaction(self, now: float, mono: float) -> Iterator[Transaction]:
+        """Commit, then publish: the body's writes are committed together, then
+        its ``after_commit`` callbacks run (still under the lock, so timers and
+        other writers see memory and journal agree). On any failure nothing is
+        published."""
+        with self._lock:
+            tx = Transaction(self, now, mono)
+            with self.atomic():
+                yield tx
+            tx.publish()
+
+    @property
+    def lock(self) -> threading.RLock:
+        return self._lock
 
     def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         with self.atomic():
@@ -175,14 +313,15 @@ class Journal:
         cur = self._exec(
             f"INSERT INTO instances ({_INSTANCE_COLUMNS}) VALUES (NULL,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (rec.owner, rec.ae_title, rec.calling_ae, rec.sop_instance_uid, rec.sop_class_uid, rec.transfer_syntax,
-             rec.study_uid, rec.series_uid, rec.group_value, str(rec.path), rec.size, rec.acked_at, rec.group_id),
+             rec.study_uid, rec.series_uid, rec.group_value, self._rel(rec.path), rec.size, rec.acked_at,
+             rec.group_id),
         )
         rec.id = int(cur.lastrowid)
         return rec.id
 
     def update_instance(self, rec: InstanceRecord) -> None:
         self._exec("UPDATE instances SET path=?, size=?, acked_at=?, group_id=?, group_value=? WHERE id=?",
-                   (str(rec.path), rec.size, rec.acked_at, rec.group_id, rec.group_value, rec.id))
+                   (self._rel(rec.path), rec.size, rec.acked_at, rec.group_id, rec.group_value, rec.id))
 
     def remove_instances(self, ids: list[int]) -> None:
         with self.atomic():
@@ -196,10 +335,17 @@ class Journal:
         elif owner is not None:
             sql += " WHERE owner=?"
             args.append(owner)
-        return [_instance(r) for r in self._query(sql + " ORDER BY id", tuple(args))]
+        return [_instance(r, self.root) for r in self._query(sql + " ORDER BY id", tuple(args))]
 
-    def instance_paths(self) -> set[str]:
-        return {r[0] for r in self._query("SELECT path FROM instances")}
+    def group_member(self, group_id: int, sop_instance_uid: str) -> InstanceRecord | None:
+        """The instance with this SOP Instance UID in the group (sees the open transaction's writes)."""
+        rows = self._query(f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE group_id=? AND sop_instance_uid=? "
+                           "ORDER BY id LIMIT 1", (group_id, sop_instance_uid))
+        return _instance(rows[0], self.root) if rows else None
+
+    def instance_paths(self) -> set[Path]:
+        """Absolute paths (under the root as spelled now) of every held instance."""
+        return {self.root / r[0] for r in self._query("SELECT path FROM instances")}
 
     def count_instances(self) -> int:
         return int(self._query("SELECT count(*) FROM instances")[0][0])
@@ -214,6 +360,12 @@ class Journal:
         return GroupRecord(id=int(cur.lastrowid), owner=owner, ae_title=ae_title, processor=processor,
                            group_value=value, settings=settings, state="open", opened_at=now, last_ack=now)
 
+    def find_open_group(self, owner: str, value: str) -> int | None:
+        """Id of the open group for (owner, value) (sees the open transaction's writes)."""
+        rows = self._query("SELECT id FROM groups WHERE owner=? AND group_value=? AND state='open' "
+                           "ORDER BY id DESC LIMIT 1", (owner, value))
+        return int(rows[0][0]) if rows else None
+
     def touch_group(self, group_id: int, last_ack: float) -> None:
         self._exec("UPDATE groups SET last_ack=max(last_ack, ?) WHERE id=?", (last_ack, group_id))
 
@@ -221,7 +373,7 @@ class Journal:
         self._exec("UPDATE groups SET state='closed', closed_at=? WHERE id=?", (now, group_id))
 
     def finish_group(self, group_id: int) -> None:
-        """Every job exists: release the group's instances and forget the group."""
+        """Every job exists (or the group was quarantined): release its instances and forget it."""
         with self.atomic():
             self._db.execute("DELETE FROM instances WHERE group_id=?", (group_id,))
             self._db.execute("DELETE FROM groups WHERE id=?", (group_id,))

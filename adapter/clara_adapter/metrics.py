@@ -25,6 +25,9 @@ class AdapterMetrics:
         self.active = Gauge("clara_associations_active", "Inbound associations in progress", registry=r)
         self.groups_open = Gauge("clara_groups_open", "Groups waiting for their quiet period", registry=r)
         self.groups_closed = Counter("clara_groups_closed_total", "Groups closed", ["ae_title"], registry=r)
+        self.groups_quarantined = Counter("clara_groups_quarantined_total",
+                                          "Groups whose payload could not be built (files kept in quarantine/)",
+                                          ["ae_title"], registry=r)
         self.jobs = Counter("clara_jobs_created_total", "PipelineJobs created", ["pipeline_key"], registry=r)
         self.job_failures = Counter("clara_job_creation_failures_total", "Failed job-creation attempts",
                                     registry=r)
@@ -46,6 +49,9 @@ class AdapterMetrics:
 
     def group_closed(self, ae_title: str) -> None:
         self.groups_closed.labels(ae_title).inc()
+
+    def group_quarantined(self, ae_title: str) -> None:
+        self.groups_quarantined.labels(ae_title).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

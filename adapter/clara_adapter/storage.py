@@ -167,12 +167,28 @@ class InstanceStore:
             raise
         return final, size
 
-    def sweep(self, keep: set[str]) -> int:
+    def sync_directory(self) -> None:
+        """fsync the incoming folder, so the renames into it survive a power loss
+        (file contents are fsynced by ``write``; the commit path calls this once per batch)."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def sweep(self, keep: "set[Path] | set[str]") -> int:
         """Delete temporary files and files no journal record refers to
-        (written but never acknowledged before a crash). Returns how many."""
+        (written but never acknowledged before a crash). Returns how many.
+
+        Compared by file name (unique: a random hex per instance), never by the
+        full path: the root may be spelled differently from run to run
+        (relative, through a symlink) and a held file must never be taken for
+        a stray one."""
+        keep_names = {Path(p).name for p in keep}
         removed = 0
         for entry in os.scandir(self.root):
-            if entry.is_file() and entry.path not in keep:
+            if entry.is_file(follow_symlinks=False) and (entry.name.startswith(TMP_PREFIX)
+                                                         or entry.name not in keep_names):
                 os.unlink(entry.path)
                 removed += 1
         return removed

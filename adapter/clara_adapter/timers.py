@@ -1,9 +1,15 @@
 """Event-driven timers on a replaceable clock.
 
-`ThreadScheduler` runs callbacks on one thread at their deadline (wall-clock
-seconds, so deadlines survive a restart through the journal). `ManualScheduler`
-is the controllable clock for unit tests: time moves only when the test calls
-``advance``, and due callbacks run in the caller's thread.
+Two clocks: ``now()`` is the wall clock, written into the journal so deadlines
+survive a restart; ``mono()`` is the monotonic clock that timers run on, so a
+wall-clock step (NTP, a VM resumed) neither fires a group early nor holds it
+for an hour. ``mono_of(wall)`` maps a journaled time onto the monotonic clock
+(at the moment of the call: a restart re-maps from the journal).
+
+`ThreadScheduler` runs callbacks on one thread at their deadline.
+`ManualScheduler` is the controllable clock for unit tests: time moves only
+when the test calls ``advance`` (both clocks) or ``jump_wall`` (the wall clock
+alone), and due callbacks run in the caller's thread.
 """
 from __future__ import annotations
 
@@ -59,15 +65,21 @@ def _run(timer: Timer) -> None:
 
 
 class ThreadScheduler:
-    def __init__(self, clock: Callable[[], float] = time.time, name: str = "clara-timers"):
+    def __init__(self, clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                 name: str = "clara-timers"):
         self.now = clock
+        self.mono = monotonic
         self._heap = _Heap()
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
+    def mono_of(self, wall: float) -> float:
+        return self.mono() + (wall - self.now())
+
     def call_at(self, when: float, fn: Callable[[], None]) -> Timer:
+        """Run ``fn`` at monotonic time ``when``."""
         timer = Timer(when, fn)
         with self._cond:
             self._heap.push(timer)
@@ -75,7 +87,7 @@ class ThreadScheduler:
         return timer
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
-        return self.call_at(self.now() + delay, fn)
+        return self.call_at(self.mono() + delay, fn)
 
     def _loop(self) -> None:
         while True:
@@ -83,7 +95,7 @@ class ThreadScheduler:
                 if self._stopped:
                     return
                 nxt = self._heap.next_deadline()
-                now = self.now()
+                now = self.mono()
                 if nxt is None or nxt > now:
                     self._cond.wait(timeout=None if nxt is None else nxt - now)
                     continue
@@ -102,12 +114,23 @@ class ManualScheduler:
     """A controllable clock and scheduler for tests."""
 
     def __init__(self, start: float = 1_000_000.0):
-        self._now = start
+        self._now = start  # monotonic
+        self._wall_offset = 0.0
         self._heap = _Heap()
         self._lock = threading.RLock()
 
     def now(self) -> float:
+        return self._now + self._wall_offset
+
+    def mono(self) -> float:
         return self._now
+
+    def mono_of(self, wall: float) -> float:
+        return self.mono() + (wall - self.now())
+
+    def jump_wall(self, seconds: float) -> None:
+        """Step the wall clock alone (as NTP may); timers must not notice."""
+        self._wall_offset += seconds
 
     def call_at(self, when: float, fn: Callable[[], None]) -> Timer:
         timer = Timer(when, fn)
@@ -119,7 +142,7 @@ class ManualScheduler:
         return self.call_at(self._now + delay, fn)
 
     def advance(self, seconds: float) -> None:
-        """Move time forward, running every callback that falls due, in order."""
+        """Move both clocks forward, running every callback that falls due, in order."""
         target = self._now + seconds
         while True:
             with self._lock:

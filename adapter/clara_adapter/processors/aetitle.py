@@ -4,6 +4,8 @@ Instances are grouped by (AE title, value of the group tag). A group closes
 ``timeout`` seconds after its last acknowledged instance, across associations;
 the close is journaled before its jobs are created, so a later instance with
 the same key starts a new group. Each group keeps the settings it opened with.
+``open_groups`` is published state: it changes only after the journal commit
+that records the change (see processors/base.py).
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ from typing import Any
 from clara_dicom.logs import short_hash
 from clara_dicom.models import JobProcessorSpec, format_tag, parse_group_by
 
-from clara_adapter.journal import GroupRecord, InstanceRecord
-from clara_adapter.jobs import JobRequest
+from clara_adapter.job_requests import JobRequest
+from clara_adapter.journal import GroupRecord, InstanceRecord, Transaction
 from clara_adapter.processors.base import JobProcessorBase, Outcome, delete_files
 
 log = logging.getLogger(__name__)
@@ -26,20 +28,27 @@ log = logging.getLogger(__name__)
 class OpenGroup:
     record: GroupRecord
     spec: JobProcessorSpec  # frozen at open
+    last_ack_mono: float  # the last acknowledgement on the monotonic clock (record.last_ack is wall clock)
     members: dict[str, InstanceRecord] = field(default_factory=dict)  # by SOP Instance UID
     timer: Any = None
 
     @property
     def deadline(self) -> float:
+        """Monotonic time at which the quiet period ends."""
+        return self.last_ack_mono + self.spec.timeout
+
+    @property
+    def wall_deadline(self) -> float:
         return self.record.last_ack + self.spec.timeout
 
 
 class AETitleJobProcessor(JobProcessorBase):
     type_name = "aetitle"
+    CLOSE_RETRY_SECONDS = 1.0
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.open_groups: dict[str, OpenGroup] = {}
+        self.open_groups: dict[str, OpenGroup] = {}  # published state: changed only after a commit
 
     @classmethod
     def validate(cls, settings: dict[str, Any]) -> None:
@@ -52,61 +61,85 @@ class AETitleJobProcessor(JobProcessorBase):
     def tags_needed(self) -> set[int]:
         return {self.spec.group_tag}
 
-    # -- instances ----------------------------------------------------------
-    def handle_instance(self, inst: InstanceRecord) -> Outcome:
-        """Runs under the journal lock (see JobProcessorBase)."""
+    # -- instances: decide in the transaction, publish after the commit --------
+    def handle_instance(self, inst: InstanceRecord, tx: Transaction) -> Outcome:
         value = (inst.tags.get(self.spec.group_tag) or "").strip(" \0")
         if not value:
             log.info("instance %s ignored by processor %s: no %s value", inst.sop_instance_uid,
                      self.processor_name, format_tag(self.spec.group_tag))
             return Outcome.IGNORE
-        now = inst.acked_at
+        journal, now, mono = tx.journal, tx.now, tx.mono
         group = self.open_groups.get(value)
-        if group is None:
+        group_id = group.record.id if group is not None else tx.pending.get((self, value))
+        if group_id is None:
             spec = self.spec
             settings = {"spec": spec.model_dump(mode="json"), "processor": self.processor_name,
                         "aeTitle": self.ae_title}
-            record = self.ctx.journal.open_group(self.owner, self.ae_title, self.processor_name, value, settings, now)
-            group = OpenGroup(record=record, spec=spec)
-            self.open_groups[value] = group
-            self._arm(group)
+            record = journal.open_group(self.owner, self.ae_title, self.processor_name, value, settings, now)
+            group_id = tx.pending[(self, value)] = record.id
+            tx.after_commit(lambda: self._publish_open(record, spec, mono))
         else:
-            old = group.members.get(inst.sop_instance_uid)
+            old = journal.group_member(group_id, inst.sop_instance_uid)
             if old is not None:
                 if not self.overwrite_same_instance:
                     return Outcome.DUPLICATE  # dropped; the quiet period is not extended
-                os.replace(inst.path, old.path)  # new content, same journal record
-                old.size, old.acked_at = inst.size, now
-                self.ctx.journal.update_instance(old)
-                self._touch(group, now)
+                old.size, old.acked_at = inst.size, now  # new content, same journal record
+                journal.update_instance(old)
+                journal.touch_group(group_id, now)
+                new_path = inst.path
+                tx.after_commit(lambda: self._publish_overwrite(value, old, new_path, now, mono))
                 return Outcome.DUPLICATE
-            self._touch(group, now)
-        inst.group_id = group.record.id
+            journal.touch_group(group_id, now)
+            tx.after_commit(lambda: self._publish_touch(value, now, mono))
+        inst.group_id = group_id
         inst.group_value = value
-        group.members[inst.sop_instance_uid] = inst
+        tx.after_commit(lambda: self._publish_member(value, inst))
         return Outcome.KEEP
 
-    def _touch(self, group: OpenGroup, now: float) -> None:
-        if now > group.record.last_ack:
-            group.record.last_ack = now
-            self.ctx.journal.touch_group(group.record.id, now)
+    def _publish_open(self, record: GroupRecord, spec: JobProcessorSpec, mono: float) -> None:
+        group = OpenGroup(record=record, spec=spec, last_ack_mono=mono)
+        self.open_groups[record.group_value] = group
+        self._arm(group)
+
+    def _publish_touch(self, value: str, now: float, mono: float) -> None:
+        group = self.open_groups[value]
+        group.record.last_ack = max(group.record.last_ack, now)
+        group.last_ack_mono = max(group.last_ack_mono, mono)  # the timer re-arms itself when it fires early
+
+    def _publish_member(self, value: str, inst: InstanceRecord) -> None:
+        self.open_groups[value].members[inst.sop_instance_uid] = inst
+
+    def _publish_overwrite(self, value: str, old: InstanceRecord, new_path: Any, now: float, mono: float) -> None:
+        member = self.open_groups[value].members[old.sop_instance_uid]
+        os.replace(new_path, member.path)
+        member.size, member.acked_at = old.size, now
+        self._publish_touch(value, now, mono)
 
     # -- timers -------------------------------------------------------------
-    def _arm(self, group: OpenGroup) -> None:
-        group.timer = self.ctx.scheduler.call_at(group.deadline, lambda: self._on_timer(group))
+    def _arm(self, group: OpenGroup, at: float | None = None) -> None:
+        group.timer = self.ctx.scheduler.call_at(group.deadline if at is None else at,
+                                                 lambda: self._on_timer(group))
 
     def _on_timer(self, group: OpenGroup) -> None:
         with self.ctx.lock:
             if self.open_groups.get(group.record.group_value) is not group:
                 return
-            now = self.ctx.scheduler.now()
-            if now < group.deadline:  # instances arrived since: wait for the new deadline
+            mono = self.ctx.scheduler.mono()
+            if mono < group.deadline:  # instances arrived since: wait for the new deadline
                 self._arm(group)
                 return
             # Record the close before creating jobs: a new instance now opens a new group.
-            self.ctx.journal.close_group(group.record.id, now)
+            now = self.ctx.scheduler.now()
+            try:
+                self.ctx.journal.close_group(group.record.id, now)
+            except Exception as exc:  # e.g. disk full: the group stays open and is tried again
+                log.warning("closing group %s of %s failed (%s); retrying in %.0fs", group.record.id,
+                            self.ae_title, exc, self.CLOSE_RETRY_SECONDS)
+                self._arm(group, mono + self.CLOSE_RETRY_SECONDS)
+                return
+            group.record.state, group.record.closed_at = "closed", now
             del self.open_groups[group.record.group_value]
-        self._submit(group.record, group.spec, list(group.members.values()), group.deadline)
+        self._submit(group.record, group.spec, list(group.members.values()), group.wall_deadline)
 
     def _submit(self, record: GroupRecord, spec: JobProcessorSpec, members: list[InstanceRecord],
                 deadline: float | None) -> None:
@@ -151,7 +184,8 @@ class AETitleJobProcessor(JobProcessorBase):
             if record.state == "closed":
                 self._submit(record, spec, members, None)
                 continue
-            group = OpenGroup(record=record, spec=spec, members={m.sop_instance_uid: m for m in members})
+            group = OpenGroup(record=record, spec=spec, last_ack_mono=self.ctx.scheduler.mono_of(record.last_ack),
+                              members={m.sop_instance_uid: m for m in members})
             self.open_groups[record.group_value] = group
             self._arm(group)
         stray = [i for lst in by_group.values() for i in lst]

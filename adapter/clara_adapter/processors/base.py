@@ -4,24 +4,46 @@ A plug-in is a class registered under the entry-point group
 ``clara_dicom.processors`` (name = ``JobProcessor.spec.type``). The adapter
 creates one instance per ClaraAETitle that uses a processor of that type.
 
-Contract:
+Contract — commit, then publish:
 
 * ``validate(settings)`` (classmethod) raises ``ValueError`` with a message a
   person can act on; the operator shows it in the JobProcessor's conditions.
-* ``handle_instance(instance)`` is called for every stored instance, under the
-  journal lock, before the C-STORE success is sent. Return ``KEEP`` to hold the
-  instance (it is journaled and survives a restart), ``IGNORE`` or ``DUPLICATE``
-  to drop it (its file is deleted).
+* ``handle_instance(instance, tx)`` decides what happens to a stored instance,
+  before its C-STORE success is sent. It runs inside the journal transaction
+  that records the instance; that transaction may also hold other instances
+  (the adapter batches concurrent C-STOREs into one commit), so calls are
+  serialised, but memory is not yet updated for the instances before it.
+
+  - Write durable state through ``tx.journal``; its reads see the transaction's
+    own writes. ``tx.pending`` is a dict for what later instances of the same
+    transaction must see before it is published (e.g. "group X opened as id 7").
+  - Change nothing else — memory, timers, files, submissions — directly:
+    register it with ``tx.after_commit(fn)``. Callbacks run in order, under
+    ``ctx.lock``, once the transaction is committed, and never if it fails (the
+    C-STORE then fails and its file is deleted). They must not block.
+  - Return ``KEEP`` to hold the instance: the adapter journals it in the same
+    transaction right after ``handle_instance`` returns (``instance.id`` is set
+    before the callbacks run). ``IGNORE`` or ``DUPLICATE`` drop it: its file is
+    deleted after the commit.
+  - An exception fails this instance alone (status 0x0110): its writes and
+    callbacks are undone; the other instances of the transaction go on.
+  - Times: ``tx.now`` (wall clock) for records, ``tx.mono`` (monotonic) for
+    timers (``ctx.scheduler.call_at`` takes monotonic deadlines;
+    ``ctx.scheduler.mono_of(wall)`` maps a journaled time).
 * ``submit_pipeline_job(...)`` creates PipelineJobs (idempotent, retried for as
-  long as it takes); ``remove_instances(...)`` releases held instances.
+  long as the sink fails); ``on_done`` runs when the instances may be released:
+  every job exists, or the payload could not be built and the files were
+  quarantined for a person. ``remove_instances(...)`` releases held instances.
 * Instances a plug-in has not released are offered again after a restart
-  through ``recover`` (by default: ``handle_instance(instance)`` for each; the
-  instance then already has an ``id``, and its ``tags`` hold the values the
-  plug-in asked for through ``tags_needed``).
+  through ``recover(groups, instances)``: by default ``handle_instance(instance,
+  tx)`` for each, in one transaction (the instance then already has an ``id``,
+  and its ``tags`` hold the values the plug-in asked for through
+  ``tags_needed``); an instance it no longer KEEPs is released, row and file.
 """
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -30,8 +52,9 @@ from typing import Any, Callable, ClassVar
 
 from clara_dicom.models import JobProcessorSpec
 
-from clara_adapter.journal import GroupRecord, InstanceRecord, Journal
-from clara_adapter.jobs import JobRequest, JobSubmitter
+from clara_adapter.job_requests import JobRequest
+from clara_adapter.journal import GroupRecord, InstanceRecord, Journal, Transaction
+from clara_adapter.submitter import JobSubmitter
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +77,11 @@ class ProcessorContext:
 
     @property
     def lock(self) -> threading.RLock:
-        return self.journal._lock
+        return self.journal.lock
+
+    def transaction(self):
+        """A journal transaction (commit, then publish) stamped with both clocks."""
+        return self.journal.transaction(self.scheduler.now(), self.scheduler.mono())
 
 
 class JobProcessorBase:
@@ -99,12 +126,19 @@ class JobProcessorBase:
         return not self.ctx.journal.instances(owner=self.owner)
 
     # -- the plug-in's job ----------------------------------------------------
-    def handle_instance(self, instance: InstanceRecord) -> Outcome:
+    def handle_instance(self, instance: InstanceRecord, tx: Transaction) -> Outcome:
         raise NotImplementedError
 
     def recover(self, groups: list[GroupRecord], instances: list[InstanceRecord]) -> None:
-        for inst in instances:
-            self.handle_instance(inst)
+        """Offer the journaled instances again; release those the plug-in no longer keeps."""
+        with self.ctx.transaction() as tx:
+            for inst in instances:
+                outcome = self.handle_instance(inst, tx)
+                if outcome is not Outcome.KEEP and inst.id is not None:
+                    log.info("instance %s released on recovery by %s (%s)", inst.sop_instance_uid, self.owner,
+                             outcome.value)
+                    tx.journal.remove_instances([inst.id])
+                    tx.after_commit(functools.partial(delete_files, [inst.path]))
 
     # -- services for plug-ins ----------------------------------------------
     def new_sequence(self) -> tuple[int, str]:
@@ -117,7 +151,8 @@ class JobProcessorBase:
 
     def submit_pipeline_job(self, group_id: int, requests: list[JobRequest],
                             on_done: Callable[[], None] | None = None, deadline: float | None = None) -> None:
-        """Create these PipelineJobs (retried until they exist); then ``on_done``.
+        """Create these PipelineJobs (retried until they exist); then ``on_done``
+        (also after a payload that cannot be built was quarantined).
         ``group_id`` identifies the submission in the journal (see ``new_sequence``)."""
         self.ctx.submitter.submit(group_id, requests, on_done or (lambda: None), deadline)
 
