@@ -34,20 +34,11 @@ def run(args: argparse.Namespace) -> int:
     bridge = KubeBridge(namespace, args.config_map, args.status_config_map,
                         Path(settings.storageDir) / "applied-config.json", args.kubeconfig)
     adapter = Adapter(settings, bridge, namespace=namespace)
-    started = []
-
-    def on_config(config) -> None:
-        if started:
-            adapter.apply_config(config)
-        else:
-            pending.append(config)
-
-    pending: list = []
-    initial = bridge.start(on_config)
+    adapter.applied_listeners.append(bridge.publish)  # appliedVersion follows what is applied, in order
+    # Configurations the watch delivers while the adapter starts are kept (newest wins) and applied
+    # after recovery; `initial` was read before them.
+    initial = bridge.start(adapter.apply_config)
     adapter.start(initial)
-    started.append(True)
-    for config in pending:  # arrived while starting
-        adapter.apply_config(config)
     if initial is None:
         log.warning("no configuration yet: every association is refused until the operator renders one")
 

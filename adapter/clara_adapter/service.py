@@ -18,6 +18,7 @@ from typing import Any, Callable
 from clara_dicom.config import RenderedConfig
 from clara_dicom.errors import UserError
 
+from clara_adapter.housekeeping import Housekeeper
 from clara_adapter.http import HealthServer
 from clara_adapter.ingest import Ingest
 from clara_adapter.job_sinks import JobSink
@@ -61,18 +62,38 @@ class Adapter:
         # Local mode's PipelineJob records, purged like payloads (Kubernetes has its own retention).
         self.job_records: Path | None = getattr(sink, "folder", None)
         self.export: Any = None  # the SCU export agent, once start_export() ran
+        self.housekeeper = Housekeeper(HOUSEKEEPING_SECONDS, self._housekeeping)
+        # Configuration: applied one at a time, in the order offered; before start() has
+        # recovered the journal only the newest offer is kept (applied by start()).
+        self._config_lock = threading.Lock()
+        self._recovered = False
+        self._offered: RenderedConfig | None = None
+        self.applied_listeners: list[Callable[[str], None]] = []  # e.g. publish appliedVersion, in order
 
     def _count_association(self, result: str) -> None:
         self.metrics.associations.labels(result).inc()
 
     # -- configuration --------------------------------------------------------
     def apply_config(self, config: RenderedConfig) -> None:
-        self.ingest.apply_config(config)
+        """Apply a configuration (any thread). Configurations apply in the order
+        offered; one offered before start() waits for recovery, and a newer offer
+        replaces it, so an older configuration is never applied after a newer one."""
+        with self._config_lock:
+            if not self._recovered:
+                self._offered = config
+                return
+            self._apply(config)
+
+    def _apply(self, config: RenderedConfig) -> None:
+        with self.ctx.lock:  # the lock housekeeping and the processors take
+            self.ingest.apply_config(config)
         if config.version != self.config_version:
             log.info("configuration %s applied: %d AE titles (%s), %d sources, %d destinations", config.version,
                      len(config.aeTitles), ", ".join(sorted(a.aeTitle for a in config.aeTitles.values())) or "none",
                      len(config.sources), len(config.destinations))
         self.config_version = config.version
+        for listener in self.applied_listeners:
+            listener(config.version)
 
     # -- lifecycle ------------------------------------------------------------
     def start(self, config: RenderedConfig | None = None) -> None:
@@ -83,8 +104,12 @@ class Adapter:
         recovered = self.ingest.recover()
         if recovered:
             log.info("recovered %d acknowledged instances from the journal", recovered)
-        if config is not None:
-            self.apply_config(config)
+        with self._config_lock:
+            self._recovered = True
+            newest = self._offered if self._offered is not None else config  # offers came after `config`
+            self._offered = None
+            if newest is not None:
+                self._apply(newest)
         s = self.settings
         try:
             self.scp.start(s.host, s.dicomPort)
@@ -97,7 +122,7 @@ class Adapter:
                 raise UserError(f"port already in use on {s.host} (DICOM {s.dicomPort}, HTTP {s.httpPort}): "
                                 "stop the other process or choose another port") from None
             raise UserError(f"cannot listen on {s.host}: {exc.strerror}") from None
-        self.scheduler.call_later(HOUSEKEEPING_SECONDS, self._housekeeping)
+        self.housekeeper.start()
         if s.resultsUrl:
             self.start_export(s.resultsUrl, s.results_token())
         self.started = True
@@ -113,18 +138,13 @@ class Adapter:
         self.extra_status.append(self.export.status)
 
     def _housekeeping(self) -> None:
-        try:
-            self.metrics.groups_open.set(self.ingest.open_groups())
-            with self.ctx.lock:
-                self.ingest.collect_retired()
-            purge_older_than(self.settings.payloads_dir, self.settings.payloadRetentionHours * 3600)
-            if self.job_records is not None:
-                purge_older_than(self.job_records, self.settings.jobRecordRetentionHours * 3600)
-        except Exception:
-            log.exception("housekeeping failed")
-        finally:
-            if not self.stopping.is_set():
-                self.scheduler.call_later(HOUSEKEEPING_SECONDS, self._housekeeping)
+        """On the housekeeping thread, never the timer thread (rmtree can take seconds)."""
+        self.metrics.groups_open.set(self.ingest.open_groups())
+        with self._config_lock, self.ctx.lock:
+            self.ingest.collect_retired()
+        purge_older_than(self.settings.payloads_dir, self.settings.payloadRetentionHours * 3600)
+        if self.job_records is not None:
+            purge_older_than(self.job_records, self.settings.jobRecordRetentionHours * 3600)
 
     def ready(self) -> bool:
         return self.started and not self.stopping.is_set() and bool(self.config_version)
@@ -156,6 +176,7 @@ class Adapter:
             self.export.stop()
         if self.http is not None:
             self.http.stop()
+        self.housekeeper.stop()
         self.scheduler.stop()
         self.submitter.stop()
         self.journal.close()
