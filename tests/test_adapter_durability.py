@@ -179,6 +179,31 @@ def test_duplicates_inside_one_batch_are_dropped(tmp_path):
     assert h.counts() == [1]
 
 
+# -- fsyncFiles ---------------------------------------------------------------
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_fsync_files_syncs_files_the_directory_once_per_batch_and_the_journal(tmp_path, monkeypatch, fsync):
+    import stat
+
+    h = Harness(tmp_path, {"pipelines": {"seg": "p1"}}, fsync=fsync)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def record(fd: int) -> None:
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    assert h.journal._db.execute("PRAGMA synchronous").fetchone()[0] == (2 if fsync else 1)  # FULL / NORMAL
+    with h.journal.lock:
+        threads, results = in_threads(4, lambda i: h.send(study="1.1", sop=f"1.2.9.{i}"))
+        wait_until(lambda: h.ingest._group_commit.queued() == 4)
+    for t in threads:
+        t.join(10)
+    assert results == [SUCCESS] * 4
+    assert sorted(synced) == (["dir"] + ["file"] * 4 if fsync else [])
+
+
 # -- paths relative to the storage root ----------------------------------------
 
 def _adapter_on(root: Path, clock, sink) -> Ingest:

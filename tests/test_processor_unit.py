@@ -63,16 +63,17 @@ def manifests(processor: dict, aet: dict | None = None, ae: str = "CLARA") -> li
 
 
 class Harness:
-    def __init__(self, tmp: Path, processor: dict, aet: dict | None = None, sink: MemorySink | None = None):
+    def __init__(self, tmp: Path, processor: dict, aet: dict | None = None, sink: MemorySink | None = None,
+                 fsync: bool = False):
         self.tmp = tmp
         self.clock = ManualScheduler()
-        self.journal = Journal(tmp / "journal.sqlite")
+        self.journal = Journal(tmp / "journal.sqlite", durable=fsync)
         self.sink = sink or MemorySink()
         metrics = AdapterMetrics()
         self.submitter = JobSubmitter(self.sink, tmp / "payloads", self.clock, self.journal, metrics,
                                       synchronous=True)
         self.ctx = ProcessorContext("default", self.journal, self.clock, self.submitter, metrics)
-        self.store = InstanceStore(tmp / "incoming")
+        self.store = InstanceStore(tmp / "incoming", fsync=fsync)
         self.ingest = Ingest(self.ctx, self.store)
         self.configure(processor, aet)
 
