@@ -25,7 +25,52 @@ from clara_adapter.processors.base import JobProcessorBase, Outcome, ProcessorCo
 from clara_adapter.storage import InstanceStore
 from clara_adapter.submitter import JobSubmitter
 from clara_adapter.timers import ThreadScheduler
+from postgres_server import postgres_server  # noqa: F401 (fixture)
 from test_processor_unit import Harness, MemorySink, manifests
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def journal_on(backend, request, tmp_path):
+    """Factory: a journal of the current back-end whose storage root is ``root``;
+    for PostgreSQL one fresh database per test, shared by every journal the test opens."""
+    opened = []
+    dsn = None
+    if backend == "postgres":
+        server = request.getfixturevalue("postgres_server")
+        dsn = server.fresh_database(f"t{abs(hash(request.node.nodeid)) % 10**9}")
+
+    def make(root: Path):
+        from clara_adapter.journal import open_journal
+
+        journal = open_journal(dsn, root)
+        opened.append(journal)
+        return journal
+
+    make.dsn = dsn
+    yield make
+    for journal in opened:
+        try:
+            journal.close()
+        except Exception:
+            pass
+
+
+def committed(journal_on, tmp: Path, sop: str) -> bool:
+    """Is this instance's record committed (seen from another connection)?"""
+    if journal_on.dsn:
+        import psycopg
+
+        with psycopg.connect(journal_on.dsn, options="-c search_path=clara_adapter") as conn:
+            return conn.execute("SELECT count(*) FROM instances WHERE sop_instance_uid=%s", (sop,)).fetchone()[0] == 1
+    with sqlite3.connect(str(tmp / "journal.sqlite")) as conn:
+        return conn.execute("SELECT count(*) FROM instances WHERE sop_instance_uid=?", (sop,)).fetchone()[0] == 1
 
 
 def metric(h: Harness, name: str, *labels: str) -> float:
@@ -83,19 +128,15 @@ def test_journal_full_leaves_no_ghost_group_and_the_next_store_works(tmp_path):
     assert h.ctx.metrics.job_failures._value.get() == 0 and h.submitter.pending == 0
 
 
-def test_concurrent_commits_share_one_transaction_and_each_returns_after_its_own_commit(tmp_path):
-    h = Harness(tmp_path, {"pipelines": {"seg": "p1"}, "timeout": 5})
+def test_concurrent_commits_share_one_transaction_and_each_returns_after_its_own_commit(tmp_path, journal_on):
+    h = Harness(tmp_path, {"pipelines": {"seg": "p1"}, "timeout": 5}, journal=journal_on(tmp_path))
     n = 8
-    reader = sqlite3.connect(str(tmp_path / "journal.sqlite"), check_same_thread=False)  # committed data only
-    reader_lock = threading.Lock()
     seen_committed: list[bool] = [False] * n
     commits_before = h.journal.commits
 
     def send(i: int) -> int:
         status = h.send(study=f"1.{i % 2}", sop=f"1.2.9.{i}")
-        with reader_lock:
-            seen_committed[i] = reader.execute("SELECT count(*) FROM instances WHERE sop_instance_uid=?",
-                                               (f"1.2.9.{i}",)).fetchone()[0] == 1
+        seen_committed[i] = committed(journal_on, tmp_path, f"1.2.9.{i}")
         return status
 
     with h.journal.lock:  # the journal is busy (e.g. a group closing): stores queue up
@@ -110,8 +151,8 @@ def test_concurrent_commits_share_one_transaction_and_each_returns_after_its_own
     assert h.counts() == [4, 4]  # two studies; the second instance of each joined the group opened in the batch
 
 
-def test_a_failed_group_commit_fails_exactly_its_instances_and_leaves_memory_untouched(tmp_path, monkeypatch):
-    h = Harness(tmp_path, {"pipelines": {"seg": "p1"}, "timeout": 5})
+def test_a_failed_group_commit_fails_exactly_its_instances_and_leaves_memory_untouched(tmp_path, monkeypatch, journal_on):
+    h = Harness(tmp_path, {"pipelines": {"seg": "p1"}, "timeout": 5}, journal=journal_on(tmp_path))
     assert h.send(study="1.0", sop="1.2.8.0") == SUCCESS  # committed before: must survive untouched
     proc = h.ingest.processors["clara"]
     group_before = proc.open_groups["1.0"]
@@ -143,8 +184,8 @@ def test_a_failed_group_commit_fails_exactly_its_instances_and_leaves_memory_unt
     assert h.counts() == [1]
 
 
-def test_a_processor_error_fails_only_that_instance_of_the_batch(tmp_path):
-    h = Harness(tmp_path, {"pipelines": {"seg": "p1"}, "timeout": 5})
+def test_a_processor_error_fails_only_that_instance_of_the_batch(tmp_path, journal_on):
+    h = Harness(tmp_path, {"pipelines": {"seg": "p1"}, "timeout": 5}, journal=journal_on(tmp_path))
     proc = h.ingest.processors["clara"]
     real = proc.handle_instance
 
@@ -166,8 +207,8 @@ def test_a_processor_error_fails_only_that_instance_of_the_batch(tmp_path):
     assert h.counts() == [5]
 
 
-def test_duplicates_inside_one_batch_are_dropped(tmp_path):
-    h = Harness(tmp_path, {"pipelines": {"seg": "p1"}, "timeout": 5})
+def test_duplicates_inside_one_batch_are_dropped(tmp_path, journal_on):
+    h = Harness(tmp_path, {"pipelines": {"seg": "p1"}, "timeout": 5}, journal=journal_on(tmp_path))
     with h.journal.lock:
         threads, results = in_threads(4, lambda i: h.send(study="1.1", sop="1.2.9.1"))
         wait_until(lambda: h.ingest._group_commit.queued() == 4)
@@ -264,8 +305,8 @@ def test_a_journal_with_absolute_paths_is_migrated(tmp_path):
 
 # -- quarantine ---------------------------------------------------------------
 
-def test_a_group_whose_payload_cannot_be_built_is_quarantined_not_retried_forever(tmp_path, caplog):
-    h = Harness(tmp_path, {"pipelines": {"a": "p1", "b": "p2"}, "timeout": 5})
+def test_a_group_whose_payload_cannot_be_built_is_quarantined_not_retried_forever(tmp_path, caplog, journal_on):
+    h = Harness(tmp_path, {"pipelines": {"a": "p1", "b": "p2"}, "timeout": 5}, journal=journal_on(tmp_path))
     for i in range(3):
         h.send(study="1.1", sop=f"1.2.9.{i}")
     lost = incoming(h)[0]

@@ -64,10 +64,10 @@ def manifests(processor: dict, aet: dict | None = None, ae: str = "CLARA") -> li
 
 class Harness:
     def __init__(self, tmp: Path, processor: dict, aet: dict | None = None, sink: MemorySink | None = None,
-                 fsync: bool = False):
+                 fsync: bool = False, journal=None):
         self.tmp = tmp
         self.clock = ManualScheduler()
-        self.journal = Journal(tmp / "journal.sqlite", durable=fsync)
+        self.journal = journal or Journal(tmp / "journal.sqlite", durable=fsync)
         self.sink = sink or MemorySink()
         metrics = AdapterMetrics()
         self.submitter = JobSubmitter(self.sink, tmp / "payloads", self.clock, self.journal, metrics,

@@ -20,7 +20,7 @@ from clara_dicom.models import JobProcessorSpec
 from clara_dicom.plugins import processor_class
 
 from clara_adapter.group_commit import GroupCommit
-from clara_adapter.journal import InstanceRecord, Journal, TransactionAborted, is_disk_full
+from clara_adapter.journal import InstanceRecord, Journal, TransactionAborted, is_out_of_resources
 from clara_adapter.processors.base import JobProcessorBase, Outcome, ProcessorContext, delete_files
 from clara_adapter.storage import DiskFull, InstanceStore, file_header, read_tags
 
@@ -302,12 +302,13 @@ class Ingest:
     def _failed(self, route: Route, inst: InstanceRecord, exc: BaseException) -> int:
         delete_files([inst.path])
         inst.id = None
-        if is_disk_full(exc):
-            log.warning("instance %s on %s refused: journal full (%s)", inst.sop_instance_uid, route.ae_title, exc)
+        if is_out_of_resources(exc):
+            log.warning("instance %s on %s refused: journal out of resources (%s)", inst.sop_instance_uid,
+                        route.ae_title, exc)
             self.metrics.store_failures.labels("disk_full").inc()
             return OUT_OF_RESOURCES
         log.error("instance %s on %s failed in processor %s: %s: %s", inst.sop_instance_uid, route.ae_title,
-                  route.processor.name, type(exc).__name__, exc, exc_info=not isinstance(exc, sqlite3.Error))
+                  route.processor.name, type(exc).__name__, exc, exc_info=not isinstance(exc, (sqlite3.Error, TransactionAborted)))
         self.metrics.store_failures.labels("processor_error").inc()
         return PROCESSING_FAILURE
 

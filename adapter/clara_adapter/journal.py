@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS instances (
   group_id INTEGER
 );
 CREATE INDEX IF NOT EXISTS instances_by_owner ON instances(owner);
-CREATE INDEX IF NOT EXISTS instances_by_group ON instances(group_id, sop_instance_uid);
+CREATE INDEX IF NOT EXISTS instances_by_group_sop ON instances(group_id, sop_instance_uid);
 CREATE TABLE IF NOT EXISTS groups (
   -- AUTOINCREMENT: a group id is never reused, because job names hash it
   id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -141,7 +141,7 @@ class Transaction:
     the same instant, taken when the transaction began.
     """
 
-    def __init__(self, journal: "Journal", now: float, mono: float):
+    def __init__(self, journal: "JournalBase", now: float, mono: float):
         self.journal = journal
         self.now = now
         self.mono = mono
@@ -156,23 +156,23 @@ class Transaction:
     def step(self) -> Iterator["Transaction"]:
         """A savepoint: if the body raises, its writes and its ``after_commit``
         callbacks are undone and the rest of the transaction goes on."""
-        db = self.journal._db
+        journal = self.journal
         self._savepoints += 1
         name = f"s{self._savepoints}"
         mark, pending = len(self._callbacks), dict(self.pending)
-        db.execute(f"SAVEPOINT {name}")
+        journal._execute(f"SAVEPOINT {name}")
         try:
             yield self
         except BaseException as exc:
             del self._callbacks[mark:]
             self.pending = pending
             try:
-                db.execute(f"ROLLBACK TO {name}")
-                db.execute(f"RELEASE {name}")
-            except sqlite3.Error:  # SQLite already rolled the whole transaction back (e.g. SQLITE_FULL)
+                journal._execute(f"ROLLBACK TO SAVEPOINT {name}")
+                journal._execute(f"RELEASE SAVEPOINT {name}")
+            except Exception:  # SQLite already rolled the whole transaction back (e.g. SQLITE_FULL)
                 raise TransactionAborted(f"transaction rolled back: {exc}") from exc
             raise
-        db.execute(f"RELEASE {name}")
+        journal._execute(f"RELEASE SAVEPOINT {name}")
 
     def publish(self) -> None:
         callbacks, self._callbacks = self._callbacks, []
@@ -183,36 +183,60 @@ class Transaction:
                 log.exception("after-commit callback failed")
 
 
-def is_disk_full(exc: BaseException) -> bool:
+def is_out_of_resources(exc: BaseException) -> bool:
+    """Disk full, or the journal's database out of reach: worth a retry by the sender (0xA700)."""
     if isinstance(exc, TransactionAborted) and exc.__cause__ is not None:
         exc = exc.__cause__
     if isinstance(exc, sqlite3.Error):
         return getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL or "full" in str(exc)
-    return isinstance(exc, OSError) and exc.errno in (28, 122)  # ENOSPC, EDQUOT
+    if isinstance(exc, OSError):
+        return exc.errno in (28, 122)  # ENOSPC, EDQUOT
+    module = type(exc).__module__ or ""
+    if module.startswith(("psycopg", "psycopg_pool")):
+        import psycopg
+
+        return isinstance(exc, (psycopg.OperationalError, psycopg.errors.DiskFull, psycopg.errors.OutOfMemory))
+    return False
 
 
-class Journal:
-    def __init__(self, path: str | Path, root: str | Path | None = None, durable: bool = False):
-        """``root``: the storage root that paths are relative to (default: the
-        journal's folder). ``durable``: fsync every commit (``synchronous=FULL``),
-        for power-loss safety; otherwise a commit survives a process crash."""
-        self.path = Path(path)
-        self.root = Path(root) if root is not None else self.path.parent
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+class JournalBase:
+    """The journal's records and rules in SQL both back-ends speak (``?``
+    placeholders, ``RETURNING``, ``ON CONFLICT``). A back-end supplies the
+    connection primitives: ``_execute``, ``_executemany``, ``_begin``,
+    ``_commit``, ``_rollback_raw`` and ``close``. Every call runs under one
+    re-entrant lock; a transaction spans ``atomic()``."""
+
+    def _setup(self, root: Path) -> None:
+        self.root = root
         self._lock = threading.RLock()
         self._depth = 0
         self.commits = 0  # committed write transactions (group-commit tests and benchmarks read it)
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-        self._db.executescript(SCHEMA)
-        row = self._db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
-        if row is None:
-            self.epoch = uuid.uuid4().hex[:12]
-            self._db.execute("INSERT INTO meta(key, value) VALUES ('epoch', ?)", (self.epoch,))
-        else:
-            self.epoch = row[0]
+
+    def _load_epoch(self) -> None:
+        with self.atomic():
+            self._execute("INSERT INTO meta (key, value) VALUES ('epoch', ?) ON CONFLICT (key) DO NOTHING",
+                          (uuid.uuid4().hex[:12],))
+        self.epoch = self._query("SELECT value FROM meta WHERE key='epoch'")[0][0]
         self._migrate_absolute_paths()
+
+    # back-end primitives
+    def _execute(self, sql: str, args: tuple = ()) -> list[tuple]:
+        raise NotImplementedError
+
+    def _executemany(self, sql: str, rows: list[tuple]) -> None:
+        raise NotImplementedError
+
+    def _begin(self) -> None:
+        raise NotImplementedError
+
+    def _commit(self) -> None:
+        raise NotImplementedError
+
+    def _rollback_raw(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
 
     # -- paths --------------------------------------------------------------
     def _rel(self, path: Path) -> str:
@@ -228,7 +252,7 @@ class Journal:
     def _migrate_absolute_paths(self) -> None:
         """Journals written before paths were relative held absolute paths as the
         root was spelled then; files always live in ``<root>/incoming``."""
-        rows = self._db.execute("SELECT id, path FROM instances WHERE path LIKE '/%'").fetchall()
+        rows = self._query("SELECT id, path FROM instances WHERE substr(path, 1, 1) = '/'")
         if not rows:
             return
         updates = []
@@ -239,17 +263,17 @@ class Journal:
                 rel = f"incoming/{old.name}"
             updates.append((rel, id_))
         with self.atomic():
-            self._db.executemany("UPDATE instances SET path=? WHERE id=?", updates)
+            self._executemany("UPDATE instances SET path=? WHERE id=?", updates)
         log.info("journal: %d instance paths made relative to the storage root", len(updates))
 
     # -- transactions -------------------------------------------------------
     @contextmanager
-    def atomic(self) -> Iterator["Journal"]:
+    def atomic(self) -> Iterator["JournalBase"]:
         """Group writes into one commit; nestable; serialises writers."""
         with self._lock:
             outer = self._depth == 0
             if outer:
-                self._db.execute("BEGIN IMMEDIATE")
+                self._begin()
             self._depth += 1
             try:
                 yield self
@@ -267,15 +291,11 @@ class Journal:
                     raise
                 self.commits += 1
 
-    def _commit(self) -> None:
-        self._db.execute("COMMIT")
-
     def _rollback(self) -> None:
-        if self._db.in_transaction:
-            try:
-                self._db.execute("ROLLBACK")
-            except sqlite3.Error as exc:
-                log.warning("journal rollback failed: %s", exc)
+        try:
+            self._rollback_raw()
+        except Exception as exc:
+            log.warning("journal rollback failed: %s", exc)
 
     @contextmanager
     def transaction(self, now: float, mono: float) -> Iterator[Transaction]:
@@ -293,30 +313,24 @@ class Journal:
     def lock(self) -> threading.RLock:
         return self._lock
 
-    def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+    def _exec(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self.atomic():
-            return self._db.execute(sql, args)
+            return self._execute(sql, args)
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
-
-    def close(self) -> None:
-        with self._lock:
-            try:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                self._db.close()
+            return self._execute(sql, args)
 
     # -- instances ----------------------------------------------------------
     def add_instance(self, rec: InstanceRecord) -> int:
-        cur = self._exec(
-            f"INSERT INTO instances ({_INSTANCE_COLUMNS}) VALUES (NULL,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        rows = self._exec(
+            f"INSERT INTO instances ({_INSTANCE_COLUMNS.removeprefix('id, ')}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
+            "RETURNING id",
             (rec.owner, rec.ae_title, rec.calling_ae, rec.sop_instance_uid, rec.sop_class_uid, rec.transfer_syntax,
              rec.study_uid, rec.series_uid, rec.group_value, self._rel(rec.path), rec.size, rec.acked_at,
              rec.group_id),
         )
-        rec.id = int(cur.lastrowid)
+        rec.id = int(rows[0][0])
         return rec.id
 
     def update_instance(self, rec: InstanceRecord) -> None:
@@ -325,7 +339,7 @@ class Journal:
 
     def remove_instances(self, ids: list[int]) -> None:
         with self.atomic():
-            self._db.executemany("DELETE FROM instances WHERE id=?", [(i,) for i in ids])
+            self._executemany("DELETE FROM instances WHERE id=?", [(i,) for i in ids])
 
     def instances(self, owner: str | None = None, group_id: int | None = None) -> list[InstanceRecord]:
         sql, args = f"SELECT {_INSTANCE_COLUMNS} FROM instances", []
@@ -352,22 +366,17 @@ class Journal:
 
     # -- groups -------------------------------------------------------------
     def open_group(self, owner: str, ae_title: str, processor: str, value: str, settings: dict, now: float) -> GroupRecord:
-        cur = self._exec(
+        rows = self._exec(
             "INSERT INTO groups (owner, ae_title, processor, group_value, settings, state, opened_at, last_ack) "
-            "VALUES (?,?,?,?,?,'open',?,?)",
+            "VALUES (?,?,?,?,?,'open',?,?) RETURNING id",
             (owner, ae_title, processor, value, json.dumps(settings, sort_keys=True), now, now),
         )
-        return GroupRecord(id=int(cur.lastrowid), owner=owner, ae_title=ae_title, processor=processor,
+        return GroupRecord(id=int(rows[0][0]), owner=owner, ae_title=ae_title, processor=processor,
                            group_value=value, settings=settings, state="open", opened_at=now, last_ack=now)
 
-    def find_open_group(self, owner: str, value: str) -> int | None:
-        """Id of the open group for (owner, value) (sees the open transaction's writes)."""
-        rows = self._query("SELECT id FROM groups WHERE owner=? AND group_value=? AND state='open' "
-                           "ORDER BY id DESC LIMIT 1", (owner, value))
-        return int(rows[0][0]) if rows else None
-
     def touch_group(self, group_id: int, last_ack: float) -> None:
-        self._exec("UPDATE groups SET last_ack=max(last_ack, ?) WHERE id=?", (last_ack, group_id))
+        self._exec("UPDATE groups SET last_ack = CASE WHEN last_ack < ? THEN ? ELSE last_ack END WHERE id=?",
+                   (last_ack, last_ack, group_id))
 
     def close_group(self, group_id: int, now: float) -> None:
         self._exec("UPDATE groups SET state='closed', closed_at=? WHERE id=?", (now, group_id))
@@ -375,9 +384,9 @@ class Journal:
     def finish_group(self, group_id: int) -> None:
         """Every job exists (or the group was quarantined): release its instances and forget it."""
         with self.atomic():
-            self._db.execute("DELETE FROM instances WHERE group_id=?", (group_id,))
-            self._db.execute("DELETE FROM groups WHERE id=?", (group_id,))
-            self._db.execute("DELETE FROM jobs WHERE group_id=?", (group_id,))
+            self._execute("DELETE FROM instances WHERE group_id=?", (group_id,))
+            self._execute("DELETE FROM groups WHERE id=?", (group_id,))
+            self._execute("DELETE FROM jobs WHERE group_id=?", (group_id,))
 
     def groups(self, owner: str | None = None) -> list[GroupRecord]:
         sql = "SELECT id, owner, ae_title, processor, group_value, settings, state, opened_at, last_ack, closed_at FROM groups"
@@ -387,13 +396,13 @@ class Journal:
     def next_sequence(self) -> int:
         """A number never handed out before by this journal."""
         with self.atomic():
-            cur = self._db.execute("INSERT INTO sequences DEFAULT VALUES")
-            self._db.execute("DELETE FROM sequences WHERE id < ?", (cur.lastrowid,))
-            return int(cur.lastrowid)
+            number = int(self._execute("INSERT INTO sequences DEFAULT VALUES RETURNING id")[0][0])
+            self._execute("DELETE FROM sequences WHERE id < ?", (number,))
+            return number
 
     # -- jobs ---------------------------------------------------------------
     def record_job(self, name: str, group_id: int, now: float) -> None:
-        self._exec("INSERT OR IGNORE INTO jobs (name, group_id, created_at) VALUES (?,?,?)", (name, group_id, now))
+        self._exec("INSERT INTO jobs (name, group_id, created_at) VALUES (?,?,?) ON CONFLICT (name) DO NOTHING", (name, group_id, now))
 
     def jobs_of_group(self, group_id: int) -> set[str]:
         return {r[0] for r in self._query("SELECT name FROM jobs WHERE group_id=?", (group_id,))}
@@ -401,7 +410,7 @@ class Journal:
     # -- owners (processor instances) ---------------------------------------
     def save_owner(self, owner: str, ae_title: str, processor: str, spec: dict) -> None:
         self._exec("INSERT INTO owners (owner, ae_title, processor, spec) VALUES (?,?,?,?) "
-                   "ON CONFLICT(owner) DO UPDATE SET ae_title=excluded.ae_title, processor=excluded.processor, "
+                   "ON CONFLICT (owner) DO UPDATE SET ae_title=excluded.ae_title, processor=excluded.processor, "
                    "spec=excluded.spec", (owner, ae_title, processor, json.dumps(spec, sort_keys=True)))
 
     def owners(self) -> dict[str, tuple[str, str, dict]]:
@@ -409,3 +418,54 @@ class Journal:
 
     def forget_owner(self, owner: str) -> None:
         self._exec("DELETE FROM owners WHERE owner=?", (owner,))
+
+
+class Journal(JournalBase):
+    """The SQLite journal (WAL), a file under the storage root: the default."""
+
+    def __init__(self, path: str | Path, root: str | Path | None = None, durable: bool = False):
+        """``root``: the storage root that paths are relative to (default: the
+        journal's folder). ``durable``: fsync every commit (``synchronous=FULL``),
+        for power-loss safety; otherwise a commit survives a process crash."""
+        self.path = Path(path)
+        self._setup(Path(root) if root is not None else self.path.parent)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        self._db.executescript(SCHEMA)
+        self._load_epoch()
+
+    def _execute(self, sql: str, args: tuple = ()) -> list[tuple]:
+        return self._db.execute(sql, args).fetchall()
+
+    def _executemany(self, sql: str, rows: list[tuple]) -> None:
+        self._db.executemany(sql, rows)
+
+    def _begin(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def _commit(self) -> None:
+        self._db.execute("COMMIT")
+
+    def _rollback_raw(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                self._db.close()
+
+
+def open_journal(spec: str | None, root: str | Path, durable: bool = False) -> JournalBase:
+    """The journal named by ``spec`` (setting ``journal``): empty for the SQLite file
+    ``<root>/journal.sqlite``, a file path for SQLite elsewhere, or a
+    ``postgresql://`` DSN."""
+    if spec and spec.startswith(("postgresql://", "postgres://")):
+        from clara_adapter.journal_pg import PostgresJournal
+
+        return PostgresJournal(spec, root=root)
+    return Journal(Path(spec) if spec else Path(root) / "journal.sqlite", root=root, durable=durable)

@@ -23,7 +23,7 @@ from clara_adapter.http import HealthServer
 from clara_adapter.ingest import Ingest
 from clara_adapter.job_sinks import JobSink
 from clara_adapter.submitter import JobSubmitter
-from clara_adapter.journal import Journal
+from clara_adapter.journal import open_journal
 from clara_adapter.metrics import AdapterMetrics
 from clara_adapter.processors.base import ProcessorContext
 from clara_adapter.scp import StorageSCP
@@ -43,7 +43,8 @@ class Adapter:
         self.namespace = namespace
         self.metrics = AdapterMetrics()
         self.scheduler = scheduler or ThreadScheduler()
-        self.journal = Journal(settings.journal_path, root=settings.storageDir, durable=settings.fsyncFiles)
+        self.journal = open_journal(settings.journal or str(settings.journal_path), settings.storageDir,
+                                    durable=settings.fsyncFiles)
         guard = DiskGuard(settings.incoming_dir.parent, settings.watermarkPercent,
                           int(settings.reserveSpaceGB * 1024**3))
         settings.incoming_dir.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,10 @@ class AdapterSettings(BaseModel):
     storageDir: str = Field("/var/lib/clara-dicom", description="Root of incoming files, payloads and journal.")
     watermarkPercent: float = Field(85, gt=0, le=100, description="Refuse data when disk usage reaches this %.")
     reserveSpaceGB: float = Field(5, ge=0, description="Refuse data when free space falls below this many GB.")
-    fsyncFiles: bool = Field(False, description="fsync each stored file before acknowledging (power-loss safety).")
+    fsyncFiles: bool = Field(False, description="Power-loss safety: fsync each stored file and its directory, and "
+                             "commit the SQLite journal with synchronous=FULL, before acknowledging.")
+    journal: str = Field("", description="Journal: empty for SQLite under the storage root, a file path for SQLite "
+                         "elsewhere, or a postgresql:// DSN (a database several adapters may share).")
 
     # jobs
     jobRetryMaxSeconds: float = Field(30, gt=0, description="Longest backoff between job-creation retries.")
