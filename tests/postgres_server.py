@@ -54,7 +54,11 @@ class _Postgres:
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env, cwd=self.tmp,
             **self.run_as,
         )
-        self.log = open(os.path.join(self.tmp, "postgres.log"), "wb")
+        self.launch()
+
+    def launch(self) -> None:
+        """Start the server on the existing data folder (after ``start`` or ``halt``)."""
+        self.log = open(os.path.join(self.tmp, "postgres.log"), "ab")
         self.proc = subprocess.Popen(
             [os.path.join(self.bindir, "postgres"), "-D", self.data, "-p", str(self.port),
              "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.tmp}",
@@ -75,6 +79,14 @@ class _Postgres:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
+
+    def halt(self) -> None:
+        """Stop the server, keeping its data (``launch`` brings it back)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(30)
+        with contextlib.suppress(Exception):
+            self.log.close()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -98,15 +110,31 @@ class _Postgres:
         return self.dsn.rsplit("/", 1)[0] + f"/{name}"
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[_Postgres]:
+def _bindir_or_skip() -> str:
     bindir = _pg_bindir()
     if bindir is None:
         message = "PostgreSQL binaries (initdb, postgres) not found: install Debian postgresql"
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(message)
         pytest.skip(message)
-    pg = _Postgres(bindir)
+    return bindir
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[_Postgres]:
+    """One server for the session (tests take a fresh database each)."""
+    pg = _Postgres(_bindir_or_skip())
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.stop()
+
+
+@pytest.fixture
+def own_postgres_server() -> Iterator[_Postgres]:
+    """A server of this test's own, which the test may halt and launch again."""
+    pg = _Postgres(_bindir_or_skip())
     try:
         pg.start()
         yield pg

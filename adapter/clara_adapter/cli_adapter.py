@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, metavar="N", help="health/metrics port (default 8080)")
     p.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--settings", metavar="FILE", help="adapter settings file (YAML)")
+    p.add_argument("--journal", metavar="DSN",
+                   help="journal: a postgresql:// DSN, or a SQLite file (default: STORAGE/journal.sqlite)")
     p.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig (default: $KUBECONFIG, else in-cluster)")
 
 
@@ -29,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     log = logging.getLogger("clara_adapter")
     namespace = args.namespace or _pod_namespace() or "default"
     settings = load_settings(args.settings, overrides={"storageDir": args.storage, "dicomPort": args.dicom_port,
-                                                        "httpPort": args.http_port, "host": args.host})
+                                                        "httpPort": args.http_port, "host": args.host,
+                                                        "journal": args.journal})
     Path(settings.storageDir).mkdir(parents=True, exist_ok=True)
     bridge = KubeBridge(namespace, args.config_map, args.status_config_map,
                         Path(settings.storageDir) / "applied-config.json", args.kubeconfig)

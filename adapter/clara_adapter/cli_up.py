@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Results Service port (default: HTTP port + 1; 0 disables the Results Service)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--settings", metavar="FILE", help="adapter settings file (YAML)")
+    p.add_argument("--journal", metavar="DSN",
+                   help="journal: a postgresql:// DSN, or a SQLite file (default: STATE/journal.sqlite)")
 
 
 def run(args: argparse.Namespace) -> int:

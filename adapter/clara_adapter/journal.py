@@ -465,7 +465,13 @@ def open_journal(spec: str | None, root: str | Path, durable: bool = False) -> J
     ``<root>/journal.sqlite``, a file path for SQLite elsewhere, or a
     ``postgresql://`` DSN."""
     if spec and spec.startswith(("postgresql://", "postgres://")):
-        from clara_adapter.journal_pg import PostgresJournal
+        from clara_dicom.errors import UserError
 
-        return PostgresJournal(spec, root=root)
+        from clara_adapter.journal_pg import PostgresJournal, redacted
+
+        try:
+            return PostgresJournal(spec, root=root)
+        except Exception as exc:  # unreachable, bad credentials, no such database: one line for the user
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise UserError(f"journal {redacted(spec)}: cannot open ({type(exc).__name__}: {first})") from None
     return Journal(Path(spec) if spec else Path(root) / "journal.sqlite", root=root, durable=durable)

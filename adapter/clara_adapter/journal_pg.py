@@ -35,7 +35,10 @@ def redacted(dsn: str) -> str:
 
 class PostgresJournal(JournalBase):
     def __init__(self, dsn: str, root: str | Path, max_connections: int = 4, timeout: float = 5.0):
+        import psycopg
         from psycopg_pool import ConnectionPool
+
+        psycopg.connect(dsn, connect_timeout=int(timeout)).close()  # fail fast, with the server's own reason
 
         self.dsn = dsn
         self.path = redacted(dsn)

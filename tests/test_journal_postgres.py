@@ -1,0 +1,100 @@
+"""The adapter's journal on a real PostgreSQL (setting `journal`, `--journal`):
+restart recovery, an unreachable database answered with 0xA700 and nothing
+acknowledged lost, and `clara-dicom up --journal DSN` end to end with dcmtk."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from clara_dicom.config import resolve
+from clara_dicom.synthetic import write_study
+
+from clara_adapter.ingest import OUT_OF_RESOURCES, SUCCESS, Ingest
+from clara_adapter.journal import open_journal
+from clara_adapter.metrics import AdapterMetrics
+from clara_adapter.processors.base import ProcessorContext
+from clara_adapter.storage import InstanceStore
+from clara_adapter.submitter import JobSubmitter
+from local_setup import write_config
+from peers import adapter_command, storescu, wait_for
+from postgres_server import own_postgres_server, postgres_server  # noqa: F401 (fixtures)
+from test_processor_unit import Harness, manifests
+
+pytestmark = pytest.mark.postgres
+
+
+def test_open_groups_resume_from_a_postgres_journal_after_a_crash(tmp_path, postgres_server):
+    dsn = postgres_server.fresh_database("resume")
+    h = Harness(tmp_path, {"pipelines": {"a": "p1"}, "timeout": 10}, journal=open_journal(dsn, tmp_path))
+    h.send(study="1.1")
+    h.clock.advance(4)
+    h.send(study="1.1")
+    h.send(study="1.2")
+    for proc in h.ingest.processors.values():  # the old process is gone: its timers must do nothing
+        proc.open_groups.clear()
+    journal2 = open_journal(dsn, tmp_path)
+    assert journal2.epoch == h.journal.epoch
+    sub2 = JobSubmitter(h.sink, tmp_path / "payloads", h.clock, journal2, synchronous=True)
+    ingest2 = Ingest(ProcessorContext("default", journal2, h.clock, sub2, AdapterMetrics()),
+                     InstanceStore(tmp_path / "incoming"))
+    assert ingest2.recover() == 3
+    ingest2.apply_config(resolve(manifests({"pipelines": {"a": "p1"}, "timeout": 10})).config)
+    h.clock.advance(9.99)
+    assert h.counts() == []
+    h.clock.advance(0.02)
+    assert h.counts() == [1, 2]
+    assert journal2.count_instances() == 0
+    journal2.close()
+    h.journal.close()
+
+
+def test_database_unreachable_answers_a700_and_loses_nothing_acknowledged(tmp_path, own_postgres_server):
+    pg = own_postgres_server
+    h = Harness(tmp_path, {"pipelines": {"a": "p1"}, "timeout": 30}, journal=open_journal(pg.dsn, tmp_path))
+    acked = [h.send(study="1.1", sop=f"1.2.9.{i}") for i in range(3)]
+    assert acked == [SUCCESS] * 3
+    proc = h.ingest.processors["clara"]
+    members = set(proc.open_groups["1.1"].members)
+    pg.halt()
+    try:
+        refused = [h.send(study="1.1", sop=f"1.2.8.{i}") for i in range(2)]
+        assert refused == [OUT_OF_RESOURCES] * 2
+        assert set(proc.open_groups["1.1"].members) == members  # memory untouched
+        assert len(list((tmp_path / "incoming").glob("*.dcm"))) == 3  # the refused files are gone
+    finally:
+        pg.launch()
+    h.clock.advance(10)
+    assert h.send(study="1.1", sop="1.2.7.0") == SUCCESS  # the pool reconnects
+    h.clock.advance(30.01)
+    (job,) = h.jobs()
+    assert job["spec"]["payload"]["instances"] == 4
+    h.journal.close()
+
+
+@pytest.mark.dcmtk
+def test_clara_dicom_up_with_a_postgres_journal(tmp_path, postgres_server, local_adapter):
+    dsn = postgres_server.fresh_database("up")
+    config = write_config(tmp_path / "cfg", processor="pipelines: {seg: p-seg}\ntimeout: 5")
+    state = tmp_path / "state"
+    adapter = local_adapter(config, state=state, extra=["--journal", dsn])
+    files = write_study(tmp_path / "study", slices=6, rows=32, cols=32)
+    storescu(files, adapter.dicom_port)
+    adapter.kill()  # acknowledged, group open: the PostgreSQL journal holds it
+    assert not (state / "journal.sqlite").exists()
+    restarted = local_adapter(config, state=state, extra=["--journal", dsn])
+    (job,) = wait_for(lambda: restarted.jobs(), 20, what="job after restart")
+    assert job["spec"]["payload"]["instances"] == 6
+
+
+def test_unreachable_journal_at_start_is_one_line(tmp_path):
+    config = write_config(tmp_path / "cfg")
+    out = subprocess.run(adapter_command("up", "--config", str(config), "--state", str(tmp_path / "s"),
+                                         "--journal", "postgresql://clara:secret@127.0.0.1:1/x", "--http-port", "0",
+                                         "--results-port", "0"),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("clara-dicom up: error: journal postgresql://clara:***@127.0.0.1:1/x: cannot open")
+    assert "refused" in last, last
+    assert "Traceback" not in out.stderr and "secret" not in out.stderr
