@@ -261,7 +261,10 @@ class JournalBase:
             rel = self._rel(old)
             if Path(rel).is_absolute() and old.parent.name == "incoming":
                 rel = f"incoming/{old.name}"
-            updates.append((rel, id_))
+            if rel != text:  # a plug-in's own file outside the root stays as it is
+                updates.append((rel, id_))
+        if not updates:
+            return
         with self.atomic():
             self._executemany("UPDATE instances SET path=? WHERE id=?", updates)
         log.info("journal: %d instance paths made relative to the storage root", len(updates))
