@@ -56,8 +56,12 @@ def test_database_unreachable_answers_a700_and_loses_nothing_acknowledged(tmp_pa
     assert acked == [SUCCESS] * 3
     proc = h.ingest.processors["clara"]
     members = set(proc.open_groups["1.1"].members)
+    h.ingest.reject_unknown_sources = False  # this harness declares no ClaraSource
+    assert h.ingest.check_association("CLARA", "STORESCU", "127.0.0.1") is None
     pg.halt()
     try:
+        h.journal._probed_at = float("-inf")  # the next association asks the database now
+        assert h.ingest.check_association("CLARA", "STORESCU", "127.0.0.1")[0] == (0x02, 0x03, 0x02)  # transient
         refused = [h.send(study="1.1", sop=f"1.2.8.{i}") for i in range(2)]
         assert refused == [OUT_OF_RESOURCES] * 2
         assert set(proc.open_groups["1.1"].members) == members  # memory untouched
@@ -65,6 +69,12 @@ def test_database_unreachable_answers_a700_and_loses_nothing_acknowledged(tmp_pa
     finally:
         pg.launch()
     h.clock.advance(10)
+
+    def accepted() -> bool:
+        h.journal._probed_at = float("-inf")
+        return h.ingest.check_association("CLARA", "STORESCU", "127.0.0.1") is None
+
+    wait_for(accepted, 20, interval=0.2, what="associations accepted again")
     assert h.send(study="1.1", sop="1.2.7.0") == SUCCESS  # the pool reconnects
     h.clock.advance(30.01)
     (job,) = h.jobs()

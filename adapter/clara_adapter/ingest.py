@@ -213,6 +213,8 @@ class Ingest:
             problem = self.store.guard.check()
             if problem:
                 return REJECT_BUSY, f"storage full: {problem}"
+        if not self.journal.available():
+            return REJECT_BUSY, "journal unreachable"
         return None
 
     # -- instances ------------------------------------------------------------

@@ -219,6 +219,10 @@ class JournalBase:
         self.epoch = self._query("SELECT value FROM meta WHERE key='epoch'")[0][0]
         self._migrate_absolute_paths()
 
+    def available(self) -> bool:
+        """Can the journal take writes now? (New associations are refused while not.)"""
+        return True
+
     # back-end primitives
     def _execute(self, sql: str, args: tuple = ()) -> list[tuple]:
         raise NotImplementedError

@@ -12,6 +12,7 @@ commit path answers with 0xA700 (out of resources, retry later).
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,12 @@ class PostgresJournal(JournalBase):
         self.dsn = dsn
         self.path = redacted(dsn)
         self._setup(Path(root))
+        self._probed_at, self._reachable = float("-inf"), True
         self._conn: Any = None  # the connection of the open transaction
         self._conn_cm: Any = None
         self._pool = ConnectionPool(
             dsn, min_size=1, max_size=max_connections, timeout=timeout, open=False, name="clara-journal",
+            check=ConnectionPool.check_connection,  # a server restart leaves idle connections broken
             kwargs={"autocommit": True, "options": f"-c search_path={PG_SCHEMA_NAME}", "connect_timeout": 5},
         )
         self._pool.open(wait=True, timeout=timeout)
@@ -58,6 +61,22 @@ class PostgresJournal(JournalBase):
                     if statement.strip():
                         conn.execute(statement)
         self._load_epoch()
+
+    PROBE_SECONDS = 1.0
+
+    def available(self) -> bool:
+        """A ``SELECT 1`` at most once a second (associations ask on every accept)."""
+        now = time.monotonic()
+        if now - self._probed_at < self.PROBE_SECONDS:
+            return self._reachable
+        self._probed_at = now
+        try:
+            with self._pool.connection(timeout=1.0) as conn:
+                conn.execute("SELECT 1")
+            self._reachable = True
+        except Exception:
+            self._reachable = False
+        return self._reachable
 
     @staticmethod
     def _sql(sql: str) -> str:
