@@ -26,7 +26,7 @@ from clara_adapter.storage import InstanceStore
 from clara_adapter.submitter import JobSubmitter
 from clara_adapter.timers import ThreadScheduler
 from postgres_server import postgres_server  # noqa: F401 (fixture)
-from test_processor_unit import Harness, MemorySink, manifests
+from test_processor_unit import Harness, manifests
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
@@ -272,7 +272,6 @@ def test_restart_with_the_storage_root_spelled_differently_loses_nothing(tmp_pat
     h.journal.close()
     if spelling == "relative":
         monkeypatch.chdir(tmp_path)
-        root = Path("real") / "h"
         root = Path("real")
     elif spelling == "symlink":
         os.symlink(tmp_path / "real", tmp_path / "link")

@@ -22,13 +22,13 @@ from clara_adapter.housekeeping import Housekeeper
 from clara_adapter.http import HealthServer
 from clara_adapter.ingest import Ingest
 from clara_adapter.job_sinks import JobSink
-from clara_adapter.submitter import JobSubmitter
 from clara_adapter.journal import open_journal
 from clara_adapter.metrics import AdapterMetrics
 from clara_adapter.processors.base import ProcessorContext
 from clara_adapter.scp import StorageSCP
 from clara_adapter.settings import AdapterSettings
 from clara_adapter.storage import DiskGuard, InstanceStore
+from clara_adapter.submitter import JobSubmitter
 from clara_adapter.timers import ThreadScheduler
 
 log = logging.getLogger(__name__)
