@@ -108,3 +108,32 @@ def test_unreachable_journal_at_start_is_one_line(tmp_path):
     assert last.startswith("clara-dicom up: error: journal postgresql://clara:***@127.0.0.1:1/x: cannot open")
     assert "refused" in last, last
     assert "Traceback" not in out.stderr and "secret" not in out.stderr
+
+
+def test_journals_opening_together_on_an_empty_database_agree(tmp_path, postgres_server):
+    """Replicas starting at the same moment: schema creation is serialised, one epoch for all."""
+    import threading
+
+    dsn = postgres_server.fresh_database("together")
+    opened, errors = [], []
+    barrier = threading.Barrier(4)
+
+    def open_one() -> None:
+        barrier.wait()
+        try:
+            opened.append(open_journal(dsn, tmp_path))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert errors == [] and len(opened) == 4
+        assert len({j.epoch for j in opened}) == 1
+        assert len({j.next_sequence() for j in opened}) == 4  # one sequence, shared
+    finally:
+        for journal in opened:
+            journal.close()
