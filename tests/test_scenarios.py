@@ -108,7 +108,10 @@ def test_scenario_2b_four_instances_at_t1_t1p4_t2p3_t3p1_make_one_job(tmp_path, 
 
 
 def test_sigkill_mid_study_loses_and_duplicates_nothing(tmp_path, local_adapter):
-    config = write_config(tmp_path / "cfg", processor="pipelines: {seg: p-seg, qa: p-qa}\ntimeout: 6")
+    # The quiet period must outlast a restart (start-up alone takes ~6 s on a loaded 2-core machine):
+    # a group whose quiet period ends while the adapter is down rightly closes at recovery.
+    timeout = 15
+    config = write_config(tmp_path / "cfg", processor=f"pipelines: {{seg: p-seg, qa: p-qa}}\ntimeout: {timeout}")
     state = tmp_path / "state"
     adapter = local_adapter(config, state=state)
     files = write_study(tmp_path / "study", slices=40, rows=64, cols=64, patient_id="P-KILL")
@@ -124,8 +127,8 @@ def test_sigkill_mid_study_loses_and_duplicates_nothing(tmp_path, local_adapter)
     # restart on the same state, then send the rest of the study
     restarted = local_adapter(config, state=state)
     storescu(files[n_acked:], restarted.dicom_port)
-    jobs = wait_for(lambda: len(restarted.jobs()) >= 2 and restarted.jobs(), 30, what="jobs after restart")
-    time.sleep(7)  # a second group would appear by now if the restart had split or duplicated work
+    jobs = wait_for(lambda: len(restarted.jobs()) >= 2 and restarted.jobs(), timeout + 30, what="jobs after restart")
+    time.sleep(timeout + 1)  # a second group would appear by now if the restart had split or duplicated work
     jobs = restarted.jobs()
     assert sorted(j["spec"]["pipeline"] for j in jobs) == ["p-qa", "p-seg"]
     everything = sops(files)
