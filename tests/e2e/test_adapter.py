@@ -216,7 +216,10 @@ def test_api_outage_while_a_group_closes_creates_each_job_once(stack, tmp_path, 
 
 
 def test_adapter_sigkill_mid_study_loses_and_duplicates_nothing(stack, tmp_path):
-    stack.apply(processor("proc", {"seg": "p-seg"}, timeout=6))
+    # The quiet period must outlast the adapter's restart, even on a loaded machine,
+    # or the group rightly closes before the rest of the study arrives.
+    timeout = 15
+    stack.apply(processor("proc", {"seg": "p-seg"}, timeout=timeout))
     stack.apply(aetitle("clara", "CLARA", "proc"))
     wait_for(stack.accepted, 20, interval=0.1, what="association accepted")
     files = write_study(tmp_path / "study", slices=30, rows=64, cols=64)
@@ -232,8 +235,8 @@ def test_adapter_sigkill_mid_study_loses_and_duplicates_nothing(stack, tmp_path)
     stack.start_adapter()
     wait_for(stack.accepted, 30, interval=0.1, what="restarted adapter accepts")
     storescu(files[acked:], stack.dicom_port)
-    (job,) = wait_for(lambda: stack.jobs(), 30, what="the job")
-    time.sleep(7)
+    (job,) = wait_for(lambda: stack.jobs(), timeout + 30, what="the job")
+    time.sleep(timeout + 1)  # long enough for a second (split) group's job to show
     (job,) = stack.jobs()
     import pydicom
 
