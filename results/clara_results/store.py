@@ -145,7 +145,7 @@ class TaskStore:
         (_seq, id_, key, job_id, pipeline_id, payload_id, operator, agent, parameters, uris, state, retries,
          created_at, updated_at, available_at, lease_expires_at, finished_at, lease_id) = row
         if self._expired(row, now):
-            retries += 1
+            retries, updated_at = retries + 1, lease_expires_at
             if retries >= self.max_retries:
                 state, finished_at = _FAILED, lease_expires_at
             else:
@@ -382,10 +382,10 @@ class TaskStore:
             cur.execute(
                 self._sql(
                     "UPDATE tasks SET state = ?, retries = retries + 1, finished_at = lease_expires_at, "
-                    "lease_expires_at = NULL, updated_at = ? "
+                    "updated_at = lease_expires_at, lease_expires_at = NULL "
                     "WHERE state = ? AND lease_expires_at <= ? AND retries + 1 >= ?"
                 ),
-                (_FAILED, now, _IN_PROGRESS, now, self.max_retries),
+                (_FAILED, _IN_PROGRESS, now, self.max_retries),
             )
             cur.execute(
                 self._sql("DELETE FROM tasks WHERE state IN (?, ?) AND finished_at <= ?"),
