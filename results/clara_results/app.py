@@ -109,10 +109,28 @@ class TaskOut(BaseModel):
     createdAt: str
     updatedAt: str
     availableAt: Optional[str] = Field(default=None, description="A Pending task is not leased before this.")
+    leaseId: Optional[str] = Field(
+        default=None,
+        description="The lease's fencing token: set only in the answer of `GET /api/tasks/{agent}/pending` "
+        "(new for every lease). Send it back as `?leaseId=` with the report and the renewals.",
+    )
     leaseExpiresAt: Optional[str] = Field(
-        default=None, description="When an InProgress task's lease ends and it becomes Pending again."
+        default=None,
+        description="When an InProgress task's lease ends; an expired lease counts as a failed attempt "
+        "with retryLater=true.",
     )
     finishedAt: Optional[str] = None
+
+    @classmethod
+    def of(cls, task: m.Task) -> "TaskOut":
+        # The store's tasks are valid by construction; FastAPI still checks them against response_model.
+        return cls.model_construct(**task.to_json())
+
+
+class LeaseOut(BaseModel):
+    """A renewed lease."""
+
+    leaseExpiresAt: str = Field(description="The lease now runs until this time (`--lease-seconds` from now).")
 
 
 class FailureReport(BaseModel):
@@ -143,7 +161,18 @@ ERRORS = {
     503: {"model": ErrorOut, "description": "Database unavailable"},
 }
 NOT_FOUND = {404: {"model": ErrorOut, "description": "Unknown task"}}
-CONFLICT = {409: {"model": ErrorOut, "description": "The task's state does not allow this"}}
+CONFLICT = {409: {"model": ErrorOut, "description": "The task's state does not allow this, or `leaseId` is "
+                  "not the task's current lease (superseded or unknown); nothing was changed"}}
+
+
+def _lease_query(required: bool) -> Any:
+    return Query(
+        default=... if required else None,
+        pattern=m.LEASE_ID_PATTERN,
+        description="The `leaseId` the task was leased with. "
+        + ("" if required else "Without it (clients written for Clara) the report is accepted while the task "
+           "is InProgress, whoever holds the lease."),
+    )
 
 
 # --------------------------------------------------------------------------- metrics
@@ -159,6 +188,9 @@ class ResultsMetrics:
             "Results reported by agents, by outcome (succeeded, retry, failed)",
             ["outcome"],
             registry=self.registry,
+        )
+        self.renewals = Counter(
+            "clara_results_lease_renewals_total", "Leases renewed by their holders", registry=self.registry
         )
         self.purged = Counter(
             "clara_results_tasks_purged_total", "Finished tasks deleted after retention", registry=self.registry
@@ -400,7 +432,7 @@ def create_app(store: TaskStore, token: str, *, metrics: ResultsMetrics | None =
         responses={200: {"model": TaskOut, "description": "A task with this idempotencyKey already exists"},
                    **ERRORS},
     )
-    def create_task(body: TaskCreate = Body(...)) -> Any:
+    def create_task(response: Response, body: TaskCreate = Body(...)) -> TaskOut:
         new = NewTask(
             job_id=body.jobId, pipeline_id=body.pipelineId, payload_id=body.payloadId, agent=body.agent,
             uris=tuple(body.uris), parameters=body.parameters, operator=body.operator,
@@ -410,8 +442,9 @@ def create_app(store: TaskStore, token: str, *, metrics: ResultsMetrics | None =
         if created:
             metrics.created.inc()
             log.debug("task created id=%s agent=%s files=%d", task.id, task.agent, len(task.uris))
-            return JSONResponse(task.to_json(), status_code=201)
-        return JSONResponse(task.to_json(), status_code=200)
+        else:
+            response.status_code = 200
+        return TaskOut.of(task)
 
     @app.get(
         "/api/tasks",
@@ -424,14 +457,15 @@ def create_app(store: TaskStore, token: str, *, metrics: ResultsMetrics | None =
     def list_tasks(
         agent: Optional[str] = Query(default=None, pattern=m.AGENT_PATTERN),
         state: Optional[int] = Query(default=None, ge=1, le=4, description="1..4; InProgress tasks whose "
-                                     "lease expired count as Pending"),
+                                     "lease expired count as the failed attempt they are: Pending, or Failed "
+                                     "at --max-retries"),
         jobId: Optional[str] = Query(default=None, pattern=m.ID_PATTERN),
         limit: int = Query(default=100, ge=1, le=1000),
         offset: int = Query(default=0, ge=0, le=1_000_000_000),
-    ) -> Any:
+    ) -> list[TaskOut]:
         tasks = store.list(agent=agent, state=TaskState(state) if state else None, job_id=jobId,
                            limit=limit, offset=offset)
-        return JSONResponse([t.to_json() for t in tasks])
+        return [TaskOut.of(t) for t in tasks]
 
     @app.get(
         "/api/tasks/{taskId}",
@@ -441,42 +475,63 @@ def create_app(store: TaskStore, token: str, *, metrics: ResultsMetrics | None =
         dependencies=auth,
         responses={**ERRORS, **NOT_FOUND},
     )
-    def get_task(taskId: str = Path(..., max_length=200)) -> Any:
-        return JSONResponse(store.get(_parse_task_id(taskId)).to_json())
+    def get_task(taskId: str = Path(..., max_length=200)) -> TaskOut:
+        return TaskOut.of(store.get(_parse_task_id(taskId)))
 
     @app.get(
         "/api/tasks/{agent}/pending",
         response_model=list[TaskOut],
         tags=["tasks"],
         summary="Lease up to `size` Pending tasks of an agent",
-        description="The tasks become InProgress with a lease; a task whose lease expires before its "
-        "result is reported becomes Pending again (without counting a retry).",
+        description="The tasks become InProgress with a lease: each answer carries a new `leaseId` and its "
+        "`leaseExpiresAt` (`--lease-seconds` from now). Renew the lease with `PUT /api/tasks/{taskId}/lease` "
+        "while working on the task. A lease that expires counts as a failed attempt with retryLater=true: "
+        "retries + 1, the task is Pending again after the usual back-off, or Failed at --max-retries.",
         dependencies=auth,
         responses=ERRORS,
     )
     def lease(
         agent: str = Path(..., pattern=m.AGENT_PATTERN),
         size: int = Query(default=1, ge=1, le=1000, description="How many tasks at most."),
-    ) -> Any:
+    ) -> list[TaskOut]:
         tasks = store.lease(agent, size)
         if tasks:
             metrics.leased.inc(len(tasks))
-        return JSONResponse([t.to_json() for t in tasks])
+        return [TaskOut.of(t) for t in tasks]
+
+    @app.put(
+        "/api/tasks/{taskId}/lease",
+        response_model=LeaseOut,
+        tags=["tasks"],
+        summary="Renew a lease",
+        description="The lease `leaseId` runs `--lease-seconds` from now; this works for an expired lease "
+        "too as long as the task has not been leased again. 409 once another lease exists or the task is "
+        "finished: the holder must then stop working on the task and report nothing.",
+        dependencies=auth,
+        responses={**ERRORS, **NOT_FOUND, **CONFLICT},
+    )
+    def renew_lease(taskId: str = Path(..., max_length=200),
+                    leaseId: str = _lease_query(required=True)) -> LeaseOut:
+        expires = store.renew(_parse_task_id(taskId), leaseId)
+        metrics.renewals.inc()
+        return LeaseOut(leaseExpiresAt=m.iso_time(expires))
 
     @app.put(
         "/api/tasks/success/{taskId}",
         response_model=TaskOut,
         tags=["tasks"],
         summary="Report that a leased task succeeded",
-        description="Accepted for a task that has been leased (even if its lease has expired since). "
-        "Reporting success twice is harmless.",
+        description="Accepted while the task's lease `leaseId` is its current one (even if it has expired, "
+        "until the task is leased again). Repeating the report with the same lease is harmless. Without "
+        "`leaseId`, accepted while the task is InProgress; success is idempotent.",
         dependencies=auth,
         responses={**ERRORS, **NOT_FOUND, **CONFLICT},
     )
-    def report_success(taskId: str = Path(..., max_length=200)) -> Any:
-        task = store.report_success(_parse_task_id(taskId))
+    def report_success(taskId: str = Path(..., max_length=200),
+                       leaseId: Optional[str] = _lease_query(required=False)) -> TaskOut:
+        task = store.report_success(_parse_task_id(taskId), leaseId)
         metrics.reports.labels("succeeded").inc()
-        return JSONResponse(task.to_json())
+        return TaskOut.of(task)
 
     @app.put(
         "/api/tasks/failure/{taskId}",
@@ -484,16 +539,18 @@ def create_app(store: TaskStore, token: str, *, metrics: ResultsMetrics | None =
         tags=["tasks"],
         summary="Report that a leased task failed",
         description="retries + 1; back to Pending while retryLater and retries < --max-retries "
-        "(after a growing delay), otherwise Failed.",
+        "(after a growing delay), otherwise Failed. Fenced by `leaseId` as success is; repeating the "
+        "report with the same lease returns the task unchanged.",
         dependencies=auth,
         responses={**ERRORS, **NOT_FOUND, **CONFLICT},
     )
     def report_failure(taskId: str = Path(..., max_length=200),
-                       body: Optional[FailureReport] = Body(default=None)) -> Any:
+                       leaseId: Optional[str] = _lease_query(required=False),
+                       body: Optional[FailureReport] = Body(default=None)) -> TaskOut:
         report = body or FailureReport()
-        task = store.report_failure(_parse_task_id(taskId), report.retryLater)
+        task = store.report_failure(_parse_task_id(taskId), report.retryLater, leaseId)
         metrics.reports.labels("retry" if task.state == TaskState.PENDING else "failed").inc()
-        return JSONResponse(task.to_json())
+        return TaskOut.of(task)
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", dependencies=auth,
              response_class=Response, responses={200: {"content": {"text/plain": {}}}, **ERRORS})

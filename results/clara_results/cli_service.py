@@ -52,8 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="failures after which a task is Failed even with retryLater (default 3; "
                              "env CLARA_RESULTS_MAX_RETRIES)")
     parser.add_argument("--lease-seconds", type=_seconds, default=None, metavar="S",
-                        help="how long a leased task stays InProgress before it is Pending again "
-                             "(default 300)")
+                        help="how long a lease lasts unless its holder renews it; an expired lease counts "
+                             "as a failed attempt with retryLater (default 300)")
     parser.add_argument("--retry-delay", type=_seconds, default=None, metavar="S",
                         help="a task failed with retryLater waits S * 2^(retries-1) seconds before it "
                              "can be leased again (default 10)")

@@ -5,8 +5,13 @@
     with ResultsClient("http://127.0.0.1:8088", token) as client:
         for task in client.lease("ClaraSCU", size=4):
             ...                       # task.parameters, task.uris, task.payload_id
-            client.report_success(task.id)
-            # or client.report_failure(task.id, retry_later=True)
+            client.renew(task.id, task.lease_id)   # while working longer than the lease
+            client.report_success(task.id, lease_id=task.lease_id)
+            # or client.report_failure(task.id, retry_later=True, lease_id=task.lease_id)
+
+``task.lease_id`` fences the reports: once the lease has been superseded (it expired
+and the task was leased again), reports and renewals with it raise
+:class:`TaskConflictError` and change nothing.
 
 Errors: every failure raises a :class:`ResultsError` subclass —
 :class:`ResultsUnavailable` (cannot connect, timeout, HTTP 5xx: worth retrying),
@@ -23,7 +28,7 @@ from urllib.parse import quote
 
 import httpx
 
-from clara_results.models import Task, TaskState
+from clara_results.models import Task, TaskState, parse_time
 
 __all__ = [
     "ResultsClient",
@@ -156,15 +161,29 @@ class ResultsClient:
         r = self._request("GET", f"/api/tasks/{quote(agent, safe='')}/pending", params={"size": size})
         return [Task.from_json(t) for t in r.json()]
 
-    def report_success(self, task_id: str) -> Task:
-        """``PUT /api/tasks/success/{taskId}``."""
-        return Task.from_json(self._request("PUT", f"/api/tasks/success/{quote(task_id, safe='')}").json())
+    @staticmethod
+    def _lease_params(lease_id: str | None) -> dict[str, str]:
+        return {} if lease_id is None else {"leaseId": lease_id}
 
-    def report_failure(self, task_id: str, retry_later: bool) -> Task:
-        """``PUT /api/tasks/failure/{taskId}`` with ``{"retryLater": …}``; the returned task's
-        state says what the server decided (Pending = will be retried, Failed = final)."""
-        r = self._request("PUT", f"/api/tasks/failure/{quote(task_id, safe='')}", json={"retryLater": bool(retry_later)})
+    def report_success(self, task_id: str, lease_id: str | None = None) -> Task:
+        """``PUT /api/tasks/success/{taskId}[?leaseId=…]``."""
+        r = self._request("PUT", f"/api/tasks/success/{quote(task_id, safe='')}",
+                          params=self._lease_params(lease_id))
         return Task.from_json(r.json())
+
+    def report_failure(self, task_id: str, retry_later: bool, lease_id: str | None = None) -> Task:
+        """``PUT /api/tasks/failure/{taskId}[?leaseId=…]`` with ``{"retryLater": …}``; the returned
+        task's state says what the server decided (Pending = will be retried, Failed = final)."""
+        r = self._request("PUT", f"/api/tasks/failure/{quote(task_id, safe='')}",
+                          params=self._lease_params(lease_id), json={"retryLater": bool(retry_later)})
+        return Task.from_json(r.json())
+
+    def renew(self, task_id: str, lease_id: str) -> float:
+        """``PUT /api/tasks/{taskId}/lease?leaseId=…``: the lease runs ``--lease-seconds`` from now;
+        returns its new expiry (seconds since the epoch, by the server's clock). Raises
+        TaskConflictError once the lease is superseded or the task finished."""
+        r = self._request("PUT", f"/api/tasks/{quote(task_id, safe='')}/lease", params={"leaseId": lease_id})
+        return parse_time(r.json()["leaseExpiresAt"])
 
     def get_task(self, task_id: str) -> Task:
         """``GET /api/tasks/{taskId}``; raises TaskNotFoundError."""

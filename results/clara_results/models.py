@@ -25,6 +25,9 @@ PAYLOAD_ID_RE = re.compile(PAYLOAD_ID_PATTERN)
 ID_PATTERN = r"^[^\s\x00-\x1f\x7f](?:[^\x00-\x1f\x7f]{0,251}[^\s\x00-\x1f\x7f])?$"
 ID_RE = re.compile(ID_PATTERN)
 
+#: A lease id (the fencing token ``GET …/pending`` hands out): opaque, hex digits today.
+LEASE_ID_PATTERN = r"^[A-Za-z0-9-]{1,64}$"
+
 MAX_URIS = 100_000
 MAX_URI_LENGTH = 4096
 MAX_PARAMETERS_LENGTH = 65_536
@@ -78,10 +81,18 @@ def uri_problem(uri: str) -> str | None:
     return None
 
 
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
+def iso_time(ts: float) -> str:
+    """Seconds since the epoch as the API writes times: ISO 8601, UTC, ``Z``."""
     return _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> float:
+    """The inverse of :func:`iso_time`."""
+    return _dt.datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else iso_time(ts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +101,9 @@ class Task:
 
     ``parameters`` is a string (by convention the JSON serialisation of one
     ``--data`` element) or None. ``uris`` are paths relative to the job's payload
-    directory. Times are seconds since the epoch (UTC).
+    directory. Times are seconds since the epoch (UTC). ``lease_id`` is the fencing
+    token of the lease that handed the task out (None elsewhere, and from services
+    written for Clara, which have none).
     """
 
     id: str
@@ -109,6 +122,8 @@ class Task:
     available_at: float | None = None
     lease_expires_at: float | None = None
     finished_at: float | None = None
+    #: The lease's fencing token; only set on tasks just handed out by a lease.
+    lease_id: str | None = None
 
     @property
     def task_id(self) -> str:
@@ -132,6 +147,7 @@ class Task:
             "createdAt": _iso(self.created_at),
             "updatedAt": _iso(self.updated_at),
             "availableAt": _iso(self.available_at),
+            "leaseId": self.lease_id,
             "leaseExpiresAt": _iso(self.lease_expires_at),
             "finishedAt": _iso(self.finished_at),
         }
@@ -142,9 +158,7 @@ class Task:
 
         def ts(key: str) -> float | None:
             v = data.get(key)
-            if v is None:
-                return None
-            return _dt.datetime.fromisoformat(str(v).replace("Z", "+00:00")).timestamp()
+            return None if v is None else parse_time(v)
 
         return cls(
             id=str(data["id"]),
@@ -163,6 +177,7 @@ class Task:
             available_at=ts("availableAt"),
             lease_expires_at=ts("leaseExpiresAt"),
             finished_at=ts("finishedAt"),
+            lease_id=data.get("leaseId"),
         )
 
 

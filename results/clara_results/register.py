@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the agent that processes the tasks, e.g. ClaraSCU or renderserver")
     parser.add_argument("--data", default=None, metavar="JSON_ARRAY",
                         help="a non-empty JSON array; each element becomes one task whose parameters is the "
-                             "element's JSON serialisation, e.g. '[\"Orthanc\",\"DCM4CHEE\"]'")
+                             "element's JSON serialisation, e.g. '[\"Orthanc\",\"DCM4CHEE\"]'. At most "
+                             f"{MAX_DATA_LENGTH} characters, {MAX_DATA_DEPTH} levels of nesting and "
+                             f"{MAX_DATA_ELEMENTS} elements")
     parser.add_argument("--input", action="append", default=None, metavar="DIR",
                         help="a directory to scan (repeatable; default: CLARA_INPUT_PATHS, colon-separated)")
     parser.add_argument("--url", default=None, help="Results Service URL (default: CLARA_RESULTS_URL)")
@@ -80,21 +82,70 @@ def _required_env(label: str, *names: str) -> str:
     return value
 
 
+#: Limits on ``--data`` (documented in --help and results/README.md). The length is also
+#: Linux's limit for one command-line argument (MAX_ARG_STRLEN).
+MAX_DATA_LENGTH = 131_072
+MAX_DATA_DEPTH = 64
+MAX_DATA_ELEMENTS = 1000
+
+
+def _nesting_depth(text: str, limit: int) -> int:
+    """How deep ``[``/``{`` nest in JSON ``text`` (outside strings), counting no further than ``limit + 1``."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    break
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
 def parse_data(text: str | None) -> list[str | None]:
-    """``--data`` → the ``parameters`` of each task (``[None]`` without ``--data``)."""
+    """``--data`` → the ``parameters`` of each task (``[None]`` without ``--data``).
+
+    Any text either parses or raises UserError with one line: at most MAX_DATA_LENGTH
+    characters, MAX_DATA_DEPTH levels of nesting and MAX_DATA_ELEMENTS elements.
+    """
     if text is None:
         return [None]
+    if len(text) > MAX_DATA_LENGTH:
+        raise UserError(f"--data is longer than {MAX_DATA_LENGTH} characters ({len(text)})")
+    # Checked before parsing: the parser recurses once per level.
+    if _nesting_depth(text, MAX_DATA_DEPTH) > MAX_DATA_DEPTH:
+        raise UserError(f"--data nests arrays/objects deeper than {MAX_DATA_DEPTH} levels")
 
     def no_constants(name: str) -> Any:
         raise ValueError(f"{name} is not valid JSON")
 
+    def finite(number: str) -> float:
+        value = float(number)
+        if value in (float("inf"), float("-inf")):
+            raise ValueError(f"the number {number[:20]} is too large")
+        return value
+
     try:
-        value = json.loads(text, parse_constant=no_constants)
-    except ValueError as exc:
+        value = json.loads(text, parse_constant=no_constants, parse_float=finite)
+    except (ValueError, RecursionError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else "not JSON"
-        raise UserError(f"--data is not valid JSON: {first}") from None
+        raise UserError(f"--data is not valid JSON: {first[:200]}") from None
     if not isinstance(value, list) or not value:
         raise UserError("--data must be a non-empty JSON array, e.g. '[\"Orthanc\"]'")
+    if len(value) > MAX_DATA_ELEMENTS:
+        raise UserError(f"--data has {len(value)} elements; at most {MAX_DATA_ELEMENTS} (one task each)")
     parameters = []
     for i, element in enumerate(value):
         serialised = json.dumps(element)

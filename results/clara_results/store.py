@@ -2,20 +2,30 @@
 
 Both back-ends implement :class:`TaskStore` with the same SQL and the same
 rules; only connection handling and the DDL differ. All state transitions
-happen here, so the server alone decides retries:
+happen here, so the server alone decides retries (SPEC §4, §9 "Results Service
+leases"):
 
 * ``lease``: Pending tasks whose ``available_at`` has come, and InProgress tasks
-  whose lease has expired, become InProgress with a fresh lease (FIFO).
-  Concurrent callers never receive the same task (SQLite: one writer at a
-  time; PostgreSQL: ``FOR UPDATE SKIP LOCKED``).
-* A task whose lease has expired is *reported* as Pending (``get``/``list``)
-  even before someone leases it again; nothing has to sweep it.
-* ``report_success``: a leased task (lease current or expired) becomes
-  Succeeded; reporting success again is a no-op.
-* ``report_failure``: a leased task gets ``retries + 1``; it goes back to
-  Pending (available after ``retry_delay * 2**(retries-1)`` seconds) while
-  ``retry_later`` and ``retries < max_retries``, else it becomes Failed.
-* Expiring a lease does not count as a retry.
+  whose lease has expired (and whose back-off has passed), become InProgress with
+  a fresh lease: a new ``lease_id`` and ``lease_expires_at`` (FIFO). Concurrent
+  callers, in one process or in several on one database, never receive the same
+  task (SQLite: one writer at a time; PostgreSQL: ``FOR UPDATE SKIP LOCKED``).
+* An expired lease counts as a failed attempt with ``retryLater``: the task is
+  *reported* with ``retries + 1`` and as Pending (available after the usual
+  back-off, counted from the expiry) or, at ``max_retries``, as Failed — so a
+  task that kills or hangs its agent cannot loop forever. Nothing has to sweep
+  it: reads project the expiry, ``lease`` applies it when it hands the task out
+  again, ``purge`` writes the Failed ones.
+* Reports (``report_success``/``report_failure``) and ``renew`` are fenced by the
+  lease: a ``lease_id`` that is not the task's current one → TaskConflict, no
+  change. Until the task is leased again, an expired lease is still the current
+  one: its holder may renew it or report (then the expiry is not counted).
+  Repeating the report that ended a lease, with that lease, returns the task
+  unchanged. Without a ``lease_id`` (clients written for Clara) a report is
+  accepted while the task is InProgress, and success is idempotent.
+* ``report_failure``: ``retries + 1``; back to Pending (available after
+  ``retry_delay * 2**(retries-1)`` seconds) while ``retry_later`` and
+  ``retries < max_retries``, else Failed.
 * ``purge``: finished tasks older than ``retention_seconds`` are deleted.
 
 Times come from ``clock`` (seconds since the epoch) so tests can control them.
@@ -26,7 +36,6 @@ import contextlib
 import json
 import logging
 import os
-import queue
 import sqlite3
 import threading
 import time
@@ -41,6 +50,8 @@ DEFAULT_MAX_RETRIES = 3
 DEFAULT_LEASE_SECONDS = 300.0
 DEFAULT_RETRY_DELAY = 10.0
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600.0
+#: The back-off doubles per retry up to this many doublings.
+MAX_BACKOFF_DOUBLINGS = 20
 
 
 class StoreError(Exception):
@@ -61,45 +72,26 @@ class StoreUnavailable(StoreError):
 
 _COLUMNS = (
     "seq, id, idempotency_key, job_id, pipeline_id, payload_id, operator, agent, parameters, uris, "
-    "state, retries, created_at, updated_at, available_at, lease_expires_at, finished_at"
+    "state, retries, created_at, updated_at, available_at, lease_expires_at, finished_at, lease_id"
 )
+# Positions in a row of _COLUMNS.
+_STATE, _RETRIES, _LEASE_EXPIRES, _LEASE_ID = 10, 11, 15, 17
+
+_IN_PROGRESS, _PENDING, _SUCCEEDED, _FAILED = (int(s) for s in (
+    TaskState.IN_PROGRESS, TaskState.PENDING, TaskState.SUCCEEDED, TaskState.FAILED))
 
 
-def _now_effective_state(state: int, lease_expires_at: float | None, now: float) -> TaskState:
-    if state == TaskState.IN_PROGRESS and lease_expires_at is not None and lease_expires_at <= now:
-        return TaskState.PENDING
-    return TaskState(state)
-
-
-def _row_to_task(row: Sequence[Any], now: float) -> Task:
-    (_seq, id_, key, job_id, pipeline_id, payload_id, operator, agent, parameters, uris, state, retries,
-     created_at, updated_at, available_at, lease_expires_at, finished_at) = row
-    eff = _now_effective_state(state, lease_expires_at, now)
-    return Task(
-        id=id_,
-        job_id=job_id,
-        pipeline_id=pipeline_id,
-        payload_id=payload_id,
-        agent=agent,
-        parameters=parameters,
-        uris=tuple(json.loads(uris)),
-        state=eff,
-        retries=retries,
-        created_at=created_at,
-        updated_at=updated_at,
-        operator=operator,
-        idempotency_key=key,
-        available_at=available_at,
-        lease_expires_at=lease_expires_at if eff == TaskState.IN_PROGRESS else None,
-        finished_at=finished_at,
-    )
+def _short(value: str, n: int = 40) -> str:
+    return value if len(value) <= n else value[:n] + "…"
 
 
 class TaskStore:
-    """Common logic; subclasses supply ``_transaction()`` and the DDL."""
+    """Common logic; subclasses supply ``_transaction()``, the DDL and ``_new_lease_id_sql``."""
 
     placeholder = "?"
     kind = "abstract"
+    #: SQL giving a fresh, random lease id (32 hex digits) for every row it is evaluated for.
+    _new_lease_id_sql = ""
 
     def __init__(
         self,
@@ -131,14 +123,60 @@ class TaskStore:
     def _sql(self, sql: str) -> str:
         return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
 
-    def _lease_sql(self) -> str:
-        raise NotImplementedError
+    def _skip_locked(self) -> str:
+        return ""
 
     def _select_for_update(self) -> str:
         return ""
 
     def close(self) -> None:
         pass
+
+    # -- rules ----------------------------------------------------------------
+    def backoff(self, retries: int) -> float:
+        """Seconds a task waits after its ``retries``-th failed attempt before it can be leased again."""
+        return self.retry_delay * (2 ** min(max(retries - 1, 0), MAX_BACKOFF_DOUBLINGS))
+
+    def _expired(self, row: Sequence[Any], now: float) -> bool:
+        return row[_STATE] == _IN_PROGRESS and row[_LEASE_EXPIRES] is not None and row[_LEASE_EXPIRES] <= now
+
+    def _row_to_task(self, row: Sequence[Any], now: float, *, with_lease: bool = False) -> Task:
+        """The task as it stands at ``now``: an expired lease is projected as the failed attempt it counts as."""
+        (_seq, id_, key, job_id, pipeline_id, payload_id, operator, agent, parameters, uris, state, retries,
+         created_at, updated_at, available_at, lease_expires_at, finished_at, lease_id) = row
+        if self._expired(row, now):
+            retries, updated_at = retries + 1, lease_expires_at
+            if retries >= self.max_retries:
+                state, finished_at = _FAILED, lease_expires_at
+            else:
+                state, available_at = _PENDING, lease_expires_at + self.backoff(retries)
+        return Task(
+            id=id_,
+            job_id=job_id,
+            pipeline_id=pipeline_id,
+            payload_id=payload_id,
+            agent=agent,
+            parameters=parameters,
+            uris=tuple(json.loads(uris)),
+            state=TaskState(state),
+            retries=retries,
+            created_at=created_at,
+            updated_at=updated_at,
+            operator=operator,
+            idempotency_key=key,
+            available_at=available_at,
+            lease_expires_at=lease_expires_at if state == _IN_PROGRESS else None,
+            finished_at=finished_at,
+            lease_id=lease_id if with_lease else None,
+        )
+
+    def _effective_state_sql(self, now: float) -> tuple[str, list[Any]]:
+        """SQL for a row's state at ``now`` (see :meth:`_row_to_task`), with its parameters."""
+        return (
+            "(CASE WHEN state = ? AND lease_expires_at <= ? THEN (CASE WHEN retries + 1 >= ? THEN ? ELSE ? END) "
+            "ELSE state END)",
+            [_IN_PROGRESS, now, self.max_retries, _FAILED, _PENDING],
+        )
 
     # -- operations -----------------------------------------------------------
     def create(self, new: NewTask) -> tuple[Task, bool]:
@@ -154,28 +192,43 @@ class TaskStore:
                     f"ON CONFLICT (idempotency_key) DO NOTHING RETURNING {_COLUMNS}"
                 ),
                 (task_id, new.idempotency_key, new.job_id, new.pipeline_id, new.payload_id, new.operator,
-                 new.agent, new.parameters, json.dumps(list(new.uris)), int(TaskState.PENDING), now, now, now),
+                 new.agent, new.parameters, json.dumps(list(new.uris)), _PENDING, now, now, now),
             )
             row = cur.fetchone()
             if row is not None:
-                return _row_to_task(row, now), True
+                return self._row_to_task(row, now), True
             cur.execute(self._sql(f"SELECT {_COLUMNS} FROM tasks WHERE idempotency_key = ?"), (new.idempotency_key,))
             row = cur.fetchone()
         if row is None:  # deleted between the two statements: extremely unlikely
             raise StoreUnavailable("task vanished while being created; try again")
-        return _row_to_task(row, now), False
+        return self._row_to_task(row, now), False
 
     def lease(self, agent: str, size: int) -> list[Task]:
-        """Lease up to ``size`` tasks for ``agent`` (oldest first)."""
+        """Lease up to ``size`` tasks for ``agent`` (oldest first), each with a new lease id.
+
+        A task taken over from an expired lease gets ``retries + 1`` (the expired lease was an
+        attempt); one whose expired lease used up ``max_retries`` is not handed out again.
+        """
         now = self.clock()
+        sql = self._sql(
+            f"UPDATE tasks SET retries = retries + (CASE WHEN state = ? THEN 1 ELSE 0 END), state = ?, "
+            f"lease_id = {self._new_lease_id_sql}, lease_expires_at = ?, updated_at = ? "
+            f"WHERE seq IN (SELECT seq FROM tasks WHERE agent = ? AND ("
+            f"(state = ? AND available_at <= ?) OR "
+            f"(state = ? AND lease_expires_at <= ? AND retries + 1 < ? AND lease_expires_at + ? * "
+            f"(1 << (CASE WHEN retries > ? THEN ? ELSE retries END)) <= ?)"
+            f") ORDER BY seq LIMIT ?{self._skip_locked()}) RETURNING {_COLUMNS}"
+        )
         with self._transaction() as cur:
-            cur.execute(
-                self._lease_sql(),
-                (int(TaskState.IN_PROGRESS), now + self.lease_seconds, now,
-                 agent, int(TaskState.PENDING), now, int(TaskState.IN_PROGRESS), now, size),
-            )
+            cur.execute(sql, (
+                _IN_PROGRESS, _IN_PROGRESS, now + self.lease_seconds, now,
+                agent, _PENDING, now,
+                _IN_PROGRESS, now, self.max_retries, self.retry_delay,
+                MAX_BACKOFF_DOUBLINGS, MAX_BACKOFF_DOUBLINGS, now,
+                size,
+            ))
             rows = cur.fetchall()
-        tasks = [_row_to_task(r, now) for r in rows]
+        tasks = [self._row_to_task(r, now, with_lease=True) for r in rows]
         tasks.sort(key=lambda t: (t.created_at, t.id))
         return tasks
 
@@ -186,44 +239,61 @@ class TaskStore:
             raise TaskNotFound(f"no task with id {task_id}")
         return row
 
-    def report_success(self, task_id: str) -> Task:
+    @staticmethod
+    def _check_lease(row: Sequence[Any], task_id: str, lease_id: str | None) -> None:
+        if lease_id is not None and row[_LEASE_ID] != lease_id:
+            raise TaskConflict(
+                f"lease {_short(lease_id)!r} is not the current lease of task {task_id} (a newer lease "
+                f"superseded it, or it is unknown); nothing was changed")
+
+    def _live(self, row: Sequence[Any], now: float, task_id: str) -> None:
+        """Raise TaskConflict unless the row's lease can still take a report or a renewal."""
+        state = row[_STATE]
+        if state == _IN_PROGRESS and self._expired(row, now) and row[_RETRIES] + 1 >= self.max_retries:
+            raise TaskConflict(f"task {task_id} has failed: its lease expired and that was its last attempt "
+                               f"(--max-retries {self.max_retries})")
+        if state == _SUCCEEDED:
+            raise TaskConflict(f"task {task_id} has already succeeded")
+        if state == _FAILED:
+            raise TaskConflict(f"task {task_id} has already failed")
+        if state != _IN_PROGRESS:
+            raise TaskConflict(f"task {task_id} is not leased; lease it before reporting its result")
+
+    def report_success(self, task_id: str, lease_id: str | None = None) -> Task:
         now = self.clock()
         with self._transaction() as cur:
             row = self._locked_row(cur, task_id)
-            state = row[10]
-            if state == TaskState.SUCCEEDED:
-                return _row_to_task(row, now)
-            if state == TaskState.FAILED:
-                raise TaskConflict(f"task {task_id} has already failed; it cannot succeed now")
-            if state != TaskState.IN_PROGRESS:
-                raise TaskConflict(f"task {task_id} is not leased; lease it before reporting its result")
+            self._check_lease(row, task_id, lease_id)
+            if row[_STATE] == _SUCCEEDED:  # a repeated report: harmless
+                return self._row_to_task(row, now)
+            self._live(row, now, task_id)
             cur.execute(
                 self._sql(
                     f"UPDATE tasks SET state = ?, lease_expires_at = NULL, finished_at = ?, updated_at = ? "
                     f"WHERE id = ? RETURNING {_COLUMNS}"
                 ),
-                (int(TaskState.SUCCEEDED), now, now, task_id),
+                (_SUCCEEDED, now, now, task_id),
             )
-            return _row_to_task(cur.fetchone(), now)
+            return self._row_to_task(cur.fetchone(), now)
 
-    def report_failure(self, task_id: str, retry_later: bool) -> Task:
+    def report_failure(self, task_id: str, retry_later: bool, lease_id: str | None = None) -> Task:
         now = self.clock()
         with self._transaction() as cur:
             row = self._locked_row(cur, task_id)
-            state, retries = row[10], row[11]
-            if state in (TaskState.SUCCEEDED, TaskState.FAILED):
-                raise TaskConflict(f"task {task_id} is already finished ({TaskState(state).name.lower()})")
-            if state != TaskState.IN_PROGRESS:
-                raise TaskConflict(f"task {task_id} is not leased; lease it before reporting its result")
-            retries += 1
+            self._check_lease(row, task_id, lease_id)
+            # With its lease, a failure report repeated after it ended the lease (task back to
+            # Pending, or Failed) is harmless: a lease id only leaves InProgress by being reported.
+            if lease_id is not None and row[_STATE] in (_PENDING, _FAILED):
+                return self._row_to_task(row, now)
+            self._live(row, now, task_id)
+            retries = row[_RETRIES] + 1
             if retry_later and retries < self.max_retries:
-                delay = self.retry_delay * (2 ** (retries - 1))
                 cur.execute(
                     self._sql(
                         f"UPDATE tasks SET state = ?, retries = ?, lease_expires_at = NULL, available_at = ?, "
                         f"updated_at = ? WHERE id = ? RETURNING {_COLUMNS}"
                     ),
-                    (int(TaskState.PENDING), retries, now + delay, now, task_id),
+                    (_PENDING, retries, now + self.backoff(retries), now, task_id),
                 )
             else:
                 cur.execute(
@@ -231,9 +301,26 @@ class TaskStore:
                         f"UPDATE tasks SET state = ?, retries = ?, lease_expires_at = NULL, finished_at = ?, "
                         f"updated_at = ? WHERE id = ? RETURNING {_COLUMNS}"
                     ),
-                    (int(TaskState.FAILED), retries, now, now, task_id),
+                    (_FAILED, retries, now, now, task_id),
                 )
-            return _row_to_task(cur.fetchone(), now)
+            return self._row_to_task(cur.fetchone(), now)
+
+    def renew(self, task_id: str, lease_id: str) -> float:
+        """Extend the lease ``lease_id`` of a task to ``lease_seconds`` from now; returns the new expiry.
+
+        Works for an expired lease not yet handed to anyone else; TaskConflict once another
+        lease exists or the task is finished."""
+        now = self.clock()
+        with self._transaction() as cur:
+            row = self._locked_row(cur, task_id)
+            self._check_lease(row, task_id, lease_id)
+            if row[_STATE] == _PENDING:
+                raise TaskConflict(f"lease {_short(lease_id)!r} of task {task_id} has ended with a failure report")
+            self._live(row, now, task_id)
+            expires = now + self.lease_seconds
+            cur.execute(self._sql("UPDATE tasks SET lease_expires_at = ?, updated_at = ? WHERE id = ?"),
+                        (expires, now, task_id))
+            return expires
 
     def get(self, task_id: str) -> Task:
         now = self.clock()
@@ -242,7 +329,7 @@ class TaskStore:
             row = cur.fetchone()
         if row is None:
             raise TaskNotFound(f"no task with id {task_id}")
-        return _row_to_task(row, now)
+        return self._row_to_task(row, now)
 
     def list(
         self,
@@ -263,15 +350,9 @@ class TaskStore:
             where.append("job_id = ?")
             params.append(job_id)
         if state is not None:
-            if state == TaskState.PENDING:
-                where.append("(state = ? OR (state = ? AND lease_expires_at <= ?))")
-                params += [int(TaskState.PENDING), int(TaskState.IN_PROGRESS), now]
-            elif state == TaskState.IN_PROGRESS:
-                where.append("(state = ? AND lease_expires_at > ?)")
-                params += [int(TaskState.IN_PROGRESS), now]
-            else:
-                where.append("state = ?")
-                params.append(int(state))
+            effective, eff_params = self._effective_state_sql(now)
+            where.append(f"{effective} = ?")
+            params += eff_params + [int(state)]
         sql = f"SELECT {_COLUMNS} FROM tasks"
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -280,30 +361,35 @@ class TaskStore:
         with self._transaction() as cur:
             cur.execute(self._sql(sql), params)
             rows = cur.fetchall()
-        return [_row_to_task(r, now) for r in rows]
+        return [self._row_to_task(r, now) for r in rows]
 
     def count_by_state(self) -> dict[TaskState, int]:
         now = self.clock()
         counts = {s: 0 for s in TaskState}
+        effective, params = self._effective_state_sql(now)
         with self._transaction() as cur:
-            cur.execute(
-                self._sql(
-                    "SELECT CASE WHEN state = ? AND lease_expires_at <= ? THEN ? ELSE state END AS s, COUNT(*) "
-                    "FROM tasks GROUP BY 1"
-                ),
-                (int(TaskState.IN_PROGRESS), now, int(TaskState.PENDING)),
-            )
+            cur.execute(self._sql(f"SELECT {effective} AS s, COUNT(*) FROM tasks GROUP BY 1"), params)
             for s, n in cur.fetchall():
                 counts[TaskState(int(s))] += int(n)
         return counts
 
     def purge(self) -> int:
-        """Delete finished tasks older than the retention period; returns how many."""
-        cutoff = self.clock() - self.retention_seconds
+        """Write the tasks whose last attempt was an expired lease as Failed, then delete finished
+        tasks older than the retention period; returns how many were deleted."""
+        now = self.clock()
+        cutoff = now - self.retention_seconds
         with self._transaction() as cur:
             cur.execute(
+                self._sql(
+                    "UPDATE tasks SET state = ?, retries = retries + 1, finished_at = lease_expires_at, "
+                    "updated_at = lease_expires_at, lease_expires_at = NULL "
+                    "WHERE state = ? AND lease_expires_at <= ? AND retries + 1 >= ?"
+                ),
+                (_FAILED, _IN_PROGRESS, now, self.max_retries),
+            )
+            cur.execute(
                 self._sql("DELETE FROM tasks WHERE state IN (?, ?) AND finished_at <= ?"),
-                (int(TaskState.SUCCEEDED), int(TaskState.FAILED), cutoff),
+                (_SUCCEEDED, _FAILED, cutoff),
             )
             return max(cur.rowcount, 0)
 
@@ -314,10 +400,29 @@ class TaskStore:
             cur.fetchone()
 
 
-# The lease statement: one UPDATE ... RETURNING over the oldest eligible tasks.
-_LEASE_WHERE = (
-    "agent = ? AND ((state = ? AND available_at <= ?) OR (state = ? AND lease_expires_at <= ?)) "
-    "ORDER BY seq LIMIT ?"
+_TABLE_COLUMNS = """
+    id TEXT NOT NULL UNIQUE,
+    idempotency_key TEXT UNIQUE,
+    job_id TEXT NOT NULL,
+    pipeline_id TEXT NOT NULL,
+    payload_id TEXT NOT NULL,
+    operator TEXT,
+    agent TEXT NOT NULL,
+    parameters TEXT,
+    uris TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    retries INTEGER NOT NULL DEFAULT 0,
+    created_at {real} NOT NULL,
+    updated_at {real} NOT NULL,
+    available_at {real} NOT NULL,
+    lease_expires_at {real},
+    finished_at {real},
+    lease_id TEXT
+"""
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS tasks_agent_state ON tasks (agent, state, seq)",
+    "CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (state, finished_at)",
+    "CREATE INDEX IF NOT EXISTS tasks_job ON tasks (job_id)",
 )
 
 
@@ -325,6 +430,7 @@ class SQLiteStore(TaskStore):
     """SQLite file (or ``:memory:``); one connection, one writer at a time."""
 
     kind = "sqlite"
+    _new_lease_id_sql = "lower(hex(randomblob(16)))"
 
     def __init__(self, path: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -339,40 +445,16 @@ class SQLiteStore(TaskStore):
             if path != ":memory:":
                 self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.executescript(
-                """
-                CREATE TABLE IF NOT EXISTS tasks (
-                    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-                    id TEXT NOT NULL UNIQUE,
-                    idempotency_key TEXT UNIQUE,
-                    job_id TEXT NOT NULL,
-                    pipeline_id TEXT NOT NULL,
-                    payload_id TEXT NOT NULL,
-                    operator TEXT,
-                    agent TEXT NOT NULL,
-                    parameters TEXT,
-                    uris TEXT NOT NULL,
-                    state INTEGER NOT NULL,
-                    retries INTEGER NOT NULL DEFAULT 0,
-                    created_at REAL NOT NULL,
-                    updated_at REAL NOT NULL,
-                    available_at REAL NOT NULL,
-                    lease_expires_at REAL,
-                    finished_at REAL
-                );
-                CREATE INDEX IF NOT EXISTS tasks_agent_state ON tasks (agent, state, seq);
-                CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (state, finished_at);
-                CREATE INDEX IF NOT EXISTS tasks_job ON tasks (job_id);
-                """
-            )
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open SQLite database {path}: {exc}") from exc
-
-    def _lease_sql(self) -> str:
-        return (
-            f"UPDATE tasks SET state = ?, lease_expires_at = ?, updated_at = ? WHERE seq IN "
-            f"(SELECT seq FROM tasks WHERE {_LEASE_WHERE}) RETURNING {_COLUMNS}"
-        )
+        with self._transaction() as cur:  # BEGIN IMMEDIATE: processes starting together take turns
+            cur.execute("CREATE TABLE IF NOT EXISTS tasks (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+                        + _TABLE_COLUMNS.format(real="REAL") + ")")
+            cur.execute("PRAGMA table_info(tasks)")
+            if "lease_id" not in {r[1] for r in cur.fetchall()}:  # a database made before leases were fenced
+                cur.execute("ALTER TABLE tasks ADD COLUMN lease_id TEXT")
+            for ddl in _INDEXES:
+                cur.execute(ddl)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Any]:
@@ -397,113 +479,79 @@ class SQLiteStore(TaskStore):
             self._conn.close()
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class PostgresStore(TaskStore):
-    """PostgreSQL through psycopg 3, with a small connection pool."""
+    """PostgreSQL through psycopg 3 and a ``psycopg_pool.ConnectionPool``.
+
+    Several processes may share one database: leases use ``FOR UPDATE SKIP LOCKED``,
+    reports and renewals lock their row, and schema creation and migrations run under
+    a transaction-level advisory lock so replicas starting together on an empty
+    database take turns.
+    """
 
     kind = "postgres"
     placeholder = "%s"
+    _new_lease_id_sql = "replace(gen_random_uuid()::text, '-', '')"
+    #: pg_advisory_xact_lock key serialising schema creation and migrations.
+    SCHEMA_LOCK = 7316541
 
-    def __init__(self, dsn: str, pool_size: int = 8, connect_timeout: float = 5.0, **kwargs: Any) -> None:
+    def __init__(self, dsn: str, pool_size: int = 8, connect_timeout: float = 5.0,
+                 pool_timeout: float = 10.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        import psycopg  # noqa: F401  (fail early if missing)
+        import psycopg
+        from psycopg_pool import ConnectionPool
 
-        self._dsn = dsn
-        self._connect_timeout = connect_timeout
-        self._idle: "queue.LifoQueue[Any]" = queue.LifoQueue()
-        self._slots = threading.BoundedSemaphore(pool_size)
-        self._closed = False
-        with self._transaction() as cur:
-            # Serialise concurrent schema creation (several servers on one database).
-            cur.execute("SELECT pg_advisory_xact_lock(7316541)")
-            cur.execute(
-                """
-                CREATE TABLE IF NOT EXISTS tasks (
-                    seq BIGSERIAL PRIMARY KEY,
-                    id TEXT NOT NULL UNIQUE,
-                    idempotency_key TEXT UNIQUE,
-                    job_id TEXT NOT NULL,
-                    pipeline_id TEXT NOT NULL,
-                    payload_id TEXT NOT NULL,
-                    operator TEXT,
-                    agent TEXT NOT NULL,
-                    parameters TEXT,
-                    uris TEXT NOT NULL,
-                    state INTEGER NOT NULL,
-                    retries INTEGER NOT NULL DEFAULT 0,
-                    created_at DOUBLE PRECISION NOT NULL,
-                    updated_at DOUBLE PRECISION NOT NULL,
-                    available_at DOUBLE PRECISION NOT NULL,
-                    lease_expires_at DOUBLE PRECISION,
-                    finished_at DOUBLE PRECISION
-                )
-                """
-            )
-            cur.execute("CREATE INDEX IF NOT EXISTS tasks_agent_state ON tasks (agent, state, seq)")
-            cur.execute("CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (state, finished_at)")
-            cur.execute("CREATE INDEX IF NOT EXISTS tasks_job ON tasks (job_id)")
+        connect_kwargs = {"connect_timeout": max(1, int(connect_timeout))}
+        # The schema on a connection of its own: its failure carries libpq's own reason
+        # (a pool would only say it timed out).
+        try:
+            with psycopg.connect(dsn, **connect_kwargs) as conn:
+                self._create_schema(conn)
+        except psycopg.Error as exc:
+            # The DSN may hold a password: never echo it.
+            raise StoreUnavailable(f"cannot use PostgreSQL: {_first_line(exc)}") from exc
+        self._pool = ConnectionPool(dsn, kwargs=connect_kwargs, min_size=1, max_size=pool_size,
+                                    timeout=pool_timeout, name="clara-results", open=True)
 
-    def _lease_sql(self) -> str:
-        return self._sql(
-            f"UPDATE tasks SET state = ?, lease_expires_at = ?, updated_at = ? WHERE seq IN "
-            f"(SELECT seq FROM tasks WHERE {_LEASE_WHERE} FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}"
-        )
+    @classmethod
+    def _create_schema(cls, conn: Any) -> None:
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (cls.SCHEMA_LOCK,))
+            cur.execute("CREATE TABLE IF NOT EXISTS tasks (seq BIGSERIAL PRIMARY KEY,"
+                        + _TABLE_COLUMNS.format(real="DOUBLE PRECISION") + ")")
+            cur.execute("ALTER TABLE tasks ADD COLUMN IF NOT EXISTS lease_id TEXT")
+            for ddl in _INDEXES:
+                cur.execute(ddl)
+
+    def _skip_locked(self) -> str:
+        return " FOR UPDATE SKIP LOCKED"
 
     def _select_for_update(self) -> str:
         return " FOR UPDATE"
 
-    def _connect(self) -> Any:
-        import psycopg
-
-        try:
-            return psycopg.connect(self._dsn, connect_timeout=max(1, int(self._connect_timeout)))
-        except psycopg.Error as exc:
-            # The DSN may hold a password: never echo it.
-            raise StoreUnavailable(f"cannot connect to PostgreSQL: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
-
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Any]:
         import psycopg
+        from psycopg_pool import PoolClosed, PoolTimeout
 
-        if self._closed:
-            raise StoreUnavailable("the store is closed")
-        if not self._slots.acquire(timeout=30):
-            raise StoreUnavailable("all PostgreSQL connections are busy")
-        conn = None
         try:
-            try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
-                conn = self._connect()
-            try:
-                with conn.cursor() as cur:
-                    yield cur
-                conn.commit()
-            except BaseException:
-                try:
-                    conn.rollback()
-                except psycopg.Error:
-                    pass
-                raise
+            # The pool commits when the block ends, rolls back on an exception, and
+            # discards connections that broke.
+            with self._pool.connection() as conn, conn.cursor() as cur:
+                yield cur
+        except PoolTimeout as exc:
+            raise StoreUnavailable(f"no PostgreSQL connection available: {_first_line(exc)}") from exc
+        except PoolClosed as exc:
+            raise StoreUnavailable("the store is closed") from exc
         except psycopg.OperationalError as exc:
-            raise StoreUnavailable(f"PostgreSQL: {str(exc).splitlines()[0] if str(exc) else exc}") from exc
-        finally:
-            if conn is not None:
-                if conn.closed or conn.broken or self._closed:
-                    with contextlib.suppress(Exception):
-                        conn.close()
-                else:
-                    self._idle.put(conn)
-            self._slots.release()
+            raise StoreUnavailable(f"PostgreSQL: {_first_line(exc)}") from exc
 
     def close(self) -> None:
-        self._closed = True
-        while True:
-            try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
-                break
-            with contextlib.suppress(Exception):
-                conn.close()
+        self._pool.close()
 
 
 def describe_database(dsn: str) -> str:

@@ -157,11 +157,14 @@ def test_failure_body_defaults_to_no_retry(client):
 
 def test_lease_expiry(client, clock):
     t = create(client)
-    client.get("/api/tasks/ClaraSCU/pending", headers=AUTH)
+    first, = client.get("/api/tasks/ClaraSCU/pending", headers=AUTH).json()
     clock.advance(61)
-    assert client.get(f"/api/tasks/{t['id']}", headers=AUTH).json()["state"] == 1
+    expired = client.get(f"/api/tasks/{t['id']}", headers=AUTH).json()
+    # the expired lease counts as a failed attempt with retryLater
+    assert expired["state"] == 1 and expired["retries"] == 1 and expired["leaseExpiresAt"] is None
     again = client.get("/api/tasks/ClaraSCU/pending", headers=AUTH).json()
-    assert [x["id"] for x in again] == [t["id"]] and again[0]["retries"] == 0
+    assert [x["id"] for x in again] == [t["id"]] and again[0]["retries"] == 1
+    assert again[0]["leaseId"] and again[0]["leaseId"] != first["leaseId"]
 
 
 def test_report_on_pending_task_is_a_conflict(client):

@@ -1,6 +1,7 @@
 """register-results against a running Results Service (SPEC §4)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from clara_results.client import ResultsClient, TaskState
 from clara_results.register import main
@@ -147,10 +150,61 @@ def test_symlink_inside_the_payload_is_followed(job, client, capsys):
     ('{"a": 1}', "non-empty JSON array"),
     ('"Orthanc"', "non-empty JSON array"),
     ("null", "non-empty JSON array"),
+    ("[" * 100_000, "deeper than 64 levels"),
+    ("[" * 65 + "]" * 65, "deeper than 64 levels"),
+    ('[{"a": ' * 40 + "1" + "}]" * 40, "deeper than 64 levels"),
+    ("[" * 200_000, "longer than 131072 characters"),
+    ('["' + "x" * 140_000 + '"]', "longer than 131072 characters"),
+    ("[1e999]", "not valid JSON: the number 1e999 is too large"),
+    ("[" + "9" * 5000 + "]", "not valid JSON"),
+    ("[" + ",".join(["1"] * 1001) + "]", "1001 elements; at most 1000"),
+    ('["' + "x" * 70_000 + '"]', "element 0 is longer than 65536"),
 ])
 def test_bad_data(job, client, capsys, data, fragment):
     assert fragment in run_bad(capsys, "--agent", "ClaraSCU", "--data", data)
     assert client.list_tasks() == []
+
+
+def test_data_at_the_limits_is_accepted(job, client, capsys):
+    deep = "[" * 64 + "]" * 64  # one element nested 63 levels below the top array
+    brackets_in_strings = '["' + "[" * 500 + '", "\\\"{"]'
+    run_ok(capsys, "--agent", "ClaraSCU", "--data", deep)
+    run_ok(capsys, "--agent", "renderserver", "--data", brackets_in_strings)
+    run_ok(capsys, "--agent", "Viewer", "--data", "[" + ",".join(["1"] * 1000) + "]")
+    assert client.list_tasks(agent="ClaraSCU")[0].parameters == "[" * 63 + "]" * 63
+    assert [t.parameters for t in client.list_tasks(agent="renderserver")] == ['"' + "[" * 500 + '"', '"\\\"{"']
+    assert len(list(client.iter_tasks(agent="Viewer"))) == 1000
+
+
+def test_deeply_nested_data_from_the_command_line_is_one_line(job, client):
+    """The issue's case through the real console script: 100 KB of '[' → exit 2, one line."""
+    proc = subprocess.run([sys.executable, "-m", "clara_results.register", "--agent", "ClaraSCU",
+                           "--data", "[" * 100_000], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "deeper than 64 levels" in lines[0], lines
+    assert client.list_tasks() == []
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.one_of(
+    st.text(alphabet='[]{}",:0123456789.eE-+ tfnaulrs\\\\x\ud800', max_size=300),
+    st.recursive(st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text(),
+                 lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children,
+                                                                                  max_size=4),
+                 max_leaves=30).map(json.dumps),
+    st.integers(1, 300_000).map(lambda n: "[" * n),
+))
+def test_any_data_parses_or_is_one_line_user_error(text):
+    from clara_dicom.errors import UserError
+    from clara_results.register import parse_data
+
+    try:
+        parameters = parse_data(text)
+    except UserError as exc:
+        assert len(str(exc).splitlines()) == 1
+    else:
+        assert parameters == [json.dumps(json.loads(p)) for p in parameters]  # each one valid JSON
 
 
 @pytest.mark.parametrize("agent", ["", "1abc", "-abc", "abc-", "a_b", "a b", "a" * 64, "ä"])

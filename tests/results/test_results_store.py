@@ -68,12 +68,13 @@ def test_lease_expiry_returns_task_to_pending(make_store, clock):
     clock.advance(0.2)
     expired = store.get(task.id)
     assert expired.state == TaskState.PENDING and expired.lease_expires_at is None
+    assert expired.retries == 1  # an expired lease counts as a failed attempt
     assert [t.id for t in store.list(state=TaskState.PENDING)] == [task.id]
     assert store.list(state=TaskState.IN_PROGRESS) == []
     assert store.count_by_state()[TaskState.PENDING] == 1
     again = store.lease("ClaraSCU", 1)
     assert [t.id for t in again] == [task.id]
-    assert again[0].retries == 0  # an expired lease is not a retry
+    assert again[0].retries == 1
     assert store.count_by_state()[TaskState.IN_PROGRESS] == 1
 
 

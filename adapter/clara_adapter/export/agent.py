@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from clara_dicom.config import RenderedConfig
 
+from clara_adapter.export.lease import LeaseKeeper, report_kwargs
 from clara_adapter.export.scu import SendReport, StoreSCU
 from clara_adapter.export.task import PermanentTaskError, resolve_task
 
@@ -196,7 +197,12 @@ class ExportAgent:
     # -- one task -------------------------------------------------------------
     def _run(self, task: Any) -> None:
         try:
-            outcome = self.export(task)
+            with LeaseKeeper(self.client, task) as lease:  # renewed while the export runs
+                outcome = self.export(task)
+            if lease.lost:  # another worker holds the task now: report nothing
+                if self.metrics is not None:
+                    self.metrics.exports.labels("unreported").inc()
+                return
             self._report(task, outcome)
         except Exception:  # noqa: BLE001 - never let a task take the worker down
             log.exception("export task %s: unexpected error", getattr(task, "id", "?"))
@@ -255,9 +261,9 @@ class ExportAgent:
         for attempt in range(1, REPORT_ATTEMPTS + 1):
             try:
                 if outcome.succeeded:
-                    self.client.report_success(task.id)
+                    self.client.report_success(task.id, **report_kwargs(task))
                 else:
-                    self.client.report_failure(task.id, retry_later=outcome.retry_later)
+                    self.client.report_failure(task.id, retry_later=outcome.retry_later, **report_kwargs(task))
                 break
             except Exception as exc:  # noqa: BLE001
                 name = type(exc).__name__
