@@ -14,13 +14,15 @@ file, and every bound (PDU length, control PDUs, un-negotiated connections) is
 checked before anything is allocated (SPEC §9 "Receive path").
 
 Only the C-STORE commit (finalize the file + `Ingest.commit_instance`) and the
-association policy run outside the loop, in the server's thread pool; while an
-instance is committing the connection stops reading, which bounds the work a
-peer can queue.
+association policy run outside the loop, in the server's thread pool. A peer
+that sends a second instance before the first is answered (we negotiate no
+asynchronous operations) stops being read until both are committed, which
+bounds the work a peer can queue.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -43,7 +45,7 @@ VERIFICATION_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10
 # unknown abstract syntaxes (vendors' private storage classes); known non-storage services are refused.
 _STORAGE_LIKE = {"StorageServiceClass", "NonPatientObjectStorageServiceClass", "ServiceClass"}
 
-RECEIVE_BUFFER = 256 * 1024
+RECEIVE_BUFFER = 1024 * 1024  # one recv can take a whole 512 KB CT slice
 
 AWAITING_RQ, NEGOTIATING, ESTABLISHED, CLOSED = "awaiting-rq", "negotiating", "established", "closed"
 
@@ -289,14 +291,16 @@ class Association(asyncio.BufferedProtocol):
             self._respond(command, context_id, outcome)
             return
         self._committing += 1
-        if not self._paused:
+        if self._committing > 1 and not self._paused:
+            # A peer that does not wait for our answers (we negotiate no asynchronous operations):
+            # stop reading until its instances are committed, so it cannot queue unbounded work.
             self._paused = True
             self.transport.pause_reading()
-        future = self.server.loop.run_in_executor(self.server.pool, self.server.ingest.commit_received,
-                                                  self.route, incoming)
-        future.add_done_callback(lambda f: self._committed(f, command, context_id))
+        loop = self.server.loop
+        future = self.server.pool.submit(self.server.ingest.commit_received, self.route, incoming)
+        future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._committed, f, command, context_id))
 
-    def _committed(self, future: asyncio.Future, command: dict, context_id: int) -> None:
+    def _committed(self, future: "concurrent.futures.Future", command: dict, context_id: int) -> None:
         self._committing -= 1
         try:
             status = future.result()
@@ -311,7 +315,6 @@ class Association(asyncio.BufferedProtocol):
             self._paused = False
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
-        self.server.association_progressed()
 
     def _respond(self, command: dict, context_id: int, status: int) -> None:
         if self.transport is None or self.transport.is_closing():
