@@ -91,6 +91,26 @@ def test_idle_connections_hold_no_slot_and_are_closed_after_artim(local_adapter,
     assert adapter.alive()
 
 
+def test_idle_connections_beyond_the_cap_drop_the_oldest(local_adapter, tmp_path, ct_series):
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD),
+                            extra=settings_file(tmp_path, "maxAssociations: 4\nartimTimeout: 300\n"))
+    idle = []
+    try:
+        for _ in range(80):  # the cap is max(64, 4 x maxAssociations) = 64
+            idle.append(connect(adapter.dicom_port))
+        for s in idle[:16]:  # the 16 oldest are dropped long before ARTIM
+            s.settimeout(10)
+            assert s.recv(1) == b""
+        storescu(ct_series[:1], adapter.dicom_port)  # its connection counted too: idle[16] was dropped for it
+        for s in idle[17:]:
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.recv(1)  # still open
+    finally:
+        for s in idle:
+            s.close()
+
+
 def test_max_associations_counts_negotiated_associations(local_adapter, tmp_path, ct_series):
     adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD),
                             extra=settings_file(tmp_path, "maxAssociations: 2\n"))

@@ -169,6 +169,7 @@ class Association(asyncio.BufferedProtocol):
                 raise PduError("A-ASSOCIATE-RQ on an association", dul_pdu.ABORT_UNEXPECTED_PDU)
             rq = dul_pdu.decode_associate_rq(body)
             self.state = NEGOTIATING
+            self.server.request_received(self)
             self.stream.stopped = True  # nothing may follow until we answered
             self.transport.pause_reading()
             asyncio.ensure_future(self._negotiate(rq))
