@@ -173,7 +173,7 @@ def test_pdu_stream_delivers_the_same_events_in_any_fragmentation():
 
 def test_pdu_stream_refuses_oversize_and_inconsistent_lengths_before_reading_them():
     for bad in (struct.pack(">BBI", 0x04, 0, 0xFFFFFFF0),  # P-DATA over the maximum
-                struct.pack(">BBI", 0x01, 0, 0xFFFFFFF0),  # A-ASSOCIATE-RQ over 1 MiB
+                struct.pack(">BBI", 0x01, 0, 0xFFFFFFF0),  # A-ASSOCIATE-RQ over the control-PDU limit
                 struct.pack(">BBI", 0x04, 0, 10) + struct.pack(">IBB", 100, 1, 3),  # PDV longer than its PDU
                 struct.pack(">BBI", 0x09, 0, 4)):  # unknown PDU type
         with pytest.raises(PduError):

@@ -45,7 +45,8 @@ VERIFICATION_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10
 # unknown abstract syntaxes (vendors' private storage classes); known non-storage services are refused.
 _STORAGE_LIKE = {"StorageServiceClass", "NonPatientObjectStorageServiceClass", "ServiceClass"}
 
-RECEIVE_BUFFER = 1024 * 1024  # one recv can take a whole 512 KB CT slice
+RECEIVE_BUFFER = 1024 * 1024  # once associated: one recv can take a whole 512 KB CT slice
+NEGOTIATION_BUFFER = 64 * 1024  # before: an A-ASSOCIATE-RQ is a few KB
 
 AWAITING_RQ, NEGOTIATING, ESTABLISHED, CLOSED = "awaiting-rq", "negotiating", "established", "closed"
 
@@ -88,8 +89,7 @@ class Association(asyncio.BufferedProtocol):
         self.peer_max_pdu = 0
         self.contexts: dict[int, tuple[str, str]] = {}  # id -> (abstract syntax, transfer syntax)
         self.holds_slot = False
-        self._buffer = bytearray(RECEIVE_BUFFER)
-        self._view = memoryview(self._buffer)
+        self._view = memoryview(bytearray(NEGOTIATION_BUFFER))
         max_pdu = self.settings.maxPduSize
         self.stream = PduStream(self, max_pdu or None)
         # the DIMSE message being received
@@ -212,6 +212,7 @@ class Association(asyncio.BufferedProtocol):
                          if result == dul_pdu.PC_ACCEPTANCE}
         self.transport.write(dul_pdu.associate_ac(rq, results, self.settings.maxPduSize))
         self.state = ESTABLISHED
+        self._view = memoryview(bytearray(RECEIVE_BUFFER))
         self.last_activity = time.monotonic()
         self.stream.stopped = False
         self.transport.resume_reading()

@@ -219,7 +219,11 @@ class StorageSCP:
                 assoc.abort("adapter shutting down")
 
         self._call(abort)
+
+    def close(self) -> None:
+        """Stop the event loop and the commit threads (after a drain or abort_all)."""
         self._stop_loop()
+        self.pool.shutdown(wait=True)
 
     def _stop_loop(self) -> None:
         if self.loop is not None and self.loop.is_running():
