@@ -117,6 +117,7 @@ def test_max_associations_counts_negotiated_associations(local_adapter, tmp_path
     held = [associate(adapter.dicom_port) for _ in range(2)]
     proc = storescu(ct_series[:1], adapter.dicom_port, check=False)
     assert proc.returncode != 0 and "Rejected Transient" in proc.stderr
+    assert metric_value(adapter.metrics(), "clara_associations_active") == 2
     for s in held:
         assert release(s) == 0x06
         s.close()

@@ -81,6 +81,7 @@ class StorageSCP:
         if assoc.holds_slot:
             assoc.holds_slot = False
             self._negotiated -= 1
+            self.ingest.metrics.active.set(self._negotiated)
         self.association_progressed()
 
     def association_progressed(self) -> None:
@@ -116,6 +117,7 @@ class StorageSCP:
             self.on_association("rejected")
             return None, REJECT_BUSY
         self._negotiated += 1
+        self.ingest.metrics.active.set(self._negotiated)
         self.on_association("accepted")
         return route, None
 
