@@ -262,3 +262,16 @@ def test_sigterm_drain_ignores_idle_connections_and_waits_for_associations(local
     adapter.proc.wait(20)
     assert time.monotonic() - start < 20
     assert adapter.proc.returncode == 0
+
+
+def test_silent_association_is_aborted_after_the_network_timeout(local_adapter, tmp_path, ct_series):
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD),
+                            extra=settings_file(tmp_path, "networkTimeout: 1\n"))
+    message = c_store_bytes(CT, "1.2.3.4.5.10", encode(ct("1.2.3.4.5.10")))
+    with associate(adapter.dicom_port) as s:
+        s.sendall(message[:len(message) // 2])  # then silence, inside a C-STORE
+        s.settimeout(15)
+        assert recv_pdu(s)[0] == 0x07  # A-ABORT
+    wait_for(lambda: adapter.status()["activeAssociations"] == 0, 10, what="slot freed")
+    assert not incoming(adapter)
+    still_serves(adapter, ct_series[:1])
