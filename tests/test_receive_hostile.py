@@ -17,7 +17,7 @@ import pytest
 
 from local_setup import write_config
 from peers import echoscu, metric_value, storescu, wait_for
-from raw_dicom import CT, EXPLICIT_LE, associate, c_store_bytes, connect, encode, read_status, recv_pdu, release
+from raw_dicom import CT, associate, c_store_bytes, connect, encode, read_status, recv_pdu, release
 
 pytestmark = pytest.mark.dcmtk
 
