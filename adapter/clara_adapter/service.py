@@ -173,6 +173,7 @@ class Adapter:
         if not self.scp.wait_idle(grace):
             log.warning("associations still open after %.0fs: aborting them", grace)
             self.scp.abort_all()
+        self.scp.close()
         if self.export is not None:
             self.export.stop()
         if self.http is not None:
