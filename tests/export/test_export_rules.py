@@ -154,7 +154,7 @@ def test_hand_built_c_store_command_matches_pynetdicom(sop_class, instance, msg_
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.dsutils import encode
 
-    from clara_adapter.export.scu import c_store_rq
+    from clara_adapter.export.association import c_store_rq
 
     req = C_STORE()
     req.MessageID, req.AffectedSOPClassUID, req.AffectedSOPInstanceUID, req.Priority = msg_id, sop_class, instance, 2

@@ -53,7 +53,7 @@ class Outcome:
 def decide(report: SendReport, threshold: float) -> Outcome:
     """The task outcome for what happened to its files."""
     if report.association_error:
-        return Outcome(False, True, report.association_error)
+        return Outcome(False, not report.association_permanent, report.association_error)
     total = report.dicom_files
     if total == 0:
         return Outcome(False, False, f"no DICOM files to export ({len(report.skipped)} non-DICOM skipped)")
