@@ -30,8 +30,11 @@ from typing import Any, Callable
 
 from clara_dicom.config import RenderedConfig
 
+from clara_adapter.export.dicomweb import StowSender
 from clara_adapter.export.scu import SendReport, StoreSCU
+from clara_adapter.export.secrets import SecretError, SecretsDir, default_secrets_dir
 from clara_adapter.export.task import PermanentTaskError, resolve_task
+from clara_adapter.export.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,8 @@ class ExportAgent:
         self.scu = StoreSCU(settings.scuAeTitle, acse_timeout=settings.acseTimeout,
                             dimse_timeout=settings.dimseTimeout, network_timeout=settings.networkTimeout,
                             max_pdu=settings.maxPduSize)
+        self.stow = StowSender(network_timeout=settings.networkTimeout, response_timeout=settings.dimseTimeout * 2)
+        self.secrets = SecretsDir(default_secrets_dir(settings.storageDir))
         self._stop = threading.Event()
         self._slots = threading.Semaphore(self.concurrency)
         self._lock = threading.Lock()
@@ -131,6 +136,7 @@ class ExportAgent:
             log.warning("aborting %d export(s) still in progress", self.tasks_in_progress)
             self.scu.abort_all()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self.stow.close()
         close = getattr(self.client, "close", None)
         if close:
             close()
@@ -211,14 +217,13 @@ class ExportAgent:
         except PermanentTaskError as exc:
             return Outcome(False, False, str(exc))
         dest = resolved.destination
-        if dest.tls is not None:
-            return Outcome(False, False, f"destination {resolved.destination_name} uses TLS, which the export "
-                                         "agent does not support yet")
         with self._lock:
             if task.id in self._in_progress:
                 self._in_progress[task.id] = resolved.destination_name
         try:
-            report = self.scu.send(dest, resolved.files)
+            report = self._send(dest, resolved.files)
+        except SecretError as exc:
+            return Outcome(False, False, f"destination {resolved.destination_name} cannot be served: {exc}")
         except Exception as exc:  # noqa: BLE001
             log.exception("export task %s: sending failed unexpectedly", task.id)
             return Outcome(False, True, f"internal error while sending: {exc}")
@@ -231,9 +236,19 @@ class ExportAgent:
             log.warning("export task %s: %d more files not exported", task.id, len(report.failed) - 5)
         outcome = decide(report, self.settings.failureThreshold)
         seconds = time.monotonic() - started
-        log.info("export task %s to %s (%s@%s:%d): %s; %s in %.2fs", task.id, resolved.destination_name,
-                 dest.aeTitle, dest.host, dest.port, outcome.label, outcome.reason, seconds)
+        log.info("export task %s to %s (%s): %s; %s in %.2fs", task.id, resolved.destination_name, dest.label,
+                 outcome.label, outcome.reason, seconds)
         return outcome
+
+    def _send(self, dest: Any, files: list) -> SendReport:
+        """DICOMweb STOW-RS, C-STORE over TLS, or plain C-STORE; SecretError when a
+        Secret the destination references is missing or unusable."""
+        if dest.dicomweb is not None:
+            ref = dest.dicomweb.tokenSecretRef
+            token = self.secrets.read(ref.name, ref.key).decode("utf-8", "replace").strip() if ref else None
+            return self.stow.send(dest, files, token)
+        ssl_context = client_context(dest.tls, self.secrets) if dest.tls is not None else None
+        return self.scu.send(dest, files, ssl_context)
 
     def _count_files(self, report: SendReport) -> None:
         if self.metrics is None:
