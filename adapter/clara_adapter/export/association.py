@@ -137,8 +137,11 @@ class StoreAssociation:
                 try:
                     sock = ssl_context.wrap_socket(sock, server_hostname=server_name or host)
                 except ssl.SSLCertVerificationError as exc:
-                    raise AssociationError(f"TLS handshake with {label} failed: the destination's certificate "
-                                           f"is not trusted by the configured CA ({exc.verify_message})",
+                    if exc.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+                        why = f"the destination's certificate is not valid for {server_name or host}"
+                    else:
+                        why = "the destination's certificate is not trusted by the configured CA"
+                    raise AssociationError(f"TLS handshake with {label} failed: {why} ({exc.verify_message})",
                                            permanent=True) from None
                 except (ssl.SSLError, OSError) as exc:
                     raise AssociationError(f"TLS handshake with {label} failed: {_first_line(exc)}") from None
