@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_KEY = "config.json"  # same keys as the operator's rendering
 APPLIED_VERSION_KEY = "appliedVersion"
+DESTINATION_PROBLEMS_KEY = "destinationProblems"  # JSON {ClaraDestination name: why the agent cannot serve it}
 API_TIMEOUT = 10.0
 
 
@@ -168,12 +169,25 @@ class KubeBridge:
         if config.version != self.published:
             asyncio.ensure_future(self._publish(config.version))
 
+    def publish_destination_problems(self, problems: dict[str, str]) -> None:
+        """Tell the operator which destinations the export agent cannot serve (any thread)."""
+        import json
+
+        data = {DESTINATION_PROBLEMS_KEY: json.dumps(problems, sort_keys=True)}
+        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._patch_status(data, "destination problems")))
+
     async def _publish(self, version: str) -> None:
         """Tell the operator which configuration version this adapter runs."""
-        from kubernetes_asyncio.client.exceptions import ApiException
-
         data = {APPLIED_VERSION_KEY: version, "adapter": self.identity,
                 "appliedAt": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        if await self._patch_status(data, "applied version"):
+            self.published = version
+            log.info("published applied configuration version %s", version)
+
+    async def _patch_status(self, data: dict[str, str], what: str) -> bool:
+        """Merge ``data`` into the status ConfigMap (created when missing), retrying; False if stopped."""
+        from kubernetes_asyncio.client.exceptions import ApiException
+
         for attempt in range(100):
             try:
                 try:
@@ -185,14 +199,13 @@ class KubeBridge:
                     body = {"metadata": {"name": self.status_config_map, "namespace": self.namespace,
                                          "labels": {"app.kubernetes.io/part-of": "clara-dicom"}}, "data": data}
                     await self.core.create_namespaced_config_map(self.namespace, body, _request_timeout=API_TIMEOUT)
-                self.published = version
-                log.info("published applied configuration version %s", version)
-                return
+                return True
             except Exception as exc:
                 if self._stopping:
-                    return
-                log.warning("publishing applied version failed (%s); retrying", _brief(exc))
+                    return False
+                log.warning("publishing %s failed (%s); retrying", what, _brief(exc))
                 await asyncio.sleep(min(0.5 * 2**attempt, 10))
+        return False
 
     # -- job sink -----------------------------------------------------------
     def create(self, manifest: dict[str, Any]) -> bool:

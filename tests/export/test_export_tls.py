@@ -112,3 +112,28 @@ def test_unusable_tls_secret_fails_permanently_naming_it(tmp_path, export_harnes
     assert (task.state, task.retries) == (TaskState.FAILED, 1)
     logged = failures_logged(caplog)
     assert "cannot be served" in logged and message in logged, logged
+    assert message in h.agent.destination_problems()["pacs"]
+
+
+def test_destinations_the_agent_cannot_serve_are_reported_until_fixed(export_harness, pki, caplog):
+    """What Kubernetes mode publishes for the operator's ClaraDestination conditions."""
+    from peers import free_port, wait_for
+
+    caplog.set_level(logging.INFO, logger="clara_adapter.export.agent")
+    h = export_harness()
+    reported: list[dict[str, str]] = []
+    h.agent.problem_check_seconds = 0.05
+    h.agent.on_destination_problems = reported.append
+    h.tls_destination("pacs", free_port(), "pacs-tls")
+    h.dicomweb_destination("web", "http://127.0.0.1:1/dicom-web", token_secret="web-token")
+    h.destination("plain", free_port())
+    wait_for(lambda: reported and set(reported[-1]) == {"pacs", "web"}, 10, what="problems reported")
+    assert "Secret pacs-tls not found" in reported[-1]["pacs"]
+    assert "Secret web-token not found" in reported[-1]["web"]
+    assert h.agent.status()["exportAgent"]["destinationProblems"] == reported[-1]
+    assert "destination pacs cannot be served" in caplog.text
+    h.secret("pacs-tls", ca_crt=pki["ca"].pem)
+    h.secret("web-token", token="t0k3n")
+    wait_for(lambda: reported[-1] == {}, 10, what="problems cleared")
+    assert "destination pacs can be served again" in caplog.text
+    assert "t0k3n" not in caplog.text

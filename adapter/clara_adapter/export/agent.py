@@ -39,6 +39,7 @@ from clara_adapter.export.tls import client_context
 log = logging.getLogger(__name__)
 
 MAX_POLL_BACKOFF = 30.0
+PROBLEM_CHECK_SECONDS = 10.0  # Secrets may be fixed (or break) without a configuration change
 REPORT_ATTEMPTS = 4
 
 
@@ -101,6 +102,12 @@ class ExportAgent:
         self._thread = threading.Thread(target=self._poll_loop, name="clara-export-poller", daemon=True)
         self.last_poll_error: str | None = None
         self.counts = {"succeeded": 0, "retry": 0, "failed": 0}
+        # Called with {destination: why} whenever the destinations this agent cannot serve change
+        # (Kubernetes mode publishes it for the operator's ClaraDestination conditions).
+        self.on_destination_problems: Callable[[dict[str, str]], None] | None = None
+        self._problems: dict[str, str] | None = None
+        self._problems_checked = (float("-inf"), "")  # (monotonic time, configuration version)
+        self.problem_check_seconds = PROBLEM_CHECK_SECONDS
 
     @classmethod
     def connect(cls, settings: Any, config: Callable[[], RenderedConfig], metrics: Any, results_url: str,
@@ -152,12 +159,56 @@ class ExportAgent:
             n = len(self._in_progress)
         return {"exportAgent": {"agent": self.agent, "resultsService": self.results_url, "tasksInProgress": n,
                                 "destinationsBusy": destinations, "lastPollError": self.last_poll_error,
-                                "tasks": dict(self.counts)}}
+                                "tasks": dict(self.counts), "destinationProblems": self.destination_problems()}}
+
+    def check_destinations(self) -> None:
+        """Re-check the destinations when the configuration changed or every
+        ``problem_check_seconds``; log and report changes (poller thread only)."""
+        config = self.config()
+        when, version = self._problems_checked
+        now = time.monotonic()
+        if version == config.version and now - when < self.problem_check_seconds:
+            return
+        self._problems_checked = (now, config.version)
+        try:
+            problems = self.destination_problems(config)
+        except Exception:  # noqa: BLE001 - a check must never stop the poller
+            log.exception("checking destinations failed")
+            return
+        if problems == self._problems:
+            return
+        for name, why in problems.items():
+            if (self._problems or {}).get(name) != why:
+                log.warning("destination %s cannot be served: %s", name, why)
+        for name in set(self._problems or {}) - set(problems):
+            log.info("destination %s can be served again", name)
+        self._problems = problems
+        if self.on_destination_problems is not None:
+            try:
+                self.on_destination_problems(dict(problems))
+            except Exception:  # noqa: BLE001
+                log.exception("reporting destination problems failed")
+
+    def destination_problems(self, config: RenderedConfig | None = None) -> dict[str, str]:
+        """Destination name -> why this agent cannot serve it (a referenced Secret missing
+        or unusable), for every destination of the configuration that has a problem."""
+        config = config or self.config()
+        problems = {}
+        for name, dest in sorted(config.destinations.items()):
+            try:
+                if dest.dicomweb is not None and dest.dicomweb.tokenSecretRef is not None:
+                    self.secrets.path(dest.dicomweb.tokenSecretRef.name, dest.dicomweb.tokenSecretRef.key)
+                if dest.tls is not None:
+                    client_context(dest.tls, self.secrets)
+            except SecretError as exc:
+                problems[name] = str(exc)
+        return problems
 
     # -- polling --------------------------------------------------------------
     def _poll_loop(self) -> None:
         backoff = self.settings.exportPollSeconds
         while not self._stop.is_set():
+            self.check_destinations()
             # wait for a free worker
             if not self._slots.acquire(timeout=0.5):
                 continue
