@@ -105,13 +105,13 @@ def run_agent(tmp: Path, files: list[Path], run: int, tasks: int) -> float:
                                   agent="ClaraSCU", uris=uris[i::tasks], parameters=json.dumps("Orthanc")).id
                for i in range(tasks)]
 
-        def done() -> bool:
-            states = [client.get_task(i).state for i in ids]
+        def done() -> bool:  # read the store directly: HTTP polls would cost the agent CPU
+            states = [results.store.get(i).state for i in ids]
             if any(int(s) == 4 for s in states):
                 raise RuntimeError("export task failed; see the log")
             return all(int(s) == 3 for s in states)
 
-        wait_for(done, 600, interval=0.02, what="export tasks succeeded")
+        wait_for(done, 600, interval=0.01, what="export tasks succeeded")
         seconds = time.perf_counter() - start
         CPU["agent"].append(cpu_seconds(resource.RUSAGE_SELF) - cpu)
         assert orthanc.count_instances() == len(files), "Orthanc is missing instances"
