@@ -1,8 +1,9 @@
 """The export agent: lease tasks for our agent name, export them, report outcomes.
 
 One poller thread leases up to ``exportConcurrency`` tasks at a time and hands
-them to as many worker threads; each worker exports one task over one
-association and reports the outcome. Outcome rules (SPEC §3):
+them to as many worker threads; each worker exports one task — over one C-STORE
+association (TLS when the destination has ``tls``), or with STOW-RS requests to a
+``dicomweb`` destination — and reports the outcome. Outcome rules (SPEC §3):
 
 * success: every DICOM file sent, or failures not more than ``failureThreshold``
   of the task's DICOM files (non-DICOM files are skipped with a warning and not
@@ -10,7 +11,9 @@ association and reports the outcome. Outcome rules (SPEC §3):
 * failure, ``retryLater=true``: the destination is unreachable, refuses or aborts
   the association, or the failures above the threshold are all transient
   (C-STORE "out of resources" 0xA7xx); also an unexpected error of ours;
-* failure, ``retryLater=false``: bad parameters, unknown destination, a URI or
+* failure, ``retryLater=false``: bad parameters, unknown destination, a Secret the
+  destination references missing or unusable, a TLS certificate not trusted or
+  not valid for the destination, a DICOMweb 4xx answer, a URI or
   payload ID escaping ``<payloads root>/<payloadId>/``, too many files failing for
   lasting reasons (refused SOP class/transfer syntax, missing codec, C-STORE
   failure status), or no DICOM file at all in the task (nothing to export is a
@@ -159,7 +162,7 @@ class ExportAgent:
             n = len(self._in_progress)
         return {"exportAgent": {"agent": self.agent, "resultsService": self.results_url, "tasksInProgress": n,
                                 "destinationsBusy": destinations, "lastPollError": self.last_poll_error,
-                                "tasks": dict(self.counts), "destinationProblems": self.destination_problems()}}
+                                "tasks": dict(self.counts), "destinationProblems": dict(self._problems or {})}}
 
     def check_destinations(self) -> None:
         """Re-check the destinations when the configuration changed or every
