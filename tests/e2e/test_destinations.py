@@ -1,15 +1,14 @@
 """ClaraDestinations against a real kube-apiserver and the operator process: the CEL rule
 for C-STORE vs DICOMweb destinations, Secret references rendered without Secret data, and
 the CannotServe condition from what the adapter's export agent publishes (key
-``destinationProblems`` of ``clara-dicom-adapter-status``, written here by hand as the
-adapter does)."""
+``destinationProblems`` of ``clara-dicom-adapter-status``, written by the adapter's own
+KubeBridge)."""
 from __future__ import annotations
-
-import json
 
 import pytest
 
 from test_operator import (  # noqa: F401 - fixtures used by name
+    CONFIG_MAP,
     STATUS_CONFIG_MAP,
     adapter,
     apply,
@@ -27,7 +26,8 @@ def dst_yaml(name: str, spec: str) -> str:
     return f"apiVersion: dicom.clara.io/v1alpha1\nkind: ClaraDestination\nmetadata: {{name: {name}}}\nspec:\n{spec}"
 
 
-def test_dicomweb_destinations_and_the_cannot_serve_condition(k8s_cluster, rest, ns, operator, adapter):
+def test_dicomweb_destinations_and_the_cannot_serve_condition(k8s_cluster, rest, ns, operator, adapter,
+                                                               tmp_path):
     rejected = {
         "both": dst_yaml("both", "  dicomweb: {url: 'http://pacs/dicom-web'}\n  aeTitle: PACS\n  host: pacs\n"
                                  "  port: 104\n"),
@@ -49,16 +49,21 @@ def test_dicomweb_destinations_and_the_cannot_serve_condition(k8s_cluster, rest,
     rendered = rest.config(ns)["destinations"]
     assert rendered["pacs-web"]["dicomweb"]["tokenSecretRef"] == {"name": "pacs-token", "key": "token"}
 
-    base = f"/api/v1/namespaces/{ns}/configmaps/{STATUS_CONFIG_MAP}"
+    # The adapter's own publisher (what its export agent calls when the problems change).
+    from clara_adapter.k8s import KubeBridge
 
-    def publish(problems: dict[str, str]) -> None:
-        status, _ = rest.call("PATCH", base, {"data": {"destinationProblems": json.dumps(problems)}},
-                              "application/merge-patch+json")
-        assert status == 200
-
-    publish({"pacs-tls": "Secret pacs-certs not found (expected the folder /var/lib/clara-dicom/secrets/pacs-certs)"})
-    cond = wait_for(lambda: is_ready(rest, ns, "dst", "pacs-tls", "CannotServe", "False"), 15, "CannotServe")
-    assert "Secret pacs-certs not found" in cond["message"]
-    assert is_ready(rest, ns, "dst", "pacs-web")  # the other destination is unaffected
-    publish({})
-    wait_for(lambda: is_ready(rest, ns, "dst", "pacs-tls"), 15, "Ready again")
+    bridge = KubeBridge(ns, CONFIG_MAP, STATUS_CONFIG_MAP, tmp_path / "applied-config.json",
+                        str(k8s_cluster.kubeconfig))
+    bridge.start(lambda config: None)
+    try:
+        bridge.publish_destination_problems(
+            {"pacs-tls": "Secret pacs-certs not found (expected the folder /var/lib/clara-dicom/secrets/pacs-certs)"})
+        cond = wait_for(lambda: is_ready(rest, ns, "dst", "pacs-tls", "CannotServe", "False"), 15, "CannotServe")
+        assert "Secret pacs-certs not found" in cond["message"]
+        assert is_ready(rest, ns, "dst", "pacs-web")  # the other destination is unaffected
+        status_cm = rest.get(f"/api/v1/namespaces/{ns}/configmaps/{STATUS_CONFIG_MAP}")
+        assert status_cm["data"]["appliedVersion"]  # the stand-in's key is kept (merge patch)
+        bridge.publish_destination_problems({})
+        wait_for(lambda: is_ready(rest, ns, "dst", "pacs-tls"), 15, "Ready again")
+    finally:
+        bridge.stop()
