@@ -6,7 +6,10 @@ cache of bench/ingest.py) goes to a fresh Orthanc each run: once with dcmtk's
 storescu (one association, TCP_NODELAY=1), once through the agent (registered in
 an in-process Results Service as ``--tasks`` tasks, default 1 = one association;
 timed from registration until every task is Succeeded). Runs alternate, and the
-best of ``--repeat`` is compared.
+best of ``--repeat`` is compared. Orthanc runs with TCP_NODELAY=1 (tests/peers.py),
+as every dcmtk-based peer must. CPU seconds (user+sys) are printed too: storescu's
+process, and this whole process for the agent (Results Service included) — on a
+loaded machine they say more than the wall clock.
 
     python bench/export.py [--slices 300] [--repeat 2] [--tasks 1]
 """
@@ -16,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -47,13 +51,23 @@ def link_or_copy(files: list[Path], folder: Path) -> list[Path]:
     return out
 
 
+def cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+CPU: dict[str, list[float]] = {"storescu": [], "agent": []}
+
+
 def run_storescu(tmp: Path, files: list[Path], run: int) -> float:
     orthanc = Orthanc(tmp / f"orthanc-storescu-{run}")
     try:
+        cpu = cpu_seconds(resource.RUSAGE_CHILDREN)  # Orthanc is waited for only later, at stop()
         start = time.perf_counter()
         proc = subprocess.run([dcmtk("storescu"), "-aec", "ORTHANC", "127.0.0.1", str(orthanc.dicom_port),
                                *map(str, files)], env=dcmtk_env(), capture_output=True, text=True)
         seconds = time.perf_counter() - start
+        CPU["storescu"].append(cpu_seconds(resource.RUSAGE_CHILDREN) - cpu)
         if proc.returncode != 0:
             raise RuntimeError(f"storescu failed: {proc.stderr[-500:]}")
         assert orthanc.count_instances() == len(files), "Orthanc is missing instances"
@@ -85,19 +99,21 @@ def run_agent(tmp: Path, files: list[Path], run: int, tasks: int) -> float:
     agent = ExportAgent.connect(settings, lambda: config, AdapterMetrics(), results.url, TOKEN).start()
     client = ResultsClient(results.url, TOKEN)
     try:
+        cpu = cpu_seconds(resource.RUSAGE_SELF)
         start = time.perf_counter()
         ids = [client.create_task(job_id=f"bench-{i}", pipeline_id="bench", payload_id="bench-payload",
                                   agent="ClaraSCU", uris=uris[i::tasks], parameters=json.dumps("Orthanc")).id
                for i in range(tasks)]
 
-        def done() -> bool:
-            states = [client.get_task(i).state for i in ids]
+        def done() -> bool:  # read the store directly: HTTP polls would cost the agent CPU
+            states = [results.store.get(i).state for i in ids]
             if any(int(s) == 4 for s in states):
                 raise RuntimeError("export task failed; see the log")
             return all(int(s) == 3 for s in states)
 
-        wait_for(done, 600, interval=0.1, what="export tasks succeeded")  # in-process: keep polls rare
+        wait_for(done, 600, interval=0.01, what="export tasks succeeded")
         seconds = time.perf_counter() - start
+        CPU["agent"].append(cpu_seconds(resource.RUSAGE_SELF) - cpu)
         assert orthanc.count_instances() == len(files), "Orthanc is missing instances"
         return seconds
     finally:
@@ -130,15 +146,17 @@ def main() -> int:
                 if who == "storescu":
                     theirs.append(run_storescu(tmp, files, run))
                     print(f"  run {run + 1}: storescu -> Orthanc {theirs[-1]:6.2f}s "
-                          f"({len(files) / theirs[-1]:5.1f} inst/s)")
+                          f"({len(files) / theirs[-1]:5.1f} inst/s), cpu {CPU['storescu'][-1]:.2f}s")
                 else:
                     ours.append(run_agent(tmp, files, run, args.tasks))
                     print(f"  run {run + 1}: agent    -> Orthanc {ours[-1]:6.2f}s "
-                          f"({len(files) / ours[-1]:5.1f} inst/s)")
+                          f"({len(files) / ours[-1]:5.1f} inst/s), cpu {CPU['agent'][-1]:.2f}s")
     best_ours, best_theirs = min(ours), min(theirs)
     print(f"best: agent {best_ours:.2f}s, storescu {best_theirs:.2f}s; median: agent "
           f"{statistics.median(ours):.2f}s, storescu {statistics.median(theirs):.2f}s")
-    print(f"ratio (throughput, agent / storescu): {best_theirs / best_ours:.2f}x (target >= 0.8x)")
+    print(f"ratio (throughput, agent / storescu): {best_theirs / best_ours:.2f}x (target >= 0.8x); "
+          f"cpu (median): agent {statistics.median(CPU['agent']):.2f}s, storescu "
+          f"{statistics.median(CPU['storescu']):.2f}s; load average {os.getloadavg()[0]:.1f}")
     return 0
 
 

@@ -223,18 +223,74 @@ class DestinationTLS(_Spec):
     )
 
 
-class ClaraDestinationSpec(_Spec):
-    """A DICOM peer results are exported to (C-STORE SCP). Looked up by name, case-insensitively."""
+class SecretKeyReference(_Spec):
+    name: ObjectName = Field(description="Name of a Secret in the same namespace.")
+    key: str = Field(default="token", pattern=r"^[-._a-zA-Z0-9]+$", max_length=253,
+                     description="Key in that Secret (default: token).")
 
-    aeTitle: AETitle
-    host: str = Field(pattern=HOST_PATTERN, description="The destination's hostname or IP address.")
-    port: int = Field(ge=1, le=65535, description="The destination's DICOM port.")
+
+class DicomWebDestination(_Spec):
+    url: str = Field(
+        pattern=r"^https?://[^\s/?#]+[^\s?#]*$",
+        max_length=2048,
+        description="Base URL of the DICOMweb service (e.g. http://orthanc:8042/dicom-web); results are sent with "
+        "STOW-RS to <url>/studies.",
+    )
+    tokenSecretRef: SecretKeyReference | None = Field(
+        default=None,
+        description="Secret key holding a bearer token sent as 'Authorization: Bearer <token>' (default key: token).",
+    )
+
+
+DESTINATION_KIND_MESSAGE = ("set either aeTitle, host and port (a DICOM C-STORE SCP) or dicomweb (a DICOMweb "
+                            "STOW-RS service), not both")
+
+
+class ClaraDestinationSpec(_Spec):
+    """A peer results are exported to: a C-STORE SCP (aeTitle, host, port, tls) or a DICOMweb service (dicomweb)."""
+
+    cel_rules: ClassVar[list[dict[str, str]]] = [
+        {
+            "rule": "has(self.dicomweb) ? !(has(self.aeTitle) || has(self.host) || has(self.port) || has(self.tls)) "
+            ": (has(self.aeTitle) && has(self.host) && has(self.port))",
+            "message": DESTINATION_KIND_MESSAGE + "; tls is for C-STORE destinations",
+        }
+    ]
+
+    aeTitle: AETitle | None = Field(default=None, description="The destination's AE title (C-STORE destinations).")
+    host: str | None = Field(default=None, pattern=HOST_PATTERN,
+                             description="The destination's hostname or IP address (C-STORE destinations).")
+    port: int | None = Field(default=None, ge=1, le=65535,
+                             description="The destination's DICOM port (C-STORE destinations).")
     tls: DestinationTLS | None = Field(default=None, description="Use DICOM TLS to reach this destination.")
+    dicomweb: DicomWebDestination | None = Field(
+        default=None, description="Send results with DICOMweb STOW-RS instead of C-STORE (then aeTitle, host and "
+        "port are not set).")
 
     @field_validator("host")
     @classmethod
-    def _host_is_valid(cls, v: str) -> str:
-        return check_host(v)
+    def _host_is_valid(cls, v: str | None) -> str | None:
+        return None if v is None else check_host(v)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ClaraDestinationSpec":
+        dimse = [f for f in ("aeTitle", "host", "port") if getattr(self, f) is not None]
+        if self.dicomweb is not None:
+            if dimse or self.tls is not None:
+                given = ", ".join(dimse + (["tls"] if self.tls is not None else []))
+                raise ValueError(f"{DESTINATION_KIND_MESSAGE}: dicomweb is set and so is {given}")
+        elif len(dimse) != 3:
+            missing = ", ".join(f for f in ("aeTitle", "host", "port") if getattr(self, f) is None)
+            raise ValueError(f"{missing} missing: a destination needs aeTitle, host and port (a DICOM C-STORE SCP) "
+                             "or dicomweb (a DICOMweb STOW-RS service)")
+        return self
+
+    @property
+    def label(self) -> str:
+        """Where the destination is, for logs and messages (no secrets)."""
+        if self.dicomweb is not None:
+            return self.dicomweb.url
+        return f"{self.aeTitle}@{self.host}:{self.port}" + (" (TLS)" if self.tls is not None else "")
 
 
 class PipelineContainer(BaseModel):
@@ -494,11 +550,12 @@ class ClaraDestination(Resource):
     KIND = "ClaraDestination"
     PLURAL = "claradestinations"
     SHORT_NAMES = ["dst"]
-    DESCRIPTION = "A DICOM peer that results are exported to."
+    DESCRIPTION = "A DICOM peer (C-STORE SCP or DICOMweb service) that results are exported to."
     PRINTER_COLUMNS = [
         {"name": "AE Title", "type": "string", "jsonPath": ".spec.aeTitle"},
         {"name": "Host", "type": "string", "jsonPath": ".spec.host"},
         {"name": "Port", "type": "integer", "jsonPath": ".spec.port"},
+        {"name": "DICOMweb", "type": "string", "jsonPath": ".spec.dicomweb.url", "priority": 1},
         _AGE,
     ]
     kind: Literal["ClaraDestination"] = "ClaraDestination"

@@ -128,16 +128,27 @@ class StoreSCP(Process):
             raise RuntimeError(f"storescp did not start: {self.log()}")
 
 
+ORTHANC_DICOMWEB_PLUGIN = Path(os.environ.get("ORTHANC_DICOMWEB_PLUGIN",
+                                              "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"))
+
+
 class Orthanc(Process):
-    """Debian's Orthanc with its own configuration on loopback, no plugins."""
+    """Debian's Orthanc with its own configuration on loopback; no plugins unless
+    ``dicomweb`` (Debian's orthanc-dicomweb, served at ``/dicom-web/``).
+    ``users`` turns HTTP basic authentication on; ``extra`` is merged into the configuration."""
 
     def __init__(self, workdir: Path, aet: str = "ORTHANC", dicom_port: int | None = None,
-                 http_port: int | None = None, known_aets: dict[str, tuple[str, str, int]] | None = None):
+                 http_port: int | None = None, known_aets: dict[str, tuple[str, str, int]] | None = None,
+                 dicomweb: bool = False, users: dict[str, str] | None = None, extra: dict[str, Any] | None = None):
+        if dicomweb and not ORTHANC_DICOMWEB_PLUGIN.exists():
+            raise RuntimeError(f"Orthanc's DICOMweb plugin not found at {ORTHANC_DICOMWEB_PLUGIN}: "
+                               "apt-get install orthanc-dicomweb")
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.dicom_port = dicom_port or free_port()
         self.http_port = http_port or free_port()
         self.aet = aet
+        self.users = dict(users or {})
         config = {
             "Name": "clara-dicom-test",
             "StorageDirectory": str(self.workdir / "storage"),
@@ -147,27 +158,40 @@ class Orthanc(Process):
             "DicomPort": self.dicom_port,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(users),
+            "RegisteredUsers": dict(users or {}),
             "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": True,
             "DicomAlwaysAllowEcho": True,
-            "Plugins": [],
+            "Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)] if dicomweb else [],
+            "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
             "DicomModalities": {k: list(v) for k, v in (known_aets or {}).items()},
             "HttpServerEnabled": True,
             "SaveJobs": False,
             "ConcurrentJobs": 2,
+            **(extra or {}),
         }
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(config, indent=1))
-        # Orthanc is dcmtk-based: without TCP_NODELAY each DIMSE response waits for a delayed ACK.
+        # Orthanc is built on dcmtk: TCP_NODELAY=1 in its environment, as for every dcmtk peer.
         super().__init__(["Orthanc", "--no-jobs", str(cfg)], self.workdir / "orthanc.log", env=dcmtk_env())
         wait_for(lambda: (port_open(self.dicom_port) and port_open(self.http_port)) or not self.alive(), 30,
                  what="Orthanc")
         if not self.alive():
             raise RuntimeError(f"Orthanc did not start: {self.log()[-2000:]}")
 
+    @property
+    def dicomweb_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as rsp:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}")
+        if self.users:
+            import base64
+
+            user, password = next(iter(self.users.items()))
+            request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+        with urllib.request.urlopen(request, timeout=10) as rsp:
             return json.loads(rsp.read())
 
     def sop_instance_uids(self) -> set[str]:

@@ -243,9 +243,34 @@ def test_destination_ports(port):
     assert parse(dst(port=port)).spec.port == port
 
 
-@pytest.mark.parametrize("port", [0, -1, 65536, 100000, "dicom", None])
+@pytest.mark.parametrize("port", [0, -1, 65536, 100000, "dicom"])
 def test_destination_bad_ports(port):
     bad(dst(port=port), "ClaraDestination/orthanc", "spec.port")
+
+
+def test_destination_without_port_names_what_is_missing():
+    bad(dst(port=None), "ClaraDestination/orthanc", "port missing", "dicomweb")
+
+
+def test_dicomweb_destination_needs_no_dimse_fields():
+    obj = parse(manifest("ClaraDestination", "pacs-web", {"dicomweb": {
+        "url": "https://pacs.example.org/dicom-web", "tokenSecretRef": {"name": "pacs-token"}}}))
+    assert obj.spec.dicomweb.url == "https://pacs.example.org/dicom-web"
+    assert obj.spec.dicomweb.tokenSecretRef.key == "token"
+    assert obj.spec.aeTitle is None and obj.spec.label == "https://pacs.example.org/dicom-web"
+
+
+@pytest.mark.parametrize("extra, given", [({"host": "pacs"}, "host"), ({"aeTitle": "PACS", "port": 104}, "aeTitle, port"),
+                                          ({"tls": {"secretRef": {"name": "t"}}}, "tls")])
+def test_dicomweb_and_dimse_fields_are_exclusive(extra, given):
+    bad(manifest("ClaraDestination", "both", {"dicomweb": {"url": "http://pacs/dicom-web"}, **extra}),
+        "set either aeTitle, host and port", f"dicomweb is set and so is {given}")
+
+
+@pytest.mark.parametrize("url", ["ftp://pacs/dicom-web", "pacs/dicom-web", "http://", "http://pacs/a b",
+                                 "http://pacs/x?token=1"])
+def test_dicomweb_url_must_be_plain_http(url):
+    bad(manifest("ClaraDestination", "web", {"dicomweb": {"url": url}}), "spec.dicomweb.url")
 
 
 def test_destination_host_and_tls():

@@ -1,4 +1,5 @@
-"""Publishing the configuration version the adapter runs, for the operator.
+"""Publishing what the operator reads from the adapter's status ConfigMap: the
+configuration version it runs, and the destinations its export agent cannot serve.
 
 One writer task at a time, always writing the newest version handed in: a
 slow or failing write of an older version can never land after a newer one
@@ -16,12 +17,14 @@ from clara_adapter.k8s_client import API_TIMEOUT, KubeClient, brief
 log = logging.getLogger(__name__)
 
 APPLIED_VERSION_KEY = "appliedVersion"
+DESTINATION_PROBLEMS_KEY = "destinationProblems"  # JSON {ClaraDestination name: why the agent cannot serve it}
 
 
 class VersionPublisher:
     def __init__(self, loop: asyncio.AbstractEventLoop, write: Callable[[str], Awaitable[None]],
-                 max_backoff: float = 10.0):
+                 max_backoff: float = 10.0, what: str = "applied configuration version"):
         """``write(version)`` stores one version (raises to be retried)."""
+        self.what = what
         self.loop = loop
         self._write = write
         self.max_backoff = max_backoff
@@ -53,11 +56,11 @@ class VersionPublisher:
                 if version != self.published:
                     await self._write(version)
                     self.published = version
-                    log.info("published applied configuration version %s", version)
+                    log.info("published %s %s", self.what, version)
                 self._written = order
                 backoff = 0.5
             except Exception as exc:
-                log.warning("publishing applied version failed (%s); retrying", brief(exc))
+                log.warning("publishing %s failed (%s); retrying", self.what, brief(exc))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
 
@@ -67,19 +70,34 @@ def config_map_writer(client: KubeClient, namespace: str, name: str, identity: s
     """``write(version)`` into the status ConfigMap (created if missing)."""
 
     async def write(version: str) -> None:
-        from kubernetes_asyncio.client.exceptions import ApiException
-
-        data = {APPLIED_VERSION_KEY: version, "adapter": identity,
-                "appliedAt": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
-        try:
-            await client.core.patch_namespaced_config_map(name, namespace, {"data": data},
-                                                          _request_timeout=API_TIMEOUT)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-            body: dict[str, Any] = {"metadata": {"name": name, "namespace": namespace,
-                                                 "labels": {"app.kubernetes.io/part-of": "clara-dicom"}},
-                                    "data": data}
-            await client.core.create_namespaced_config_map(namespace, body, _request_timeout=API_TIMEOUT)
+        await patch_status(client, namespace, name, {
+            APPLIED_VERSION_KEY: version, "adapter": identity,
+            "appliedAt": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
 
     return write
+
+
+def destination_problems_writer(client: KubeClient, namespace: str, name: str
+                                ) -> Callable[[str], Awaitable[None]]:
+    """``write(problems_json)`` into the status ConfigMap (created if missing)."""
+
+    async def write(problems_json: str) -> None:
+        await patch_status(client, namespace, name, {DESTINATION_PROBLEMS_KEY: problems_json})
+
+    return write
+
+
+async def patch_status(client: KubeClient, namespace: str, name: str, data: dict[str, str]) -> None:
+    """Merge ``data`` into the status ConfigMap, creating it when missing."""
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    try:
+        await client.core.patch_namespaced_config_map(name, namespace, {"data": data},
+                                                      _request_timeout=API_TIMEOUT)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        body: dict[str, Any] = {"metadata": {"name": name, "namespace": namespace,
+                                             "labels": {"app.kubernetes.io/part-of": "clara-dicom"}},
+                                "data": data}
+        await client.core.create_namespaced_config_map(namespace, body, _request_timeout=API_TIMEOUT)

@@ -135,6 +135,8 @@ class Adapter:
         from clara_adapter.export import ExportAgent
 
         self.export = ExportAgent.connect(self.settings, lambda: self.ingest.config, self.metrics, results_url, token)
+        # Kubernetes mode: destinations the agent cannot serve go to the operator (ClaraDestination conditions).
+        self.export.on_destination_problems = getattr(self.submitter.sink, "publish_destination_problems", None)
         self.export.start()
         self.extra_status.append(self.export.status)
 

@@ -26,6 +26,7 @@ from clara_operator.rendering import (
     DOMAIN,
     LAST_VALID_ANNOTATION,
     Plan,
+    destination_problems,
     plan,
 )
 
@@ -103,15 +104,16 @@ PLURALS = {cls.KIND: cls.PLURAL for cls in CONFIG_KINDS}
 
 
 async def reconcile_once(api: Api, namespace: str, options: Options, post_event: EventPoster | None) -> Plan:
-    async def applied_version() -> str | None:
+    async def adapter_status() -> dict[str, str]:
         if not options.feedback:
-            return None
+            return {}
         status_cm = await api.read_config_map(namespace, options.status_config_map)
-        return (status_cm or {}).get("data", {}).get(APPLIED_VERSION_KEY)
+        return (status_cm or {}).get("data") or {}
 
-    bodies, applied, existing = await asyncio.gather(
-        api.list_objects(namespace), applied_version(), api.read_config_map(namespace, options.config_map))
-    result = plan(bodies, namespace, applied_version=applied, feedback=options.feedback)
+    bodies, adapter, existing = await asyncio.gather(
+        api.list_objects(namespace), adapter_status(), api.read_config_map(namespace, options.config_map))
+    result = plan(bodies, namespace, applied_version=adapter.get(APPLIED_VERSION_KEY), feedback=options.feedback,
+                  destination_problems=destination_problems(adapter))
 
     writes = 0
     # 1. The rendered configuration (only written when its content changed).

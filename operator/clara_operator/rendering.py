@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from pydantic import ValidationError
 
@@ -45,6 +45,7 @@ LAST_VALID_ANNOTATION = f"{DOMAIN}/last-valid-spec"
 CONFIG_VERSION_ANNOTATION = f"{DOMAIN}/config-version"
 CONFIG_KEY = "config.json"
 APPLIED_VERSION_KEY = "appliedVersion"
+DESTINATION_PROBLEMS_KEY = "destinationProblems"  # written by the adapter's export agent (clara_adapter.k8s)
 
 # Kinds rendered into the adapter configuration (PipelineJob/RegisterResults are not).
 CONFIG_KINDS: tuple[type[Resource], ...] = (ClaraPipeline, ClaraSource, ClaraDestination, JobProcessor, ClaraAETitle)
@@ -132,6 +133,27 @@ def _served_spec(cfg: RenderedConfig, kind: str, name: str, model: Resource | No
     return None if spec is None else spec.model_dump(mode="json", by_alias=True)
 
 
+def destination_problems(adapter_status: dict[str, str]) -> dict[str, str]:
+    """{ClaraDestination name: why the export agent cannot serve it} from the adapter's
+    status ConfigMap data; nothing when absent or unreadable."""
+    try:
+        problems = json.loads(adapter_status.get(DESTINATION_PROBLEMS_KEY) or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(problems, dict):
+        return {}
+    return {str(k): str(v) for k, v in problems.items()}
+
+
+def _destination_served(conds: list[Cond], name: str, problems: Mapping[str, str] | None) -> list[Cond]:
+    """A valid destination the export agent cannot serve is not Ready, and says why."""
+    problem = next((m for n, m in (problems or {}).items() if n.lower() == name.lower()), None)
+    if problem is None:
+        return conds
+    not_ready = Cond("Ready", False, "CannotServe", f"the export agent cannot serve this destination: {problem}")
+    return [not_ready if c.type == "Ready" else c for c in conds]
+
+
 def _ready_of(conds: list[Cond]) -> Cond | None:
     return next((c for c in conds if c.type == "Ready"), None)
 
@@ -162,8 +184,13 @@ def plan(
     feedback: bool = True,
     validate_processor: Callable | None = None,
     now: str | None = None,
+    destination_problems: Mapping[str, str] | None = None,
 ) -> Plan:
-    """Decide the configuration and every object's status for one namespace."""
+    """Decide the configuration and every object's status for one namespace.
+
+    ``destination_problems``: ClaraDestination name -> why the adapter's export agent
+    cannot serve it (e.g. a referenced Secret missing), as the adapter reports it; such
+    a destination stays in the configuration but is not Ready (reason CannotServe)."""
     validate_processor = validate_processor or safe_validate_processor
     live = [b for b in bodies if b.get("kind") in KIND_BY_NAME and not (b.get("metadata") or {}).get(
         "deletionTimestamp")]
@@ -232,6 +259,8 @@ def plan(
             conds = conds_b
             ready = _ready_of(conds)
             valid = bool(ready and ready.status)
+            if valid and kind == "ClaraDestination":
+                conds = _destination_served(conds, name, destination_problems)
 
         served_hash = spec_hash(served) if served is not None else None
         ready = _ready_of(conds)

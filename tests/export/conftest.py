@@ -7,6 +7,13 @@ from typing import Any
 import pytest
 
 from export_testlib import ExportHarness
+from local_setup import require
+from peers import ORTHANC_DICOMWEB_PLUGIN
+
+
+@pytest.fixture(scope="session")
+def orthanc_dicomweb_available(orthanc_available) -> None:
+    require(ORTHANC_DICOMWEB_PLUGIN.exists(), "Orthanc's DICOMweb plugin (apt-get install orthanc-dicomweb)")
 
 
 @pytest.fixture

@@ -53,6 +53,28 @@ class ExportHarness:
         dests[name] = ClaraDestinationSpec(aeTitle=ae, host="127.0.0.1", port=port)
         self.config = self.config.model_copy(update={"destinations": dests})
 
+    def dicomweb_destination(self, name: str, url: str, token_secret: str | None = None) -> None:
+        dests = dict(self.config.destinations)
+        ref = {"tokenSecretRef": {"name": token_secret}} if token_secret else {}
+        dests[name] = ClaraDestinationSpec.model_validate({"dicomweb": {"url": url, **ref}})
+        self.config = self.config.model_copy(update={"destinations": dests})
+
+    def tls_destination(self, name: str, port: int, secret: str, server_name: str | None = None,
+                        ae: str = "ANY-SCP") -> None:
+        dests = dict(self.config.destinations)
+        tls = {"secretRef": {"name": secret}, **({"serverName": server_name} if server_name else {})}
+        dests[name] = ClaraDestinationSpec.model_validate({"aeTitle": ae, "host": "127.0.0.1", "port": port,
+                                                           "tls": tls})
+        self.config = self.config.model_copy(update={"destinations": dests})
+
+    def secret(self, name: str, **keys: bytes | str) -> Path:
+        """A Secret as the agent reads it: <storageDir>/secrets/<name>/<key> (a mounted Secret volume)."""
+        folder = Path(self.settings.storageDir) / "secrets" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for key, value in keys.items():
+            (folder / key.replace("_", ".")).write_bytes(value.encode() if isinstance(value, str) else value)
+        return folder
+
     def submit(self, payload_id: str, uris: list[str], parameters: str | None, job: str = "job") -> Any:
         return self.client.create_task(job_id=job, pipeline_id="pipe", payload_id=payload_id, agent=AGENT,
                                        uris=uris, parameters=parameters)

@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless, UID
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless, RLELossless, UID
 
 from clara_adapter.export.agent import decide
 from clara_adapter.export.scu import MAX_CONTEXTS, DicomFile, FileFailure, NotDicom, SendReport, plan_contexts, \
@@ -154,7 +154,7 @@ def test_hand_built_c_store_command_matches_pynetdicom(sop_class, instance, msg_
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.dsutils import encode
 
-    from clara_adapter.export.scu import c_store_rq
+    from clara_adapter.export.association import c_store_rq
 
     req = C_STORE()
     req.MessageID, req.AffectedSOPClassUID, req.AffectedSOPInstanceUID, req.Priority = msg_id, sop_class, instance, 2
@@ -205,3 +205,11 @@ def test_adapter_starts_the_agent_when_results_url_is_set(tmp_path, export_harne
     no_token = AdapterSettings(storageDir=str(tmp_path / "adapter2"), resultsUrl=h.results.url)
     with pytest.raises(UserError, match="no Results Service token"):
         Adapter(no_token, LocalJobSink(tmp_path / "jobs2")).start_export(h.results.url, no_token.results_token())
+
+
+@pytest.mark.parametrize("transfer_syntax", [None, RLELossless, JPEGLSLossless])
+def test_file_meta_parsed_by_hand_matches_pydicom(tmp_path, transfer_syntax):
+    from clara_adapter.export.scu import _read_header_pydicom, read_header
+
+    for path in write_series(tmp_path, 2, transfer_syntax):
+        assert read_header(path.name, path) == _read_header_pydicom(path.name, path)

@@ -1,8 +1,9 @@
 """The export agent: lease tasks for our agent name, export them, report outcomes.
 
 One poller thread leases up to ``exportConcurrency`` tasks at a time and hands
-them to as many worker threads; each worker exports one task over one
-association and reports the outcome. Outcome rules (SPEC §3):
+them to as many worker threads; each worker exports one task — over one C-STORE
+association (TLS when the destination has ``tls``), or with STOW-RS requests to a
+``dicomweb`` destination — and reports the outcome. Outcome rules (SPEC §3):
 
 * success: every DICOM file sent, or failures not more than ``failureThreshold``
   of the task's DICOM files (non-DICOM files are skipped with a warning and not
@@ -10,7 +11,9 @@ association and reports the outcome. Outcome rules (SPEC §3):
 * failure, ``retryLater=true``: the destination is unreachable, refuses or aborts
   the association, or the failures above the threshold are all transient
   (C-STORE "out of resources" 0xA7xx); also an unexpected error of ours;
-* failure, ``retryLater=false``: bad parameters, unknown destination, a URI or
+* failure, ``retryLater=false``: bad parameters, unknown destination, a Secret the
+  destination references missing or unusable, a TLS certificate not trusted or
+  not valid for the destination, a DICOMweb 4xx answer, a URI or
   payload ID escaping ``<payloads root>/<payloadId>/``, too many files failing for
   lasting reasons (refused SOP class/transfer syntax, missing codec, C-STORE
   failure status), or no DICOM file at all in the task (nothing to export is a
@@ -30,13 +33,17 @@ from typing import Any, Callable
 
 from clara_dicom.config import RenderedConfig
 
+from clara_adapter.export.dicomweb import StowSender
 from clara_adapter.export.lease import LeaseKeeper, report_kwargs
 from clara_adapter.export.scu import SendReport, StoreSCU
+from clara_adapter.export.secrets import SecretError, SecretsDir, default_secrets_dir
 from clara_adapter.export.task import PermanentTaskError, resolve_task
+from clara_adapter.export.tls import client_context
 
 log = logging.getLogger(__name__)
 
 MAX_POLL_BACKOFF = 30.0
+PROBLEM_CHECK_SECONDS = 10.0  # Secrets may be fixed (or break) without a configuration change
 REPORT_ATTEMPTS = 4
 
 
@@ -54,7 +61,7 @@ class Outcome:
 def decide(report: SendReport, threshold: float) -> Outcome:
     """The task outcome for what happened to its files."""
     if report.association_error:
-        return Outcome(False, True, report.association_error)
+        return Outcome(False, not report.association_permanent, report.association_error)
     total = report.dicom_files
     if total == 0:
         return Outcome(False, False, f"no DICOM files to export ({len(report.skipped)} non-DICOM skipped)")
@@ -89,6 +96,8 @@ class ExportAgent:
         self.scu = StoreSCU(settings.scuAeTitle, acse_timeout=settings.acseTimeout,
                             dimse_timeout=settings.dimseTimeout, network_timeout=settings.networkTimeout,
                             max_pdu=settings.maxPduSize)
+        self.stow = StowSender(network_timeout=settings.networkTimeout, response_timeout=settings.dimseTimeout * 2)
+        self.secrets = SecretsDir(default_secrets_dir(settings.storageDir))
         self._stop = threading.Event()
         self._slots = threading.Semaphore(self.concurrency)
         self._lock = threading.Lock()
@@ -97,6 +106,12 @@ class ExportAgent:
         self._thread = threading.Thread(target=self._poll_loop, name="clara-export-poller", daemon=True)
         self.last_poll_error: str | None = None
         self.counts = {"succeeded": 0, "retry": 0, "failed": 0}
+        # Called with {destination: why} whenever the destinations this agent cannot serve change
+        # (Kubernetes mode publishes it for the operator's ClaraDestination conditions).
+        self.on_destination_problems: Callable[[dict[str, str]], None] | None = None
+        self._problems: dict[str, str] | None = None
+        self._problems_checked = (float("-inf"), "")  # (monotonic time, configuration version)
+        self.problem_check_seconds = PROBLEM_CHECK_SECONDS
 
     @classmethod
     def connect(cls, settings: Any, config: Callable[[], RenderedConfig], metrics: Any, results_url: str,
@@ -132,6 +147,7 @@ class ExportAgent:
             log.warning("aborting %d export(s) still in progress", self.tasks_in_progress)
             self.scu.abort_all()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self.stow.close()
         close = getattr(self.client, "close", None)
         if close:
             close()
@@ -147,12 +163,56 @@ class ExportAgent:
             n = len(self._in_progress)
         return {"exportAgent": {"agent": self.agent, "resultsService": self.results_url, "tasksInProgress": n,
                                 "destinationsBusy": destinations, "lastPollError": self.last_poll_error,
-                                "tasks": dict(self.counts)}}
+                                "tasks": dict(self.counts), "destinationProblems": dict(self._problems or {})}}
+
+    def check_destinations(self) -> None:
+        """Re-check the destinations when the configuration changed or every
+        ``problem_check_seconds``; log and report changes (poller thread only)."""
+        config = self.config()
+        when, version = self._problems_checked
+        now = time.monotonic()
+        if version == config.version and now - when < self.problem_check_seconds:
+            return
+        self._problems_checked = (now, config.version)
+        try:
+            problems = self.destination_problems(config)
+        except Exception:  # noqa: BLE001 - a check must never stop the poller
+            log.exception("checking destinations failed")
+            return
+        if problems == self._problems:
+            return
+        for name, why in problems.items():
+            if (self._problems or {}).get(name) != why:
+                log.warning("destination %s cannot be served: %s", name, why)
+        for name in set(self._problems or {}) - set(problems):
+            log.info("destination %s can be served again", name)
+        self._problems = problems
+        if self.on_destination_problems is not None:
+            try:
+                self.on_destination_problems(dict(problems))
+            except Exception:  # noqa: BLE001
+                log.exception("reporting destination problems failed")
+
+    def destination_problems(self, config: RenderedConfig | None = None) -> dict[str, str]:
+        """Destination name -> why this agent cannot serve it (a referenced Secret missing
+        or unusable), for every destination of the configuration that has a problem."""
+        config = config or self.config()
+        problems = {}
+        for name, dest in sorted(config.destinations.items()):
+            try:
+                if dest.dicomweb is not None and dest.dicomweb.tokenSecretRef is not None:
+                    self.secrets.path(dest.dicomweb.tokenSecretRef.name, dest.dicomweb.tokenSecretRef.key)
+                if dest.tls is not None:
+                    client_context(dest.tls, self.secrets)
+            except SecretError as exc:
+                problems[name] = str(exc)
+        return problems
 
     # -- polling --------------------------------------------------------------
     def _poll_loop(self) -> None:
         backoff = self.settings.exportPollSeconds
         while not self._stop.is_set():
+            self.check_destinations()
             # wait for a free worker
             if not self._slots.acquire(timeout=0.5):
                 continue
@@ -217,14 +277,13 @@ class ExportAgent:
         except PermanentTaskError as exc:
             return Outcome(False, False, str(exc))
         dest = resolved.destination
-        if dest.tls is not None:
-            return Outcome(False, False, f"destination {resolved.destination_name} uses TLS, which the export "
-                                         "agent does not support yet")
         with self._lock:
             if task.id in self._in_progress:
                 self._in_progress[task.id] = resolved.destination_name
         try:
-            report = self.scu.send(dest, resolved.files)
+            report = self._send(dest, resolved.files)
+        except SecretError as exc:
+            return Outcome(False, False, f"destination {resolved.destination_name} cannot be served: {exc}")
         except Exception as exc:  # noqa: BLE001
             log.exception("export task %s: sending failed unexpectedly", task.id)
             return Outcome(False, True, f"internal error while sending: {exc}")
@@ -237,9 +296,19 @@ class ExportAgent:
             log.warning("export task %s: %d more files not exported", task.id, len(report.failed) - 5)
         outcome = decide(report, self.settings.failureThreshold)
         seconds = time.monotonic() - started
-        log.info("export task %s to %s (%s@%s:%d): %s; %s in %.2fs", task.id, resolved.destination_name,
-                 dest.aeTitle, dest.host, dest.port, outcome.label, outcome.reason, seconds)
+        log.info("export task %s to %s (%s): %s; %s in %.2fs", task.id, resolved.destination_name, dest.label,
+                 outcome.label, outcome.reason, seconds)
         return outcome
+
+    def _send(self, dest: Any, files: list) -> SendReport:
+        """DICOMweb STOW-RS, C-STORE over TLS, or plain C-STORE; SecretError when a
+        Secret the destination references is missing or unusable."""
+        if dest.dicomweb is not None:
+            ref = dest.dicomweb.tokenSecretRef
+            token = self.secrets.read(ref.name, ref.key).decode("utf-8", "replace").strip() if ref else None
+            return self.stow.send(dest, files, token)
+        ssl_context = client_context(dest.tls, self.secrets) if dest.tls is not None else None
+        return self.scu.send(dest, files, ssl_context)
 
     def _count_files(self, report: SendReport) -> None:
         if self.metrics is None:
