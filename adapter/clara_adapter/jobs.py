@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from clara_dicom.logs import short_hash
+from clara_dicom.logs import fields, short_hash
 from clara_dicom.models import API_VERSION, GROUP
 
 from clara_adapter.journal import InstanceRecord
@@ -211,7 +211,9 @@ class JobSubmitter:
                     self.metrics.job_created(req, created, deadline)
                 log.info("pipeline job %s %s (pipeline %s, %d instances, group %s)", req.name,
                          "created" if created else "already existed", req.pipeline_id, len(req.instances),
-                         short_hash(req.group_value))
+                         short_hash(req.group_value),
+                         extra=fields("job.created" if created else "job.exists", aeTitle=req.ae_title,
+                                      job=req.name, group=short_hash(req.group_value)))
         except Exception as exc:
             delay = min(self.max_backoff, 0.5 * 2**attempt)
             log.warning("creating jobs of group %s failed (%s: %s); retry %d in %.1fs", group_id,
