@@ -52,6 +52,8 @@ class Adapter:
         self.ctx = ProcessorContext(namespace, self.journal, self.scheduler, self.submitter, self.metrics)
         self.ingest = Ingest(self.ctx, self.store, settings.rejectUnknownSources)
         self.scp = StorageSCP(self.ingest, settings, on_association=self._count_association)
+        # Read at each scrape (housekeeping runs only every 30 s): dashboards show groups as they open.
+        self.metrics.groups_open.set_function(self._open_groups)
         self.http: HealthServer | None = None
         self.config_version = ""
         self.started = False
@@ -60,6 +62,10 @@ class Adapter:
         # Local mode's PipelineJob records, purged like payloads (Kubernetes has its own retention).
         self.job_records: Path | None = getattr(sink, "folder", None)
         self.export: Any = None  # the SCU export agent, once start_export() ran
+
+    def _open_groups(self) -> int:
+        with self.ctx.lock:
+            return self.ingest.open_groups()
 
     def _count_association(self, result: str) -> None:
         self.metrics.associations.labels(result).inc()
