@@ -26,6 +26,7 @@ from clara_adapter.metrics import AdapterMetrics
 from clara_adapter.processors.base import ProcessorContext
 from clara_adapter.scp import StorageSCP
 from clara_adapter.settings import AdapterSettings
+from clara_adapter.stow import StowService
 from clara_adapter.storage import DiskGuard, InstanceStore
 from clara_adapter.timers import ThreadScheduler
 
@@ -54,6 +55,9 @@ class Adapter:
         self.scp = StorageSCP(self.ingest, settings, on_association=self._count_association)
         # Read at each scrape (housekeeping runs only every 30 s): dashboards show groups as they open.
         self.metrics.groups_open.set_function(self._open_groups)
+        self.stow = StowService(self.ingest, settings.stowToken, self.metrics,
+                                max_instance_bytes=int(settings.stowMaxInstanceMB * 1024**2),
+                                max_request_bytes=int(settings.stowMaxRequestMB * 1024**2))
         self.http: HealthServer | None = None
         self.config_version = ""
         self.started = False
@@ -94,7 +98,8 @@ class Adapter:
         try:
             self.scp.start(s.host, s.dicomPort)
             if s.httpPort:
-                self.http = HealthServer(s.host, s.httpPort, self.status, self.ready, self.metrics.render)
+                self.http = HealthServer(s.host, s.httpPort, self.status, self.ready, self.metrics.render,
+                                         stow=self.stow)
                 self.http.start()
         except OSError as exc:
             self.scp.stop_accepting() if self.scp.server else None
@@ -106,8 +111,8 @@ class Adapter:
         if s.resultsUrl:
             self.start_export(s.resultsUrl, s.results_token())
         self.started = True
-        log.info("adapter listening: DICOM %s:%d, HTTP %s", s.host, s.dicomPort,
-                 f"{s.host}:{self.http.port}" if self.http else "off")
+        log.info("adapter listening: DICOM %s:%d, HTTP %s (STOW-RS %s)", s.host, s.dicomPort,
+                 f"{s.host}:{self.http.port}" if self.http else "off", "on" if s.stowToken and self.http else "off")
 
     def start_export(self, results_url: str, token: str | None) -> None:
         """Start the SCU export agent against the Results Service at ``results_url``."""
