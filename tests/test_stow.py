@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import socket
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -17,7 +16,8 @@ import pytest
 from pydicom import dcmread
 
 from local_setup import require, write_config
-from peers import LocalAdapter, Process, free_port, metric_value, port_open, storescu, wait_for
+from orthanc_dicomweb import PLUGIN, OrthancWeb
+from peers import LocalAdapter, metric_value, storescu, wait_for
 
 TOKEN = "stow-test-token"
 BOUNDARY = "clara-test-boundary-7f3a"
@@ -32,53 +32,9 @@ spec: {aeTitle: DICOMWEB, host: 127.0.0.1}
 REFERENCED, FAILED = "00081199", "00081198"
 
 
-class OrthancWeb(Process):
-    """Debian's Orthanc with its DICOMweb plugin; ``clara`` is our STOW-RS endpoint."""
-
-    def __init__(self, workdir: Path, stow_url: str, token: str):
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.http_port, self.dicom_port = free_port(), free_port()
-        config = {
-            "Name": "clara-stow-test", "StorageDirectory": str(self.workdir / "storage"),
-            "IndexDirectory": str(self.workdir / "index"), "StorageCompression": False,
-            "HttpPort": self.http_port, "DicomPort": self.dicom_port, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "HttpServerEnabled": True, "SaveJobs": False,
-            "Plugins": ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": {
-                "clara": {"Url": stow_url, "HttpHeaders": {"Authorization": f"Bearer {token}"}},
-            }},
-        }
-        cfg = self.workdir / "orthanc.json"
-        cfg.write_text(json.dumps(config, indent=1))
-        super().__init__(["Orthanc", "--no-jobs", str(cfg)], self.workdir / "orthanc.log",
-                         env={**os.environ, "TCP_NODELAY": "1"})
-        wait_for(lambda: port_open(self.http_port) or not self.alive(), 30, what="Orthanc")
-        if not self.alive():
-            raise RuntimeError(f"Orthanc did not start: {self.log()[-2000:]}")
-
-    def call(self, method: str, path: str, body: bytes | None = None, timeout: float = 300) -> tuple[int, Any]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=timeout)
-        try:
-            conn.request(method, path, body=body)
-            rsp = conn.getresponse()
-            data = rsp.read()
-            return rsp.status, json.loads(data) if data else None
-        finally:
-            conn.close()
-
-    def upload(self, files: list[Path]) -> str:
-        study = ""
-        for f in files:
-            status, info = self.call("POST", "/instances", f.read_bytes())
-            assert status == 200, info
-            study = info["ParentStudy"]
-        return study
-
-
 @pytest.fixture(scope="module")
 def orthanc_dicomweb() -> None:
-    require(shutil.which("Orthanc") is not None and Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so").exists(),
+    require(shutil.which("Orthanc") is not None and Path(PLUGIN).exists(),
             "Orthanc with its DICOMweb plugin (apt-get install orthanc orthanc-dicomweb)")
 
 
@@ -177,8 +133,8 @@ def study(tmp_path_factory) -> list[Path]:
 @pytest.mark.orthanc
 def test_orthanc_pushes_a_study_in_one_chunked_request(tmp_path, stow_adapter, study, orthanc_dicomweb):
     adapter = stow_adapter()
-    orthanc = OrthancWeb(tmp_path / "orthanc", f"http://127.0.0.1:{adapter.http_port}/dicomweb/aetitles/CLARA/",
-                         TOKEN)
+    orthanc = OrthancWeb(tmp_path / "orthanc", {"clara": (
+        f"http://127.0.0.1:{adapter.http_port}/dicomweb/aetitles/CLARA/", TOKEN)})
     try:
         study_id = orthanc.upload(study)
         status, answer = orthanc.call("POST", "/dicom-web/servers/clara/stow", json.dumps(
@@ -196,8 +152,8 @@ def test_orthanc_pushes_a_study_in_one_chunked_request(tmp_path, stow_adapter, s
 @pytest.mark.orthanc
 def test_orthanc_reports_failure_when_the_token_is_wrong(tmp_path, stow_adapter, study, orthanc_dicomweb):
     adapter = stow_adapter()
-    orthanc = OrthancWeb(tmp_path / "orthanc", f"http://127.0.0.1:{adapter.http_port}/dicomweb/aetitles/CLARA/",
-                         "not-the-token")
+    orthanc = OrthancWeb(tmp_path / "orthanc", {"clara": (
+        f"http://127.0.0.1:{adapter.http_port}/dicomweb/aetitles/CLARA/", "not-the-token")})
     try:
         study_id = orthanc.upload(study[:2])
         status, _ = orthanc.call("POST", "/dicom-web/servers/clara/stow", json.dumps(
