@@ -81,13 +81,26 @@ def test_dashboard_has_the_panels_operators_ask_for():
     names = queried_names()
     for needed in ("clara_associations_total", "clara_instances_received_total", "clara_groups_open",
                    "clara_job_creation_latency_seconds_bucket", "clara_export_results_total",
-                   "clara_results_tasks"):
+                   "clara_results_tasks", "clara_stow_requests_total"):
         assert needed in names, needed
 
 
 def test_metric_names_are_found_in_promql():
     assert metric_names('histogram_quantile(0.9, sum by (le) (rate(a_bucket{namespace=~"$namespace"}'
                         '[$__rate_interval]))) / on() b + sum(c offset 5m)') == {"a_bucket", "b", "c"}
+
+
+def stow_one(port: int, path: Path, ae_title: str, token: str) -> None:
+    """One instance by STOW-RS (calling AE DICOMWEB must be a ClaraSource)."""
+    import http.client
+
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + path.read_bytes() + b"\r\n--b--\r\n"
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", f"/dicomweb/aetitles/{ae_title}/studies", body=body, headers={
+        "Content-Type": 'multipart/related; type="application/dicom"; boundary=b', "Authorization": f"Bearer {token}"})
+    rsp = conn.getresponse()
+    assert rsp.status == 200, rsp.read()
+    conn.close()
 
 
 def exported(text: str) -> tuple[set[str], set[str]]:
@@ -114,10 +127,17 @@ apiVersion: dicom.clara.io/v1alpha1
 kind: ClaraDestination
 metadata: {{name: pacs}}
 spec: {{aeTitle: ANY-SCP, host: 127.0.0.1, port: {scp.port}}}
+---
+apiVersion: dicom.clara.io/v1alpha1
+kind: ClaraSource
+metadata: {{name: dicomweb}}
+spec: {{aeTitle: DICOMWEB, host: 127.0.0.1}}
 """)
-        adapter = local_adapter(config, results=True, env={**os.environ, "CLARA_EXPORT_POLL_SECONDS": "0.1"})
+        adapter = local_adapter(config, results=True, env={**os.environ, "CLARA_EXPORT_POLL_SECONDS": "0.1",
+                                                           "CLARA_STOW_TOKEN": "dash"})
         files = write_study(tmp_path / "study", slices=3, rows=16, cols=16)
-        storescu(files, adapter.dicom_port, called="DASH", calling="STORESCU")
+        storescu(files[1:], adapter.dicom_port, called="DASH", calling="STORESCU")
+        stow_one(adapter.http_port, files[0], "DASH", "dash")
         storescu(files[:1], adapter.dicom_port, called="NOPE", calling="STORESCU", check=False)  # rejected
         wait_for(adapter.jobs, 30, what="the pipeline job")
 

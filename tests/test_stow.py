@@ -282,3 +282,20 @@ def test_size_limit_is_413_and_stores_nothing(stow_adapter, study):
     assert status == 413 and answer["message"]
     assert adapter.status()["instancesHeld"] == 0
     assert adapter.ready()
+
+
+def test_acknowledged_instances_survive_a_kill(tmp_path, stow_adapter, study):
+    """Journal before the answer: SIGKILL right after the 200, restart on the same
+    state, and the group still closes into one job with every acknowledged instance."""
+    adapter = stow_adapter()
+    status, answer = post(adapter.http_port, [multipart(study)], chunked=True)
+    assert status == 200 and len(referenced(answer)) == len(study)
+    adapter.kill()
+    config = tmp_path / "config0" / "config.yaml"
+    again = LocalAdapter(config, adapter.state, env={**os.environ, "CLARA_STOW_TOKEN": TOKEN})
+    try:
+        wait_for(again.jobs, 30, what="the pipeline job after the restart")
+        sent = {sop_uid(f): _dataset_bytes(f.read_bytes()) for f in study}
+        assert payload_datasets(again) == sent
+    finally:
+        again.stop()

@@ -23,6 +23,7 @@ import logging
 import mmap
 import os
 import struct
+import threading
 import uuid
 from dataclasses import dataclass, field
 from email.message import Message
@@ -368,6 +369,18 @@ class StowService:
         self.metrics = metrics
         self.max_instance_bytes = max_instance_bytes
         self.max_request_bytes = max_request_bytes
+        self._idle = threading.Condition()
+        self._active = 0
+        self.accepting = True
+
+    def stop_accepting(self) -> None:
+        with self._idle:
+            self.accepting = False
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait for the requests in progress (their instances are being journaled)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
 
     def _count(self, status: int) -> None:
         if self.metrics is not None and hasattr(self.metrics, "stow_requests"):
@@ -379,7 +392,16 @@ class StowService:
         called once the request passed the checks that need no body)."""
         with log_context(aeTitle=ae_title):
             try:
-                answer = self._handle(ae_title, study_uid, headers, body, client)
+                with self._idle:
+                    if not self.accepting:
+                        raise StowError(503, "the adapter is stopping", {"Retry-After": "10"})
+                    self._active += 1
+                try:
+                    answer = self._handle(ae_title, study_uid, headers, body, client)
+                finally:
+                    with self._idle:
+                        self._active -= 1
+                        self._idle.notify_all()
             except StowError as exc:
                 level = logging.INFO if exc.status < 500 else logging.WARNING
                 log.log(level, "STOW-RS from %s to %s: %d %s", client, ae_title, exc.status, exc.message)
