@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Debian packages the real-peer tests use: dcmtk (storescu/echoscu/storescp),
-# Orthanc, PostgreSQL. Skips apt entirely when everything is already there.
+# Orthanc, PostgreSQL, openssl. Skips apt entirely when everything is already there.
 set -euo pipefail
 need=()
 command -v storescu >/dev/null || need+=(dcmtk)
 command -v Orthanc >/dev/null || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v openssl >/dev/null || need+=(openssl)  # certificates for the inbound TLS tests
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

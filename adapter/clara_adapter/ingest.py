@@ -20,7 +20,8 @@ from clara_dicom.plugins import processor_class
 
 from clara_adapter.journal import InstanceRecord, Journal
 from clara_adapter.processors.base import JobProcessorBase, Outcome, ProcessorContext, delete_files
-from clara_adapter.storage import DiskFull, InstanceStore, file_header, read_tags
+from clara_adapter.incoming import IncomingInstance
+from clara_adapter.storage import InstanceStore, read_tags
 
 log = logging.getLogger(__name__)
 
@@ -213,41 +214,32 @@ class Ingest:
         return None
 
     # -- instances ------------------------------------------------------------
-    def store_instance(self, route: Route, calling_ae: str, sop_class_uid: str, sop_instance_uid: str,
-                       transfer_syntax: str, dataset: memoryview) -> int:
-        """Store, journal and hand over one instance; returns the C-STORE status.
+    def receive_instance(self, route: Route, calling_ae: str, sop_class_uid: str, sop_instance_uid: str,
+                         transfer_syntax: str) -> IncomingInstance:
+        """Start receiving one instance: feed it the dataset bytes as they
+        arrive, then `finish` it and, if it yields a record, `commit_received`."""
+        return IncomingInstance(self.store, self.metrics, route, calling_ae, sop_class_uid, sop_instance_uid,
+                                transfer_syntax)
 
-        Success is returned only after the file is renamed into place and its
-        journal record committed.
-        """
-        ae = route.ae_title
-        if route.drops(sop_class_uid):
-            self.metrics.ignored.labels(ae, "sop_class").inc()
-            return SUCCESS
-        try:
-            tags = read_tags(dataset, transfer_syntax, set(route.tags))
-        except Exception as exc:
-            log.warning("instance %s on %s: cannot read its header (%s)", sop_instance_uid, ae, type(exc).__name__)
-            self.metrics.store_failures.labels("unreadable").inc()
-            return CANNOT_UNDERSTAND
-        header = file_header(sop_class_uid, sop_instance_uid, transfer_syntax, calling_ae)
-        try:
-            path, size = self.store.write(header, dataset)
-        except DiskFull as exc:
-            log.warning("instance %s on %s refused: %s", sop_instance_uid, ae, exc)
-            self.metrics.store_failures.labels("disk_full").inc()
-            return OUT_OF_RESOURCES
-        except OSError as exc:
-            log.error("instance %s on %s: write failed: %s", sop_instance_uid, ae, exc)
-            self.metrics.store_failures.labels("write_error").inc()
-            return OUT_OF_RESOURCES
-        inst = InstanceRecord(
-            owner=route.owner, ae_title=ae, calling_ae=calling_ae, sop_instance_uid=sop_instance_uid,
-            sop_class_uid=sop_class_uid, transfer_syntax=transfer_syntax,
-            study_uid=tags.get(STUDY_UID, ""), series_uid=tags.get(SERIES_UID, ""), path=path, size=size,
-            acked_at=0.0, tags=tags,
-        )
-        return self.commit_instance(route, inst)
+    def commit_received(self, route: Route, incoming: IncomingInstance) -> int:
+        """Rename a finished, checked instance into place and commit it; returns
+        the C-STORE status. Blocks on the disk and the journal: call it from a
+        worker thread, never from the receive event loop."""
+        outcome = incoming.finalize()
+        if isinstance(outcome, int):
+            return outcome
+        return self.commit_instance(route, outcome)
+
+    def store_instance(self, route: Route, calling_ae: str, sop_class_uid: str, sop_instance_uid: str,
+                       transfer_syntax: str, dataset: bytes | memoryview) -> int:
+        """Store, journal and hand over one instance held in memory; returns the
+        C-STORE status (the streaming receive path uses `receive_instance`)."""
+        incoming = self.receive_instance(route, calling_ae, sop_class_uid, sop_instance_uid, transfer_syntax)
+        incoming.feed(dataset)
+        outcome = incoming.finish()
+        if isinstance(outcome, int):
+            return outcome
+        return self.commit_received(route, incoming)
 
     def commit_instance(self, route: Route, inst: InstanceRecord) -> int:
         """Hand a stored file (renamed into place) to its processor and journal it;

@@ -1,72 +1,38 @@
-"""The DICOM SCP on pynetdicom: C-ECHO, C-STORE for every storage SOP class and
-any proposed transfer syntax, association acceptance by our own rules.
+"""The DICOM SCP: binds the DICOM port (plain or TLS) and runs every inbound
+connection as an `Association` (dul_acceptor) on one asyncio event loop in a
+thread of its own.
 
-pynetdicom is adjusted in three places, all at import of this module:
+Bounds (SPEC §9 "Receive path"):
 
-* acceptance: before pynetdicom negotiates, our policy may reject with the
-  exact A-ASSOCIATE-RJ result/source/reason (pynetdicom only knows one AE title);
-* TCP_NODELAY on every accepted socket (without it each response waits ~40 ms
-  for the peer's delayed ACK);
-* socket reads fill one preallocated buffer with ``recv_into`` instead of
-  concatenating 4 KiB chunks (the largest cost of receiving big PDUs).
+* ``maxAssociations`` counts negotiated associations only; a connection gets a
+  slot when its A-ASSOCIATE-RQ is accepted, and an RQ beyond the limit gets
+  A-ASSOCIATE-RJ (transient, local limit exceeded);
+* a connection that has not completed negotiation within ``artimTimeout``
+  seconds is closed (the TLS handshake is bounded by the same timeout);
+* an established association silent for ``networkTimeout`` seconds (and not
+  waiting for us) is aborted;
+* the association policy and every commit run in a small thread pool, so
+  neither a slow DNS lookup nor the journal ever blocks the event loop.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
-import socket
 import ssl
 import threading
+import time
 from typing import Any, Callable
 
-from pynetdicom import AE, _config, evt
-from pynetdicom.acse import ACSE
-from pynetdicom.transport import AssociationSocket
-from pynetdicom.sop_class import Verification
-
-from clara_adapter.ingest import CANNOT_UNDERSTAND, Ingest, Route
+from clara_adapter.dul_acceptor import AWAITING_RQ, ESTABLISHED, NEGOTIATING, Association
+from clara_adapter.dul_pdu import APPLICATION_CONTEXT, AssociateRequest
+from clara_adapter.ingest import REJECT_BUSY, REJECT_CALLED_AE, Ingest, Route
 
 log = logging.getLogger(__name__)
 
-# Accept every storage SOP class (also private/unknown ones) with the proposed transfer syntax.
-_config.UNRESTRICTED_STORAGE_SERVICE = True
-# Hand C-STORE handlers the raw dataset bytes; we never decode the pixel data.
-_config.STORE_RECV_CHUNKED_DATASET = False
-
-_original_negotiate = ACSE._negotiate_as_acceptor
-
-
-def _negotiate_as_acceptor(self: ACSE) -> None:
-    policy = getattr(self.assoc.ae, "association_policy", None)
-    if policy is not None:
-        rq = self.requestor.primitive
-        self.requestor.ae_title = rq.calling_ae_title
-        verdict = policy(self.assoc, rq.called_ae_title, rq.calling_ae_title, self.assoc.requestor.address)
-        if verdict is not None:
-            self.send_reject(*verdict)
-            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
-            self.assoc.kill()
-            return
-    _original_negotiate(self)
-
-
-ACSE._negotiate_as_acceptor = _negotiate_as_acceptor
-
-
-def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    buf = bytearray(nr_bytes)
-    view = memoryview(buf)
-    got = 0
-    sock = self.socket
-    while got < nr_bytes:
-        n = sock.recv_into(view[got:], nr_bytes - got)
-        if not n:
-            del view
-            return buf[:got]
-        got += n
-    return buf
-
-
-AssociationSocket.recv = _recv
+REJECT_PROTOCOL_VERSION = (0x01, 0x02, 0x02)  # permanent, service provider (ACSE), protocol version not supported
+REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)  # permanent, service user, application context not supported
+SWEEP_SECONDS = 0.5
 
 
 class StorageSCP:
@@ -76,100 +42,170 @@ class StorageSCP:
         self.ingest = ingest
         self.settings = settings
         self.on_association = on_association or (lambda result: None)
-        self.server: Any = None
-        self._active = 0
-        self._lock = threading.Lock()
-        ae = self.ae = AE(ae_title="CLARA")
-        ae.add_supported_context(Verification)
-        ae.maximum_associations = settings.maxAssociations
-        ae.maximum_pdu_size = settings.maxPduSize
-        ae.acse_timeout = settings.acseTimeout
-        ae.dimse_timeout = settings.dimseTimeout
-        ae.network_timeout = settings.networkTimeout
-        ae.require_called_aet = False
-        ae.require_calling_aet = []
-        ae.association_policy = self._policy
+        self.server: asyncio.AbstractServer | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(4, min(32, settings.maxAssociations + 2)), thread_name_prefix="dicom-commit")
+        self._thread: threading.Thread | None = None
+        self._connections: set[Association] = set()
+        self._negotiated = 0
+        self._accepting = True
+        self._idle = threading.Condition()
 
-    def _policy(self, assoc: Any, called: str, calling: str, address: str) -> tuple[int, int, int] | None:
-        verdict = self.ingest.check_association(called, calling, address)
+    # -- what associations ask of the server -------------------------------------
+    def connection_opened(self, assoc: Association) -> None:
+        if not self._accepting:
+            assoc.close_quietly()
+            return
+        self._connections.add(assoc)
+
+    def connection_closed(self, assoc: Association) -> None:
+        self._connections.discard(assoc)
+        if assoc.holds_slot:
+            assoc.holds_slot = False
+            self._negotiated -= 1
+        self.association_progressed()
+
+    def association_progressed(self) -> None:
+        with self._idle:
+            self._idle.notify_all()
+
+    async def check_association(self, rq: AssociateRequest, address: str) -> tuple[int, int, int] | None:
+        """None to accept, else the A-ASSOCIATE-RJ (result, source, reason)."""
+        if not rq.protocol_version & 1:
+            self.on_association("rejected")
+            return REJECT_PROTOCOL_VERSION
+        if rq.application_context != APPLICATION_CONTEXT:
+            self.on_association("rejected")
+            return REJECT_APPLICATION_CONTEXT
+        verdict = await self.loop.run_in_executor(self.pool, self.ingest.check_association, rq.called_ae,
+                                                  rq.calling_ae, address)
         if verdict is not None:
             rsd, why = verdict
-            log.info("association from %s (%s) to %s refused: %s", calling.strip(), address, called.strip(), why)
+            log.info("association from %s (%s) to %s refused: %s", rq.calling_ae, address, rq.called_ae, why)
             self.on_association("rejected")
             return rsd
-        assoc.clara_route = self.ingest.routes[called.strip()]
-        self.on_association("accepted")
         return None
 
-    # -- event handlers -------------------------------------------------------
-    def _on_open(self, event: Any) -> None:
-        sock = event.assoc.dul.socket.socket
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        with self._lock:
-            self._active += 1
+    def claim_slot(self, rq: AssociateRequest) -> tuple[Route | None, tuple[int, int, int] | None]:
+        """The route and a slot for an accepted request, or (None, rejection)."""
+        route = self.ingest.routes.get(rq.called_ae)
+        if route is None:  # the configuration changed while the policy ran
+            self.on_association("rejected")
+            return None, REJECT_CALLED_AE
+        if not self._accepting or self._negotiated >= self.settings.maxAssociations:
+            log.info("association from %s refused: %d associations in progress (maxAssociations)",
+                     rq.calling_ae, self._negotiated)
+            self.on_association("rejected")
+            return None, REJECT_BUSY
+        self._negotiated += 1
+        self.on_association("accepted")
+        return route, None
 
-    def _on_close(self, event: Any) -> None:
-        with self._lock:
-            self._active -= 1
+    # -- timers -------------------------------------------------------------------
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        artim = self.settings.artimTimeout
+        idle = self.settings.networkTimeout
+        for assoc in list(self._connections):
+            if assoc.state in (AWAITING_RQ, NEGOTIATING):
+                if now - assoc.opened > artim and assoc.state == AWAITING_RQ:
+                    log.info("connection from %s closed: no A-ASSOCIATE-RQ within %gs (ARTIM)", assoc.address, artim)
+                    assoc.close_quietly()
+            elif assoc.state == ESTABLISHED and not assoc._committing and now - assoc.last_activity > idle:
+                assoc.abort(f"no data for {idle:g}s (networkTimeout)")
+        self.loop.call_later(SWEEP_SECONDS, self._sweep)
 
-    def _on_echo(self, event: Any) -> int:
-        return 0x0000
-
-    def _on_store(self, event: Any) -> int:
-        route: Route | None = getattr(event.assoc, "clara_route", None)
-        if route is None:
-            return CANNOT_UNDERSTAND
-        rq = event.request
-        ts = event.context.transfer_syntax
-        dataset = rq.DataSet.getbuffer()
-        try:
-            return self.ingest.store_instance(
-                route, event.assoc.requestor.ae_title, rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID, ts,
-                dataset,
-            )
-        finally:
-            dataset.release()
-
-    # -- lifecycle ------------------------------------------------------------
+    # -- lifecycle ----------------------------------------------------------------
     @property
     def active_associations(self) -> int:
-        return self._active
+        return self._negotiated
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        s = self.settings
+        if not s.tlsCertFile:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(s.tlsCertFile, s.tlsKeyFile)
+        if s.tlsCaFile:
+            context.load_verify_locations(s.tlsCaFile)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
 
     def start(self, host: str, port: int) -> None:
-        handlers = [
-            (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_CONN_OPEN, self._on_open),
-            (evt.EVT_CONN_CLOSE, self._on_close),
-        ]
-        ssl_context = None
-        if self.settings.tlsCertFile:
-            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ssl_context.load_cert_chain(self.settings.tlsCertFile, self.settings.tlsKeyFile)
-            if self.settings.tlsCaFile:
-                ssl_context.load_verify_locations(self.settings.tlsCaFile)
-                ssl_context.verify_mode = ssl.CERT_REQUIRED
-        self.server = self.ae.start_server((host, port), block=False, evt_handlers=handlers,
-                                           ssl_context=ssl_context)
+        """Bind and serve in a background thread; OSError if the port cannot be bound."""
+        ssl_context = self._ssl_context()
+        loop = self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(started,), name="dicom-scp", daemon=True)
+        self._thread.start()
+        started.wait()
+
+        async def listen() -> asyncio.AbstractServer:
+            return await loop.create_server(lambda: Association(self), host, port, ssl=ssl_context,
+                                            ssl_handshake_timeout=self.settings.artimTimeout if ssl_context else None,
+                                            backlog=256, reuse_address=True)
+
+        try:
+            self.server = asyncio.run_coroutine_threadsafe(listen(), loop).result()
+        except BaseException:
+            self._stop_loop()
+            raise
+        loop.call_soon_threadsafe(loop.call_later, SWEEP_SECONDS, self._sweep)
+
+    def _run(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(started.set)
+        self.loop.run_forever()
+
+    def _call(self, fn: Callable[[], Any], timeout: float = 10) -> Any:
+        """Run ``fn`` on the event loop and wait for its result."""
+        if self.loop is None or not self.loop.is_running():
+            return None
+
+        async def call() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(timeout)
 
     def stop_accepting(self) -> None:
-        """Close the listening socket; associations in progress continue."""
-        if self.server is not None:
-            self.server.shutdown()  # stops serve_forever and closes the listening socket
+        """Close the listening socket and every connection that has not
+        associated; associations in progress continue."""
+        def stop() -> None:
+            self._accepting = False
+            if self.server is not None:
+                self.server.close()
+            for assoc in list(self._connections):
+                if assoc.state == AWAITING_RQ:
+                    assoc.close_quietly()
+
+        self._call(stop)
 
     def wait_idle(self, timeout: float) -> bool:
-        import time
-
+        """Wait until no negotiated association is open (or in negotiation)."""
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if not [a for a in self.ae.active_associations if a.is_alive()]:
-                return True
-            time.sleep(0.05)
-        return False
+
+        def busy() -> bool:
+            return any(a.state in (NEGOTIATING, ESTABLISHED) for a in list(self._connections))
+
+        with self._idle:
+            while busy():
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 0.2))
+        return True
 
     def abort_all(self) -> None:
-        for assoc in self.ae.active_associations:
-            assoc.abort()
+        def abort() -> None:
+            for assoc in list(self._connections):
+                assoc.abort("adapter shutting down")
+
+        self._call(abort)
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        if self.loop is not None and self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            if self._thread is not None:
+                self._thread.join(5)

@@ -30,6 +30,8 @@ class AdapterSettings(BaseModel):
     maxAssociations: int = Field(32, ge=1, le=1000, description="Concurrent inbound associations.")
     maxPduSize: int = Field(262144, ge=0, description="Largest PDU we accept (0: unlimited).")
     acseTimeout: float = Field(30, gt=0, description="Seconds to wait for association messages.")
+    artimTimeout: float = Field(10, gt=0, description="Seconds a connection may take to send its A-ASSOCIATE-RQ "
+                                                      "(and finish the TLS handshake) before it is closed.")
     dimseTimeout: float = Field(60, gt=0, description="Seconds to wait for DIMSE messages.")
     networkTimeout: float = Field(60, gt=0, description="Seconds of network inactivity before closing.")
     rejectUnknownSources: bool = Field(True, description="Refuse calling AE titles/hosts that are no ClaraSource.")

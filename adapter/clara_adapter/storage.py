@@ -4,19 +4,25 @@ The dataset bytes are written exactly as received (no decode/re-encode): a
 128-byte preamble, ``DICM``, a file meta group built from the negotiated
 transfer syntax and the C-STORE UIDs, then the dataset. Files are written under
 a temporary name and renamed, so a crash never leaves a half-written ``.dcm``.
+
+Streaming (the C-STORE receive path, STOW-RS parts)::
+
+    writer = store.open(file_header(...))   # disk guard checked; temp file created
+    writer.write(chunk)                       # as the bytes arrive; DiskFull on ENOSPC
+    path, size = writer.finalize()            # fsync (if set), rename into place
+    # or writer.discard()                     # delete the temp file (failure, abort)
 """
 from __future__ import annotations
 
-import io
+import errno
 import os
 import shutil
 import struct
 import uuid
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.filereader import read_dataset
+from clara_adapter.dataset_walk import walk
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1396.1"  # clara-dicom
 IMPLEMENTATION_VERSION = "CLARA_DICOM_01"
@@ -64,48 +70,11 @@ def file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
 
 
 def read_tags(dataset: bytes | memoryview, transfer_syntax: str, tags: set[int]) -> dict[int, str]:
-    """Values of a few top-level tags, reading no further than the largest one.
+    """Values of a few top-level tags of a dataset held in memory.
 
-    Only the header is scanned (pixel data is never reached for the tags we
-    group by), so this stays cheap on the C-STORE path.
-    """
-    if not tags:
-        return {}
-    data = bytes(dataset) if transfer_syntax != DEFLATED_LE else zlib.decompress(bytes(dataset), -zlib.MAX_WBITS)
-    last = max(tags)
-    fp = io.BytesIO(data)
-    stopped = []
-
-    def stop_when(tag: int, vr: object, length: object) -> bool:
-        if tag > last:
-            stopped.append(tag)
-            return True
-        return False
-
-    ds = read_dataset(
-        fp,
-        is_implicit_VR=transfer_syntax == IMPLICIT_LE,
-        is_little_endian=transfer_syntax != EXPLICIT_BE,
-        stop_when=stop_when,
-        specific_tags=sorted(tags),
-    )
-    # pydicom stops silently at a truncated element: the scan must end either
-    # at a tag past the ones we need or exactly at the end of the data.
-    if not stopped and fp.tell() != len(data):
-        raise ValueError("dataset is truncated (an element is longer than the data)")
-    for tag in tags:
-        raw = ds.get_item(tag)
-        if raw is not None and raw.length != 0xFFFFFFFF and raw.value is not None and len(raw.value) != raw.length:
-            raise ValueError(f"element {tag:08X} is truncated")
-    out: dict[int, str] = {}
-    for tag in tags:
-        if tag in ds:
-            value = ds[tag].value
-            if isinstance(value, bytes):
-                value = value.decode("ascii", "replace")
-            text = "\\".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
-            out[tag] = text.strip(" \0")
-    return out
+    The whole dataset is walked structurally (`dataset_walk`), so a truncated
+    or garbled dataset raises `MalformedDataset` (a ValueError)."""
+    return walk(dataset, transfer_syntax, tags)
 
 
 @dataclass
@@ -140,32 +109,30 @@ class InstanceStore:
         self.guard = guard
         self.fsync = fsync
 
-    def write(self, header: bytes, dataset: memoryview) -> tuple[Path, int]:
-        """Write header + dataset under a temporary name, then rename. Returns (path, size)."""
-        size = len(header) + len(dataset)
+    def open(self, header: bytes, expected_size: int = 0) -> "InstanceWriter":
+        """A new temporary file with ``header`` written; raises DiskFull when the
+        guard refuses (``expected_size``: bytes still to come, if known)."""
         if self.guard is not None:
-            problem = self.guard.check(size)
+            problem = self.guard.check(len(header) + expected_size)
             if problem:
                 raise DiskFull(problem)
-        name = uuid.uuid4().hex
-        tmp = self.root / f"{TMP_PREFIX}{name}"
-        final = self.root / f"{name}.dcm"
+        writer = InstanceWriter(self.root, self.fsync)
         try:
-            with open(tmp, "wb", buffering=0) as fh:
-                fh.write(header)
-                fh.write(dataset)
-                if self.fsync:
-                    os.fsync(fh.fileno())
-            os.rename(tmp, final)
-        except OSError as exc:
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                pass
-            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-                raise DiskFull(os.strerror(exc.errno)) from exc
+            writer.write(header)
+        except BaseException:
+            writer.discard()
             raise
-        return final, size
+        return writer
+
+    def write(self, header: bytes, dataset: bytes | memoryview) -> tuple[Path, int]:
+        """Write header + dataset under a temporary name, then rename. Returns (path, size)."""
+        writer = self.open(header, len(dataset))
+        try:
+            writer.write(dataset)
+            return writer.finalize()
+        except BaseException:
+            writer.discard()
+            raise
 
     def sweep(self, keep: set[str]) -> int:
         """Delete temporary files and files no journal record refers to
@@ -176,6 +143,70 @@ class InstanceStore:
                 os.unlink(entry.path)
                 removed += 1
         return removed
+
+
+class InstanceWriter:
+    """One Part 10 file being written as its bytes arrive, under a temporary name.
+
+    ``write`` appends (raises DiskFull on ENOSPC/EDQUOT, OSError otherwise);
+    ``finalize`` closes, fsyncs if asked and renames to ``<uuid>.dcm``;
+    ``discard`` closes and deletes the temporary file. Not thread-safe: one
+    owner at a time (the receive loop writes, a worker thread may finalize)."""
+
+    __slots__ = ("tmp", "final", "size", "_fd", "_fsync")
+
+    def __init__(self, root: Path, fsync: bool = False):
+        name = uuid.uuid4().hex
+        self.tmp = root / f"{TMP_PREFIX}{name}"
+        self.final = root / f"{name}.dcm"
+        self.size = 0
+        self._fsync = fsync
+        self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        fd = self._fd
+        if fd is None:
+            raise ValueError("writer is closed")
+        total = len(data)
+        try:
+            done = os.write(fd, data)
+            if done < total:  # regular files write fully unless the disk is full
+                view = memoryview(data)
+                while done < total:
+                    done += os.write(fd, view[done:])
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(os.strerror(exc.errno)) from exc
+            raise
+        self.size += total
+
+    def finalize(self) -> tuple[Path, int]:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            raise ValueError("writer is closed")
+        try:
+            if self._fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.rename(self.tmp, self.final)
+        except OSError:
+            self._unlink()
+            raise
+        return self.final, self.size
+
+    def discard(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+            self._unlink()
+
+    def _unlink(self) -> None:
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -1,0 +1,243 @@
+"""The receive path against hostile and broken peers (raw sockets), and its
+bounds: oversize PDUs, idle connections, truncated or garbled datasets, aborts
+at any byte, UID mismatches, shutdown with idle connections. Each test ends by
+checking the adapter still serves a real dcmtk storescu."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from local_setup import write_config
+from peers import echoscu, metric_value, storescu, wait_for
+from raw_dicom import CT, EXPLICIT_LE, associate, c_store_bytes, connect, encode, read_status, recv_pdu, release
+
+pytestmark = pytest.mark.dcmtk
+
+HOLD = "pipelines: {seg: seg}\ntimeout: 3600"
+
+
+def settings_file(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "settings.yaml"
+    path.write_text(text)
+    return ["--settings", str(path)]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def incoming(adapter) -> list[Path]:
+    return sorted((adapter.state / "incoming").iterdir())
+
+
+def ct(sop: str = "1.2.3.4.5.6", study: str = "1.2.3", rows: int = 64):
+    from clara_dicom.synthetic import ct_slice
+
+    ds = ct_slice("PAT-H", study, study + ".1", 0, rows=rows, cols=rows)
+    ds.SOPInstanceUID = sop
+    return ds
+
+
+def still_serves(adapter, files) -> None:
+    assert adapter.alive()
+    assert echoscu(adapter.dicom_port).returncode == 0
+    storescu(files, adapter.dicom_port)
+
+
+def test_oversize_pdu_is_aborted_without_allocating(local_adapter, tmp_path, ct_series):
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD))
+    storescu(ct_series[:1], adapter.dicom_port)  # warm up
+    before = rss_bytes(adapter.proc.pid)
+    for _ in range(8):
+        # before association: an A-ASSOCIATE-RQ header announcing ~4 GiB
+        with connect(adapter.dicom_port) as s:
+            s.sendall(struct.pack(">BBI", 0x01, 0, 0xFFFFFFF0) + b"\0" * 64)
+            pdu_type, body = recv_pdu(s)
+            assert pdu_type == 0x07  # A-ABORT
+        # inside an association: a P-DATA-TF announcing ~4 GiB
+        with associate(adapter.dicom_port) as s:
+            s.sendall(struct.pack(">BBI", 0x04, 0, 0xFFFFFFF0) + b"\0" * 64)
+            assert recv_pdu(s)[0] == 0x07
+    assert rss_bytes(adapter.proc.pid) - before < 32 * 1024**2
+    still_serves(adapter, ct_series[1:2])
+
+
+def test_idle_connections_hold_no_slot_and_are_closed_after_artim(local_adapter, tmp_path, ct_series):
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD),
+                            extra=settings_file(tmp_path, "maxAssociations: 4\nartimTimeout: 2\n"))
+    idle = [connect(adapter.dicom_port) for _ in range(40)]
+    try:
+        # far more idle connections than maxAssociations: a real modality still gets in
+        storescu(ct_series[:3], adapter.dicom_port)
+        assert len([p for p in incoming(adapter) if p.suffix == ".dcm"]) == 3
+        # and the idle ones are closed by the ARTIM timer
+        for s in idle:
+            s.settimeout(15)
+            assert s.recv(1) == b""
+    finally:
+        for s in idle:
+            s.close()
+    assert adapter.alive()
+
+
+def test_max_associations_counts_negotiated_associations(local_adapter, tmp_path, ct_series):
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD),
+                            extra=settings_file(tmp_path, "maxAssociations: 2\n"))
+    held = [associate(adapter.dicom_port) for _ in range(2)]
+    proc = storescu(ct_series[:1], adapter.dicom_port, check=False)
+    assert proc.returncode != 0 and "Rejected Transient" in proc.stderr
+    for s in held:
+        assert release(s) == 0x06
+        s.close()
+    wait_for(lambda: adapter.status()["activeAssociations"] == 0, 10, what="slots freed")
+    storescu(ct_series[:1], adapter.dicom_port)
+
+
+def test_truncated_dataset_fails_and_reaches_no_job(local_adapter, tmp_path, ct_series):
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor="pipelines: {seg: seg}\ntimeout: 5"))
+    whole = encode(ct("1.2.3.4.5.1", study="9.9.1"))
+    with associate(adapter.dicom_port) as s:
+        s.sendall(c_store_bytes(CT, "1.2.3.4.5.1", whole[:-100]))  # ends inside Pixel Data
+        assert read_status(s) == 0xC000
+        good = encode(ct("1.2.3.4.5.2", study="9.9.2"))
+        s.sendall(c_store_bytes(CT, "1.2.3.4.5.2", good, message_id=2))
+        assert read_status(s) == 0x0000
+        assert release(s) == 0x06
+    jobs = wait_for(lambda: adapter.jobs(), 20, what="the good study's job")
+    assert len(jobs) == 1 and jobs[0]["spec"]["payload"]["instances"] == 1
+    assert not [p for p in incoming(adapter) if p.name.startswith(".tmp-")]
+    assert metric_value(adapter.metrics(), "clara_store_failures_total", reason="unreadable") == 1
+
+
+def test_overrunning_and_garbled_datasets_fail(local_adapter, tmp_path, ct_series):
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD))
+    whole = encode(ct("1.2.3.4.5.3"))
+    bad_length = whole[:6] + b"\xf0\xff" + whole[8:]  # the first element's length points past the end
+    deflated_garbage = zlib.compress(b"x" * 1000)[:40]
+    with associate(adapter.dicom_port) as s:
+        s.sendall(c_store_bytes(CT, "1.2.3.4.5.3", bad_length))
+        assert read_status(s) == 0xC000
+        s.sendall(c_store_bytes(CT, "1.2.3.4.5.3", whole + b"\x08\x00"))  # a stray partial header at the end
+        assert read_status(s) == 0xC000
+        s.sendall(c_store_bytes(CT, "1.2.3.4.5.3", os.urandom(5000)))
+        assert read_status(s) == 0xC000
+        release(s)
+    with associate(adapter.dicom_port, contexts=[(CT, ["1.2.840.10008.1.2.1.99"])]) as s:
+        s.sendall(c_store_bytes(CT, "1.2.3.4.5.3", deflated_garbage))
+        assert read_status(s) == 0xC000
+        release(s)
+    assert not incoming(adapter)
+    still_serves(adapter, ct_series[:1])
+
+
+def test_deflated_dataset_is_inflated_while_walked_and_stored_as_received(local_adapter, tmp_path):
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD))
+    comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = comp.compress(encode(ct("1.2.3.4.5.4"))) + comp.flush()
+    with associate(adapter.dicom_port, contexts=[(CT, ["1.2.840.10008.1.2.1.99"])]) as s:
+        s.sendall(c_store_bytes(CT, "1.2.3.4.5.4", deflated))
+        assert read_status(s) == 0x0000
+        s.sendall(c_store_bytes(CT, "1.2.3.4.5.5", deflated[:-7], message_id=2))
+        assert read_status(s) == 0xC000
+        release(s)
+    (stored,) = incoming(adapter)
+    assert stored.read_bytes().endswith(deflated)
+
+
+def test_sop_instance_uid_mismatch_is_refused_a900(local_adapter, tmp_path, ct_series):
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD))
+    data = encode(ct("1.2.3.4.5.6"))
+    with associate(adapter.dicom_port) as s:
+        s.sendall(c_store_bytes(CT, "1.2.3.4.5.999", data))  # the command names another instance
+        assert read_status(s) == 0xA900
+        s.sendall(c_store_bytes("1.2.840.10008.5.1.4.1.1.4", "1.2.3.4.5.6", data, message_id=2))  # another class
+        assert read_status(s) == 0xA900
+        s.sendall(c_store_bytes(CT, "1.2.3.4.5.6", data, message_id=3))
+        assert read_status(s) == 0x0000
+        release(s)
+    assert len(incoming(adapter)) == 1
+    assert metric_value(adapter.metrics(), "clara_store_failures_total", reason="uid_mismatch") == 2
+
+
+def test_garbage_bytes_are_aborted_and_the_server_stays_up(local_adapter, tmp_path, ct_series):
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD))
+    rng = random.Random(14)
+    for _ in range(20):
+        with connect(adapter.dicom_port) as s:
+            try:
+                s.sendall(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 3000))))
+                s.shutdown(socket.SHUT_WR)
+                recv_pdu(s)
+            except OSError:
+                pass
+    for _ in range(10):  # garbage inside an association
+        with associate(adapter.dicom_port) as s:
+            try:
+                s.sendall(struct.pack(">BBI", 0x04, 0, 300) + os.urandom(300))
+                assert recv_pdu(s)[0] in (0x07, 0)
+            except OSError:
+                pass
+    assert not incoming(adapter)
+    still_serves(adapter, ct_series[:2])
+
+
+def test_abort_at_any_byte_stores_nothing(local_adapter, tmp_path, ct_series):
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD))
+    message = c_store_bytes(CT, "1.2.3.4.5.7", encode(ct("1.2.3.4.5.7", rows=128)))
+    rng = random.Random(7)
+    offsets = sorted({0, 1, 5, 6, 7, 11, len(message) - 1} | {rng.randrange(len(message)) for _ in range(40)})
+    for i, cut in enumerate(offsets):
+        s = associate(adapter.dicom_port)
+        s.sendall(message[:cut])
+        if i % 2:
+            s.sendall(struct.pack(">BBI", 0x07, 0, 4) + b"\0\0\0\0")  # A-ABORT
+        else:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # TCP RST
+        s.close()
+    wait_for(lambda: adapter.status()["activeAssociations"] == 0, 10, what="aborted associations gone")
+    assert not incoming(adapter)  # neither files nor temporary files
+    assert adapter.status()["instancesHeld"] == 0
+    still_serves(adapter, ct_series[:2])
+    assert len(incoming(adapter)) == 2
+
+
+def test_stalled_peer_does_not_block_others(local_adapter, tmp_path, ct_series):
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD))
+    message = c_store_bytes(CT, "1.2.3.4.5.8", encode(ct("1.2.3.4.5.8")))
+    stalled = associate(adapter.dicom_port)
+    stalled.sendall(message[:len(message) // 2])  # then nothing
+    try:
+        storescu(ct_series[:5], adapter.dicom_port)
+        assert len([p for p in incoming(adapter) if p.suffix == ".dcm"]) == 5
+    finally:
+        stalled.close()
+
+
+def test_sigterm_drain_ignores_idle_connections_and_waits_for_associations(local_adapter, tmp_path):
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD),
+                            extra=settings_file(tmp_path, "artimTimeout: 120\n"))
+    idle = connect(adapter.dicom_port)
+    busy = associate(adapter.dicom_port)
+    adapter.signal(signal.SIGTERM)
+    # the idle connection is dropped at once, while the association is still served
+    idle.settimeout(10)
+    assert idle.recv(1) == b""
+    busy.sendall(c_store_bytes(CT, "1.2.3.4.5.9", encode(ct("1.2.3.4.5.9"))))
+    assert read_status(busy) == 0x0000
+    assert adapter.alive()
+    assert release(busy) == 0x06
+    start = time.monotonic()
+    adapter.proc.wait(20)
+    assert time.monotonic() - start < 20
+    assert adapter.proc.returncode == 0
