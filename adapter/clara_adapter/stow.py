@@ -3,12 +3,12 @@
 of that AE title (route, source checks, storing, journal, grouping, duplicates).
 
 The body is parsed as a stream (python-multipart's push parser; chunked bodies
-decoded by :class:`ChunkedReader`): each part goes straight into a temporary file
-in the incoming folder, written as our own Part 10 file (our file meta group with
-source AE ``DICOMWEB``, then the client's dataset bytes), never held in memory.
-Only once the whole multipart body has been read and found well-formed are the
-instances committed, one by one, each journaled before the answer is sent; a
-malformed body stores nothing (400).
+decoded by :class:`ChunkedReader`): each part goes straight into a Part 10 file
+in the incoming folder (our file meta group with source AE ``DICOMWEB``, then the
+client's dataset bytes) while its dataset is walked structurally
+(:mod:`dataset_walk`), never held in memory. Only once the whole multipart body
+has been read and found well-formed are the instances committed, one by one,
+each journaled before the answer is sent; a malformed body stores nothing (400).
 
 Answers (PS3.18 JSON, ``application/dicom+json``): 200 all stored, 202 some
 failed (FailedSOPSequence), 409 none stored, 400 malformed multipart, 401 no
@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import hmac
 import logging
-import mmap
 import os
 import struct
 import threading
-import uuid
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
@@ -32,10 +30,11 @@ from typing import Any, BinaryIO, Callable
 
 from clara_dicom.logs import log_context
 
+from clara_adapter.dataset_walk import SOP_CLASS_UID, SOP_INSTANCE_UID, DatasetWalker, MalformedDataset
 from clara_adapter.ingest import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, REJECT_BUSY, REJECT_CALLED_AE, SERIES_UID,
                                   STUDY_UID, SUCCESS, Ingest, Route)
 from clara_adapter.journal import InstanceRecord
-from clara_adapter.storage import TMP_PREFIX, DiskFull, file_header, read_tags
+from clara_adapter.storage import DiskFull, InstanceStore, file_header
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +42,6 @@ CALLING_AE = "DICOMWEB"
 READ_SIZE = 256 * 1024
 MAX_PARTS = 100_000
 MAX_META_BYTES = 64 * 1024  # a file meta group larger than this is not one we accept
-# A tag past any real top-level element: asking read_tags for it makes it walk the
-# whole dataset and check that no element overruns the data.
-END_OF_DATASET = 0xFFFAFFFF
 
 # PS3.18 response attributes
 REFERENCED_SOP_SEQUENCE = "00081199"
@@ -161,15 +157,17 @@ def parse_file_meta(buf: bytes | bytearray) -> tuple[dict[int, str], int] | None
 
 @dataclass
 class ReceivedPart:
-    """One multipart part, written to ``path`` as our own Part 10 file."""
+    """One multipart part: once complete, a Part 10 file at ``path`` (renamed into
+    place but not journaled: a crash before the commit leaves it to the start-up
+    sweep) whose dataset was walked structurally as it streamed in."""
 
     index: int
     path: Path | None = None
     size: int = 0
-    dataset_offset: int = 0
     sop_class_uid: str = ""
     sop_instance_uid: str = ""
     transfer_syntax: str = ""
+    tags: dict[int, str] = field(default_factory=dict)
     error: str | None = None  # why it cannot be stored
     failure: int = CANNOT_UNDERSTAND
 
@@ -183,32 +181,46 @@ class ReceivedPart:
 
 
 class PartWriter:
-    """Streams one part into a temporary file: reads the client's file meta group
-    from the first bytes, writes our header instead, then the dataset bytes as
-    they come."""
+    """Streams one part into the incoming folder: reads the client's file meta
+    group from the first bytes, writes our header instead, then the dataset bytes
+    as they come, walking them (dataset_walk) on the way."""
 
-    def __init__(self, part: ReceivedPart, folder: Path):
+    def __init__(self, part: ReceivedPart, store: InstanceStore, capture: frozenset[int]):
         self.part = part
-        self.folder = folder
+        self.store = store
+        self.capture = capture
         self.head: bytearray | None = bytearray()
-        self.fh: BinaryIO | None = None
+        self.file: Any = None  # storage.InstanceWriter
+        self.walker: DatasetWalker | None = None
+        self.received = 0  # bytes of the part so far (also of a failed one: limits still apply)
 
     def feed(self, data: memoryview) -> None:
-        part = self.part
-        if part.error:
+        self.received += len(data)
+        if self.part.error:
             return
-        if self.head is None:
-            self.fh.write(data)  # type: ignore[union-attr]
-            part.size += len(data)
-            return
-        self.head += data
         try:
-            parsed = parse_file_meta(self.head)
+            if self.head is None:
+                self.file.write(data)
+                self.walker.feed(data)  # type: ignore[union-attr]
+            else:
+                self._feed_head(data)
+        except MalformedDataset as exc:
+            self._fail(f"malformed dataset: {exc}")
+        except DiskFull as exc:
+            self._fail(f"storage full: {exc}", OUT_OF_RESOURCES)
+        except OSError as exc:
+            self._fail(f"write failed: {exc.strerror}", OUT_OF_RESOURCES)
+
+    def _feed_head(self, data: memoryview) -> None:
+        part = self.part
+        self.head += data  # type: ignore[operator]
+        try:
+            parsed = parse_file_meta(self.head)  # type: ignore[arg-type]
         except ValueError as exc:
             self._fail(str(exc))
             return
         if parsed is None:
-            if len(self.head) > MAX_META_BYTES + 132:
+            if len(self.head) > MAX_META_BYTES + 132:  # type: ignore[arg-type]
                 self._fail("file meta group too long")
             return
         meta, offset = parsed
@@ -217,30 +229,46 @@ class PartWriter:
         if not (part.sop_class_uid and part.sop_instance_uid and part.transfer_syntax):
             self._fail("file meta group lacks the SOP class, SOP instance or transfer syntax UID")
             return
-        header = file_header(part.sop_class_uid, part.sop_instance_uid, part.transfer_syntax, CALLING_AE)
-        part.path = self.folder / f"{TMP_PREFIX}stow-{uuid.uuid4().hex}"
-        self.fh = open(part.path, "wb")
-        self.fh.write(header)
-        self.fh.write(memoryview(self.head)[offset:])
-        part.dataset_offset = len(header)
-        part.size = len(header) + len(self.head) - offset
-        self.head = None
+        head, self.head = memoryview(self.head)[offset:], None  # type: ignore[index]
+        self.walker = DatasetWalker(part.transfer_syntax, self.capture | {SOP_CLASS_UID, SOP_INSTANCE_UID})
+        self.file = self.store.open(file_header(part.sop_class_uid, part.sop_instance_uid, part.transfer_syntax,
+                                                CALLING_AE))
+        self.file.write(head)
+        self.walker.feed(head)
 
-    def _fail(self, why: str) -> None:
-        self.part.error = why
+    def _fail(self, why: str, failure: int = CANNOT_UNDERSTAND) -> None:
+        self.part.error, self.part.failure = why, failure
         self.head = None
-        self.close()
-        self.part.discard()
+        if self.file is not None:
+            self.file.discard()
+            self.file = None
 
     def finish(self) -> None:
-        if self.head is not None and not self.part.error:
+        part = self.part
+        if part.error:
+            return
+        if self.head is not None:
             self._fail("part ends inside its file meta group" if len(self.head) else "empty part")
-        self.close()
+            return
+        try:
+            part.tags = self.walker.finish()  # type: ignore[union-attr]
+        except MalformedDataset as exc:
+            self._fail(f"malformed dataset: {exc}")
+            return
+        for tag, meta_value in ((SOP_CLASS_UID, part.sop_class_uid), (SOP_INSTANCE_UID, part.sop_instance_uid)):
+            if part.tags.get(tag, meta_value) != meta_value:
+                self._fail("the dataset's SOP Class/Instance UID differs from its file meta group")
+                return
+        try:
+            part.path, part.size = self.file.finalize()
+        except OSError as exc:
+            self._fail(f"write failed: {exc.strerror}", OUT_OF_RESOURCES)
+        self.file = None
 
     def close(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
-            self.fh = None
+        if self.file is not None:
+            self.file.discard()
+            self.file = None
 
 
 def _content_type(value: str) -> tuple[str, dict[str, str]]:
@@ -253,14 +281,14 @@ def _content_type(value: str) -> tuple[str, dict[str, str]]:
 class MultipartStream:
     """Parses a ``multipart/related`` body from a reader into :class:`ReceivedPart` files."""
 
-    def __init__(self, boundary: str, folder: Path, max_part_bytes: int, max_body_bytes: int,
-                 room: Callable[[], str | None]):
+    def __init__(self, boundary: str, store: InstanceStore, capture: frozenset[int], max_part_bytes: int,
+                 max_body_bytes: int):
         from python_multipart.multipart import MultipartParser
 
-        self.folder = folder
+        self.store = store
+        self.capture = capture
         self.max_part_bytes = max_part_bytes
         self.max_body_bytes = max_body_bytes
-        self.room = room
         self.parts: list[ReceivedPart] = []
         self.writer: PartWriter | None = None
         self.ended = False
@@ -327,26 +355,19 @@ class MultipartStream:
         ctype, _ = _content_type(self._headers.get("content-type", "application/dicom"))
         if ctype != "application/dicom":
             part.error = f"part content type {ctype} is not application/dicom"
-        problem = self.room()
-        if problem:
-            part.error, part.failure = f"storage full: {problem}", OUT_OF_RESOURCES
-        self.writer = PartWriter(part, self.folder)
+        self.writer = PartWriter(part, self.store, self.capture)
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         writer = self.writer
         if writer is None:
             return
         writer.feed(memoryview(data)[start:end])
-        if writer.part.size > self.max_part_bytes:
+        if writer.received > self.max_part_bytes:
             raise StowError(413, f"an instance is larger than {self.max_part_bytes} bytes")
 
     def _part_end(self) -> None:
         if self.writer is not None:
-            try:
-                self.writer.finish()
-            except OSError as exc:
-                self.writer.part.error, self.writer.part.failure = f"write failed: {exc}", OUT_OF_RESOURCES
-                self.writer.part.discard()
+            self.writer.finish()
             self.writer = None
 
     def _end(self) -> None:
@@ -441,9 +462,8 @@ class StowService:
         boundary = params.get("boundary")
         if not boundary:
             raise StowError(400, "multipart/related without a boundary")
-        guard = self.ingest.store.guard
-        stream = MultipartStream(boundary, self.ingest.store.root, self.max_instance_bytes, self.max_request_bytes,
-                                 guard.check if guard is not None else (lambda: None))
+        stream = MultipartStream(boundary, self.ingest.store, route.tags, self.max_instance_bytes,
+                                 self.max_request_bytes)
         try:
             stream.read_from(body())
         except BaseException:
@@ -481,49 +501,30 @@ class StowService:
         """The C-STORE path for one received part; returns its DIMSE status."""
         if part.error or part.path is None:
             part.error = part.error or "not stored"
+            if part.failure == CANNOT_UNDERSTAND:
+                self.ingest.metrics.store_failures.labels("unreadable").inc()
             return part.failure
         metrics = self.ingest.metrics
         if route.drops(part.sop_class_uid):
             metrics.ignored.labels(route.ae_title, "sop_class").inc()
             return SUCCESS
-        try:
-            with open(part.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                view = memoryview(mm)[part.dataset_offset:]
-                try:
-                    tags = read_tags(view, part.transfer_syntax, set(route.tags) | {END_OF_DATASET})
-                finally:
-                    view.release()
-        except Exception as exc:
-            part.error = f"cannot read its dataset ({type(exc).__name__})"
-            metrics.store_failures.labels("unreadable").inc()
-            return CANNOT_UNDERSTAND
-        if study_uid and tags.get(STUDY_UID, "") != study_uid:
+        if study_uid and part.tags.get(STUDY_UID, "") != study_uid:
             part.error = "its Study Instance UID is not the one of the request's URL"
             metrics.store_failures.labels("study_mismatch").inc()
             return CANNOT_UNDERSTAND
         guard = self.ingest.store.guard
-        problem = guard.check(part.size) if guard is not None else None
+        problem = guard.check() if guard is not None else None
         if problem:
             part.error = f"storage full: {problem}"
             metrics.store_failures.labels("disk_full").inc()
             return OUT_OF_RESOURCES
-        final = part.path.with_name(f"{uuid.uuid4().hex}.dcm")
-        try:
-            if self.ingest.store.fsync:
-                with open(part.path, "rb+") as fh:
-                    os.fsync(fh.fileno())
-            os.rename(part.path, final)
-        except OSError as exc:
-            part.error = f"write failed: {exc.strerror}"
-            metrics.store_failures.labels("write_error").inc()
-            return OUT_OF_RESOURCES
-        part.path = None
+        path, part.path = part.path, None  # commit_instance owns the file from here
         inst = InstanceRecord(
             owner=route.owner, ae_title=route.ae_title, calling_ae=CALLING_AE,
             sop_instance_uid=part.sop_instance_uid, sop_class_uid=part.sop_class_uid,
-            transfer_syntax=part.transfer_syntax, study_uid=tags.get(STUDY_UID, ""),
-            series_uid=tags.get(SERIES_UID, ""), path=final, size=part.size, acked_at=0.0,
-            tags={k: v for k, v in tags.items() if k != END_OF_DATASET},
+            transfer_syntax=part.transfer_syntax, study_uid=part.tags.get(STUDY_UID, ""),
+            series_uid=part.tags.get(SERIES_UID, ""), path=path, size=part.size, acked_at=0.0,
+            tags={k: v for k, v in part.tags.items() if k in route.tags},
         )
         return self.ingest.commit_instance(route, inst)
 
