@@ -501,8 +501,8 @@ class StowService:
         """The C-STORE path for one received part; returns its DIMSE status."""
         if part.error or part.path is None:
             part.error = part.error or "not stored"
-            if part.failure == CANNOT_UNDERSTAND:
-                self.ingest.metrics.store_failures.labels("unreadable").inc()
+            reason = "unreadable" if part.failure == CANNOT_UNDERSTAND else "disk_full"
+            self.ingest.metrics.store_failures.labels(reason).inc()
             return part.failure
         metrics = self.ingest.metrics
         if route.drops(part.sop_class_uid):
@@ -512,12 +512,6 @@ class StowService:
             part.error = "its Study Instance UID is not the one of the request's URL"
             metrics.store_failures.labels("study_mismatch").inc()
             return CANNOT_UNDERSTAND
-        guard = self.ingest.store.guard
-        problem = guard.check() if guard is not None else None
-        if problem:
-            part.error = f"storage full: {problem}"
-            metrics.store_failures.labels("disk_full").inc()
-            return OUT_OF_RESOURCES
         path, part.path = part.path, None  # commit_instance owns the file from here
         inst = InstanceRecord(
             owner=route.owner, ae_title=route.ae_title, calling_ae=CALLING_AE,
