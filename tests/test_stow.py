@@ -299,3 +299,23 @@ def test_acknowledged_instances_survive_a_kill(tmp_path, stow_adapter, study):
         assert payload_datasets(again) == sent
     finally:
         again.stop()
+
+
+def test_client_gone_mid_part_stores_nothing_and_the_adapter_stays_up(stow_adapter, study):
+    """A chunked upload cut off inside an instance (the client dies): no answer can be
+    sent, nothing of the request is stored, no temporary file stays behind."""
+    adapter = stow_adapter()
+    body = multipart(study[:3])
+    head = ["POST /dicomweb/aetitles/CLARA/studies HTTP/1.1", "Host: 127.0.0.1", f"Content-Type: {CTYPE}",
+            f"Authorization: Bearer {TOKEN}", "Transfer-Encoding: chunked", "", ""]
+    cut = len(body) * 2 // 3  # inside the third instance
+    with socket.create_connection(("127.0.0.1", adapter.http_port), timeout=30) as sock:
+        sock.sendall("\r\n".join(head).encode() + f"{cut:x}\r\n".encode() + body[:cut] + b"\r\n")
+        wait_for(lambda: any((adapter.state / "incoming").iterdir()), 10, what="the parts streaming to disk")
+    wait_for(lambda: "HTTP connection from" in adapter.log() or "STOW-RS from" in adapter.log(), 10,
+             what="the request to end")
+    wait_for(lambda: not any((adapter.state / "incoming").iterdir()), 10, what="the temporary files removed")
+    assert adapter.status()["instancesHeld"] == 0
+    assert "Traceback" not in adapter.log()
+    status, answer = post(adapter.http_port, multipart(study[:1]))  # and it still serves
+    assert status == 200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
@@ -11,8 +12,18 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # One log line (not socketserver's traceback on stderr): a client that went away mid-request.
+        exc = sys.exc_info()[1]
+        log.info("HTTP connection from %s ended: %s", client_address[0], exc or "unknown error")
+
+
 class HealthServer:
-    """/health/live, /health/ready, /health/status (JSON) and /metrics."""
+    """/health/live, /health/ready, /health/status (JSON), /metrics and, given ``stow``,
+    STOW-RS at POST /dicomweb/aetitles/{aeTitle}/studies[/{StudyInstanceUID}]."""
 
     def __init__(self, host: str, port: int, status: Callable[[], dict[str, Any]], ready: Callable[[], bool],
                  metrics: Callable[[], bytes], stow: Any = None):
@@ -55,7 +66,13 @@ class HealthServer:
                     read.append(reader)
                     return reader
 
-                answer = stow.handle(ae_title, study_uid, self.headers, body, self.client_address[0])
+                try:
+                    answer = stow.handle(ae_title, study_uid, self.headers, body, self.client_address[0])
+                except Exception:
+                    log.exception("STOW-RS request to %s failed", ae_title)
+                    self.close_connection = True
+                    outer._send(self, 500, b'{"message": "internal error (see the adapter log)"}', "application/json")
+                    return
                 if not read or answer.status in (400, 411, 413):
                     self.close_connection = True  # the rest of the body is unread: do not reuse the connection
                 payload = json.dumps(answer.body).encode()
@@ -65,7 +82,7 @@ class HealthServer:
             def log_message(self, fmt: str, *args: Any) -> None:
                 log.debug("http: " + fmt, *args)
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd = _Server((host, port), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="clara-http", daemon=True)
