@@ -28,7 +28,7 @@ from email.message import Message
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from clara_dicom.logs import log_context
+from clara_dicom.logs import fields, log_context
 
 from clara_adapter.dataset_walk import SOP_CLASS_UID, SOP_INSTANCE_UID, DatasetWalker, MalformedDataset
 from clara_adapter.ingest import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, REJECT_BUSY, REJECT_CALLED_AE, SERIES_UID,
@@ -494,7 +494,8 @@ class StowService:
         if failed:
             body[FAILED_SOP_SEQUENCE] = {"vr": "SQ", "Value": failed}
         status = 200 if not failed else (202 if stored else 409)
-        log.info("STOW-RS from %s to %s: %d stored, %d failed", client, route.ae_title, len(stored), len(failed))
+        log.info("STOW-RS from %s to %s: %d stored, %d failed", client, route.ae_title, len(stored), len(failed),
+                 extra=fields("stow.request"))
         return StowAnswer(status, body)
 
     def _store(self, route: Route, part: ReceivedPart, study_uid: str | None) -> int:
