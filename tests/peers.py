@@ -159,7 +159,8 @@ class Orthanc(Process):
         }
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(config, indent=1))
-        super().__init__(["Orthanc", "--no-jobs", str(cfg)], self.workdir / "orthanc.log")
+        # Orthanc is dcmtk-based: without TCP_NODELAY each DIMSE response waits for a delayed ACK.
+        super().__init__(["Orthanc", "--no-jobs", str(cfg)], self.workdir / "orthanc.log", env=dcmtk_env())
         wait_for(lambda: (port_open(self.dicom_port) and port_open(self.http_port)) or not self.alive(), 30,
                  what="Orthanc")
         if not self.alive():

@@ -91,12 +91,33 @@ def test_idle_connections_hold_no_slot_and_are_closed_after_artim(local_adapter,
     assert adapter.alive()
 
 
+def test_idle_connections_beyond_the_cap_drop_the_oldest(local_adapter, tmp_path, ct_series):
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD),
+                            extra=settings_file(tmp_path, "maxAssociations: 4\nartimTimeout: 300\n"))
+    idle = []
+    try:
+        for _ in range(80):  # the cap is max(64, 4 x maxAssociations) = 64
+            idle.append(connect(adapter.dicom_port))
+        for s in idle[:16]:  # the 16 oldest are dropped long before ARTIM
+            s.settimeout(10)
+            assert s.recv(1) == b""
+        storescu(ct_series[:1], adapter.dicom_port)  # its connection counted too: idle[16] was dropped for it
+        for s in idle[17:]:
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.recv(1)  # still open
+    finally:
+        for s in idle:
+            s.close()
+
+
 def test_max_associations_counts_negotiated_associations(local_adapter, tmp_path, ct_series):
     adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD),
                             extra=settings_file(tmp_path, "maxAssociations: 2\n"))
     held = [associate(adapter.dicom_port) for _ in range(2)]
     proc = storescu(ct_series[:1], adapter.dicom_port, check=False)
     assert proc.returncode != 0 and "Rejected Transient" in proc.stderr
+    assert metric_value(adapter.metrics(), "clara_associations_active") == 2
     for s in held:
         assert release(s) == 0x06
         s.close()
@@ -241,3 +262,16 @@ def test_sigterm_drain_ignores_idle_connections_and_waits_for_associations(local
     adapter.proc.wait(20)
     assert time.monotonic() - start < 20
     assert adapter.proc.returncode == 0
+
+
+def test_silent_association_is_aborted_after_the_network_timeout(local_adapter, tmp_path, ct_series):
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD),
+                            extra=settings_file(tmp_path, "networkTimeout: 1\n"))
+    message = c_store_bytes(CT, "1.2.3.4.5.10", encode(ct("1.2.3.4.5.10")))
+    with associate(adapter.dicom_port) as s:
+        s.sendall(message[:len(message) // 2])  # then silence, inside a C-STORE
+        s.settimeout(15)
+        assert recv_pdu(s)[0] == 0x07  # A-ABORT
+    wait_for(lambda: adapter.status()["activeAssociations"] == 0, 10, what="slot freed")
+    assert not incoming(adapter)
+    still_serves(adapter, ct_series[:1])

@@ -14,13 +14,15 @@ file, and every bound (PDU length, control PDUs, un-negotiated connections) is
 checked before anything is allocated (SPEC §9 "Receive path").
 
 Only the C-STORE commit (finalize the file + `Ingest.commit_instance`) and the
-association policy run outside the loop, in the server's thread pool; while an
-instance is committing the connection stops reading, which bounds the work a
-peer can queue.
+association policy run outside the loop, in the server's thread pool. A peer
+that sends a second instance before the first is answered (we negotiate no
+asynchronous operations) stops being read until both are committed, which
+bounds the work a peer can queue.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -43,7 +45,8 @@ VERIFICATION_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10
 # unknown abstract syntaxes (vendors' private storage classes); known non-storage services are refused.
 _STORAGE_LIKE = {"StorageServiceClass", "NonPatientObjectStorageServiceClass", "ServiceClass"}
 
-RECEIVE_BUFFER = 256 * 1024
+RECEIVE_BUFFER = 1024 * 1024  # once associated: one recv can take a whole 512 KB CT slice
+NEGOTIATION_BUFFER = 64 * 1024  # before: an A-ASSOCIATE-RQ is a few KB
 
 AWAITING_RQ, NEGOTIATING, ESTABLISHED, CLOSED = "awaiting-rq", "negotiating", "established", "closed"
 
@@ -86,8 +89,7 @@ class Association(asyncio.BufferedProtocol):
         self.peer_max_pdu = 0
         self.contexts: dict[int, tuple[str, str]] = {}  # id -> (abstract syntax, transfer syntax)
         self.holds_slot = False
-        self._buffer = bytearray(RECEIVE_BUFFER)
-        self._view = memoryview(self._buffer)
+        self._view = memoryview(bytearray(NEGOTIATION_BUFFER))
         max_pdu = self.settings.maxPduSize
         self.stream = PduStream(self, max_pdu or None)
         # the DIMSE message being received
@@ -167,6 +169,7 @@ class Association(asyncio.BufferedProtocol):
                 raise PduError("A-ASSOCIATE-RQ on an association", dul_pdu.ABORT_UNEXPECTED_PDU)
             rq = dul_pdu.decode_associate_rq(body)
             self.state = NEGOTIATING
+            self.server.request_received(self)
             self.stream.stopped = True  # nothing may follow until we answered
             self.transport.pause_reading()
             asyncio.ensure_future(self._negotiate(rq))
@@ -209,6 +212,7 @@ class Association(asyncio.BufferedProtocol):
                          if result == dul_pdu.PC_ACCEPTANCE}
         self.transport.write(dul_pdu.associate_ac(rq, results, self.settings.maxPduSize))
         self.state = ESTABLISHED
+        self._view = memoryview(bytearray(RECEIVE_BUFFER))
         self.last_activity = time.monotonic()
         self.stream.stopped = False
         self.transport.resume_reading()
@@ -289,14 +293,16 @@ class Association(asyncio.BufferedProtocol):
             self._respond(command, context_id, outcome)
             return
         self._committing += 1
-        if not self._paused:
+        if self._committing > 1 and not self._paused:
+            # A peer that does not wait for our answers (we negotiate no asynchronous operations):
+            # stop reading until its instances are committed, so it cannot queue unbounded work.
             self._paused = True
             self.transport.pause_reading()
-        future = self.server.loop.run_in_executor(self.server.pool, self.server.ingest.commit_received,
-                                                  self.route, incoming)
-        future.add_done_callback(lambda f: self._committed(f, command, context_id))
+        loop = self.server.loop
+        future = self.server.pool.submit(self.server.ingest.commit_received, self.route, incoming)
+        future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._committed, f, command, context_id))
 
-    def _committed(self, future: asyncio.Future, command: dict, context_id: int) -> None:
+    def _committed(self, future: "concurrent.futures.Future", command: dict, context_id: int) -> None:
         self._committing -= 1
         try:
             status = future.result()
@@ -311,7 +317,6 @@ class Association(asyncio.BufferedProtocol):
             self._paused = False
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
-        self.server.association_progressed()
 
     def _respond(self, command: dict, context_id: int, status: int) -> None:
         if self.transport is None or self.transport.is_closing():

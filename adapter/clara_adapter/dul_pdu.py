@@ -24,7 +24,7 @@ APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1396.1"  # clara-dicom
 IMPLEMENTATION_VERSION = "CLARA_DICOM_02"
 
-MAX_CONTROL_PDU = 1 << 20  # A-ASSOCIATE-RQ and friends; real ones are a few KB
+MAX_CONTROL_PDU = 256 * 1024  # A-ASSOCIATE-RQ and friends; real ones are a few KB
 PDU_HEADER = struct.Struct(">BBI")
 PDV_HEADER = struct.Struct(">IBB")
 

@@ -8,7 +8,10 @@ Bounds (SPEC §9 "Receive path"):
   slot when its A-ASSOCIATE-RQ is accepted, and an RQ beyond the limit gets
   A-ASSOCIATE-RJ (transient, local limit exceeded);
 * a connection that has not completed negotiation within ``artimTimeout``
-  seconds is closed (the TLS handshake is bounded by the same timeout);
+  seconds is closed (the TLS handshake is bounded by the same timeout); at most
+  ``max(64, 4 × maxAssociations)`` such connections are kept, the oldest is
+  dropped beyond that (a real requestor sends its A-ASSOCIATE-RQ within
+  milliseconds, so only idle ones ever get old);
 * an established association silent for ``networkTimeout`` seconds (and not
   waiting for us) is aborted;
 * the association policy and every commit run in a small thread pool, so
@@ -48,6 +51,8 @@ class StorageSCP:
             max_workers=max(4, min(32, settings.maxAssociations + 2)), thread_name_prefix="dicom-commit")
         self._thread: threading.Thread | None = None
         self._connections: set[Association] = set()
+        self._awaiting: dict[Association, None] = {}  # never-associated connections, oldest first
+        self.max_awaiting = max(64, 4 * settings.maxAssociations)
         self._negotiated = 0
         self._accepting = True
         self._idle = threading.Condition()
@@ -58,12 +63,25 @@ class StorageSCP:
             assoc.close_quietly()
             return
         self._connections.add(assoc)
+        self._awaiting[assoc] = None
+        if len(self._awaiting) > self.max_awaiting:
+            oldest = next(iter(self._awaiting))
+            log.warning("connection from %s closed: more than %d connections without an A-ASSOCIATE-RQ",
+                        oldest.address, self.max_awaiting)
+            self._awaiting.pop(oldest)
+            oldest.close_quietly()
+
+    def request_received(self, assoc: Association) -> None:
+        """The connection sent its A-ASSOCIATE-RQ: it no longer counts as idle."""
+        self._awaiting.pop(assoc, None)
 
     def connection_closed(self, assoc: Association) -> None:
         self._connections.discard(assoc)
+        self._awaiting.pop(assoc, None)
         if assoc.holds_slot:
             assoc.holds_slot = False
             self._negotiated -= 1
+            self.ingest.metrics.active.set(self._negotiated)
         self.association_progressed()
 
     def association_progressed(self) -> None:
@@ -99,6 +117,7 @@ class StorageSCP:
             self.on_association("rejected")
             return None, REJECT_BUSY
         self._negotiated += 1
+        self.ingest.metrics.active.set(self._negotiated)
         self.on_association("accepted")
         return route, None
 
@@ -202,7 +221,11 @@ class StorageSCP:
                 assoc.abort("adapter shutting down")
 
         self._call(abort)
+
+    def close(self) -> None:
+        """Stop the event loop and the commit threads (after a drain or abort_all)."""
         self._stop_loop()
+        self.pool.shutdown(wait=True)
 
     def _stop_loop(self) -> None:
         if self.loop is not None and self.loop.is_running():

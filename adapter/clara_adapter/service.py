@@ -162,6 +162,7 @@ class Adapter:
         if not self.scp.wait_idle(grace):
             log.warning("associations still open after %.0fs: aborting them", grace)
             self.scp.abort_all()
+        self.scp.close()
         self.stow.stop_accepting()
         if not self.stow.wait_idle(grace):
             log.warning("STOW-RS requests still in progress after %.0fs", grace)
