@@ -319,3 +319,16 @@ def test_client_gone_mid_part_stores_nothing_and_the_adapter_stays_up(stow_adapt
     assert "Traceback" not in adapter.log()
     status, answer = post(adapter.http_port, multipart(study[:1]))  # and it still serves
     assert status == 200
+
+
+def test_sop_uid_differing_from_the_file_meta_is_refused_like_a_c_store(stow_adapter, study):
+    """The C-STORE receive path's check: dataset UIDs must match those announced
+    (for STOW-RS, the part's file meta group) -> 0xA900, not stored."""
+    real = sop_uid(study[5])
+    other = real[:-1] + ("1" if real[-1] != "1" else "2")  # same length: only the file meta's copy changes
+    lying = study[5].read_bytes().replace(real.encode(), other.encode(), 1)  # the meta group comes first
+    adapter = stow_adapter()
+    status, answer = post(adapter.http_port, multipart([lying, study[6]]))
+    assert status == 202
+    assert failed(answer) == [(other, 0xA900)]
+    assert referenced(answer) == [sop_uid(study[6])]

@@ -3,12 +3,13 @@
 of that AE title (route, source checks, storing, journal, grouping, duplicates).
 
 The body is parsed as a stream (python-multipart's push parser; chunked bodies
-decoded by :class:`ChunkedReader`): each part goes straight into a Part 10 file
-in the incoming folder (our file meta group with source AE ``DICOMWEB``, then the
-client's dataset bytes) while its dataset is walked structurally
-(:mod:`dataset_walk`), never held in memory. Only once the whole multipart body
-has been read and found well-formed are the instances committed, one by one,
-each journaled before the answer is sent; a malformed body stores nothing (400).
+decoded by :class:`ChunkedReader`): each part is fed, as it arrives, to the same
+receive path as a C-STORE dataset (`Ingest.receive_instance`: a Part 10 file with
+our file meta group, source AE ``DICOMWEB``, written while its dataset is walked
+structurally), with the UIDs and transfer syntax from the part's own file meta
+group; nothing is held in memory. Only once the whole multipart body has been read
+and found well-formed are the instances committed (`Ingest.commit_instance`), one
+by one, each journaled before the answer is sent; a malformed body stores nothing.
 
 Answers (PS3.18 JSON, ``application/dicom+json``): 200 all stored, 202 some
 failed (FailedSOPSequence), 409 none stored, 400 malformed multipart, 401 no
@@ -25,16 +26,13 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from email.message import Message
-from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from clara_dicom.logs import fields, log_context
 
-from clara_adapter.dataset_walk import SOP_CLASS_UID, SOP_INSTANCE_UID, DatasetWalker, MalformedDataset
-from clara_adapter.ingest import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, REJECT_BUSY, REJECT_CALLED_AE, SERIES_UID,
-                                  STUDY_UID, SUCCESS, Ingest, Route)
+from clara_adapter.dimse import CANNOT_UNDERSTAND, SUCCESS
+from clara_adapter.ingest import REJECT_BUSY, REJECT_CALLED_AE, Ingest, Route
 from clara_adapter.journal import InstanceRecord
-from clara_adapter.storage import DiskFull, InstanceStore, file_header
 
 log = logging.getLogger(__name__)
 
@@ -157,62 +155,49 @@ def parse_file_meta(buf: bytes | bytearray) -> tuple[dict[int, str], int] | None
 
 @dataclass
 class ReceivedPart:
-    """One multipart part: once complete, a Part 10 file at ``path`` (renamed into
-    place but not journaled: a crash before the commit leaves it to the start-up
-    sweep) whose dataset was walked structurally as it streamed in."""
+    """One multipart part. Once complete it is either a checked instance whose file
+    is renamed into place but not yet journaled (``record``; a crash before the
+    commit leaves that file to the start-up sweep), or its outcome is already
+    known (``status``: dropped by the AE title's SOP class rules, or a failure),
+    or it was not a DICOM part at all (``error``)."""
 
     index: int
-    path: Path | None = None
-    size: int = 0
     sop_class_uid: str = ""
     sop_instance_uid: str = ""
-    transfer_syntax: str = ""
-    tags: dict[int, str] = field(default_factory=dict)
-    error: str | None = None  # why it cannot be stored
-    failure: int = CANNOT_UNDERSTAND
+    record: InstanceRecord | None = None
+    status: int | None = None
+    error: str | None = None
 
     def discard(self) -> None:
-        if self.path is not None:
+        if self.record is not None:
             try:
-                os.unlink(self.path)
+                os.unlink(self.record.path)
             except FileNotFoundError:
                 pass
-            self.path = None
+            self.record = None
 
 
 class PartWriter:
-    """Streams one part into the incoming folder: reads the client's file meta
-    group from the first bytes, writes our header instead, then the dataset bytes
-    as they come, walking them (dataset_walk) on the way."""
+    """Streams one part through the C-STORE receive path (`Ingest.receive_instance`:
+    storing, structural walk, SOP UID check): reads the client's file meta group
+    from the first bytes for the UIDs and transfer syntax a C-STORE command would
+    carry, then feeds the dataset bytes as they come."""
 
-    def __init__(self, part: ReceivedPart, store: InstanceStore, capture: frozenset[int]):
+    def __init__(self, part: ReceivedPart, ingest: Ingest, route: Route):
         self.part = part
-        self.store = store
-        self.capture = capture
+        self.ingest = ingest
+        self.route = route
         self.head: bytearray | None = bytearray()
-        self.file: Any = None  # storage.InstanceWriter
-        self.walker: DatasetWalker | None = None
+        self.incoming: Any = None  # incoming.IncomingInstance
         self.received = 0  # bytes of the part so far (also of a failed one: limits still apply)
 
     def feed(self, data: memoryview) -> None:
         self.received += len(data)
         if self.part.error:
             return
-        try:
-            if self.head is None:
-                self.file.write(data)
-                self.walker.feed(data)  # type: ignore[union-attr]
-            else:
-                self._feed_head(data)
-        except MalformedDataset as exc:
-            self._fail(f"malformed dataset: {exc}")
-        except DiskFull as exc:
-            self._fail(f"storage full: {exc}", OUT_OF_RESOURCES)
-        except OSError as exc:
-            self._fail(f"write failed: {exc.strerror}", OUT_OF_RESOURCES)
-
-    def _feed_head(self, data: memoryview) -> None:
-        part = self.part
+        if self.incoming is not None:
+            self.incoming.feed(data)  # never raises; remembers a failure
+            return
         self.head += data  # type: ignore[operator]
         try:
             parsed = parse_file_meta(self.head)  # type: ignore[arg-type]
@@ -224,51 +209,42 @@ class PartWriter:
                 self._fail("file meta group too long")
             return
         meta, offset = parsed
+        part = self.part
         part.sop_class_uid, part.sop_instance_uid = meta.get(0x0002, ""), meta.get(0x0003, "")
-        part.transfer_syntax = meta.get(0x0010, "")
-        if not (part.sop_class_uid and part.sop_instance_uid and part.transfer_syntax):
+        transfer_syntax = meta.get(0x0010, "")
+        if not (part.sop_class_uid and part.sop_instance_uid and transfer_syntax):
             self._fail("file meta group lacks the SOP class, SOP instance or transfer syntax UID")
             return
         head, self.head = memoryview(self.head)[offset:], None  # type: ignore[index]
-        self.walker = DatasetWalker(part.transfer_syntax, self.capture | {SOP_CLASS_UID, SOP_INSTANCE_UID})
-        self.file = self.store.open(file_header(part.sop_class_uid, part.sop_instance_uid, part.transfer_syntax,
-                                                CALLING_AE))
-        self.file.write(head)
-        self.walker.feed(head)
+        self.incoming = self.ingest.receive_instance(self.route, CALLING_AE, part.sop_class_uid,
+                                                     part.sop_instance_uid, transfer_syntax)
+        self.incoming.feed(head)
 
-    def _fail(self, why: str, failure: int = CANNOT_UNDERSTAND) -> None:
-        self.part.error, self.part.failure = why, failure
+    def _fail(self, why: str) -> None:
+        self.part.error = why
         self.head = None
-        if self.file is not None:
-            self.file.discard()
-            self.file = None
+        self.close()
 
     def finish(self) -> None:
         part = self.part
         if part.error:
             return
-        if self.head is not None:
-            self._fail("part ends inside its file meta group" if len(self.head) else "empty part")
+        if self.incoming is None:
+            self._fail("part ends inside its file meta group" if self.head else "empty part")
             return
-        try:
-            part.tags = self.walker.finish()  # type: ignore[union-attr]
-        except MalformedDataset as exc:
-            self._fail(f"malformed dataset: {exc}")
-            return
-        for tag, meta_value in ((SOP_CLASS_UID, part.sop_class_uid), (SOP_INSTANCE_UID, part.sop_instance_uid)):
-            if part.tags.get(tag, meta_value) != meta_value:
-                self._fail("the dataset's SOP Class/Instance UID differs from its file meta group")
-                return
-        try:
-            part.path, part.size = self.file.finalize()
-        except OSError as exc:
-            self._fail(f"write failed: {exc.strerror}", OUT_OF_RESOURCES)
-        self.file = None
+        outcome = self.incoming.finish()
+        if not isinstance(outcome, int):
+            outcome = self.incoming.finalize()  # renamed into place (fsync'ed if configured), fd closed
+        if isinstance(outcome, int):
+            part.status = outcome
+        else:
+            part.record = outcome
+        self.incoming = None
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.discard()
-            self.file = None
+        if self.incoming is not None:
+            self.incoming.discard()
+            self.incoming = None
 
 
 def _content_type(value: str) -> tuple[str, dict[str, str]]:
@@ -281,12 +257,11 @@ def _content_type(value: str) -> tuple[str, dict[str, str]]:
 class MultipartStream:
     """Parses a ``multipart/related`` body from a reader into :class:`ReceivedPart` files."""
 
-    def __init__(self, boundary: str, store: InstanceStore, capture: frozenset[int], max_part_bytes: int,
-                 max_body_bytes: int):
+    def __init__(self, boundary: str, ingest: Ingest, route: Route, max_part_bytes: int, max_body_bytes: int):
         from python_multipart.multipart import MultipartParser
 
-        self.store = store
-        self.capture = capture
+        self.ingest = ingest
+        self.route = route
         self.max_part_bytes = max_part_bytes
         self.max_body_bytes = max_body_bytes
         self.parts: list[ReceivedPart] = []
@@ -355,7 +330,7 @@ class MultipartStream:
         ctype, _ = _content_type(self._headers.get("content-type", "application/dicom"))
         if ctype != "application/dicom":
             part.error = f"part content type {ctype} is not application/dicom"
-        self.writer = PartWriter(part, self.store, self.capture)
+        self.writer = PartWriter(part, self.ingest, self.route)
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         writer = self.writer
@@ -462,8 +437,7 @@ class StowService:
         boundary = params.get("boundary")
         if not boundary:
             raise StowError(400, "multipart/related without a boundary")
-        stream = MultipartStream(boundary, self.ingest.store, route.tags, self.max_instance_bytes,
-                                 self.max_request_bytes)
+        stream = MultipartStream(boundary, self.ingest, route, self.max_instance_bytes, self.max_request_bytes)
         try:
             stream.read_from(body())
         except BaseException:
@@ -486,8 +460,8 @@ class StowService:
             else:
                 item[FAILURE_REASON] = {"vr": "US", "Value": [status]}
                 failed.append(item)
-                log.info("STOW-RS part %d to %s failed (0x%04X): %s", part.index, route.ae_title, status,
-                         part.error or "not stored")
+                log.info("STOW-RS part %d to %s failed (0x%04X)%s", part.index, route.ae_title, status,
+                         f": {part.error}" if part.error else "")
         body: dict[str, Any] = {}
         if stored:
             body[REFERENCED_SOP_SEQUENCE] = {"vr": "SQ", "Value": stored}
@@ -499,29 +473,22 @@ class StowService:
         return StowAnswer(status, body)
 
     def _store(self, route: Route, part: ReceivedPart, study_uid: str | None) -> int:
-        """The C-STORE path for one received part; returns its DIMSE status."""
-        if part.error or part.path is None:
-            part.error = part.error or "not stored"
-            reason = "unreadable" if part.failure == CANNOT_UNDERSTAND else "disk_full"
-            self.ingest.metrics.store_failures.labels(reason).inc()
-            return part.failure
+        """Commit one received part as `Ingest` commits a C-STORE; returns its DIMSE status."""
         metrics = self.ingest.metrics
-        if route.drops(part.sop_class_uid):
-            metrics.ignored.labels(route.ae_title, "sop_class").inc()
-            return SUCCESS
-        if study_uid and part.tags.get(STUDY_UID, "") != study_uid:
+        if part.error:
+            metrics.store_failures.labels("unreadable").inc()
+            return CANNOT_UNDERSTAND
+        if part.status is not None:  # dropped (SUCCESS) or failed on the way (counted and logged there)
+            return part.status
+        record = part.record
+        if record is None:
+            return CANNOT_UNDERSTAND
+        if study_uid and record.study_uid != study_uid:
             part.error = "its Study Instance UID is not the one of the request's URL"
             metrics.store_failures.labels("study_mismatch").inc()
             return CANNOT_UNDERSTAND
-        path, part.path = part.path, None  # commit_instance owns the file from here
-        inst = InstanceRecord(
-            owner=route.owner, ae_title=route.ae_title, calling_ae=CALLING_AE,
-            sop_instance_uid=part.sop_instance_uid, sop_class_uid=part.sop_class_uid,
-            transfer_syntax=part.transfer_syntax, study_uid=part.tags.get(STUDY_UID, ""),
-            series_uid=part.tags.get(SERIES_UID, ""), path=path, size=part.size, acked_at=0.0,
-            tags={k: v for k, v in part.tags.items() if k in route.tags},
-        )
-        return self.ingest.commit_instance(route, inst)
+        part.record = None  # commit_instance owns the file from here
+        return self.ingest.commit_instance(route, record)
 
 
 def parse_path(path: str) -> tuple[str, str | None] | None:
