@@ -332,3 +332,20 @@ def test_sop_uid_differing_from_the_file_meta_is_refused_like_a_c_store(stow_ada
     assert status == 202
     assert failed(answer) == [(other, 0xA900)]
     assert referenced(answer) == [sop_uid(study[6])]
+
+
+def test_chart_turns_stow_on_with_a_secret_reference():
+    from test_chart import HELM, by_kind, render
+
+    if HELM is None:
+        pytest.skip("helm not built (bash e2e/build.sh)")
+
+    def adapter_env(*args: str) -> dict[str, Any]:
+        docs = render(*args)
+        dep = next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-adapter"))
+        return {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+    assert "CLARA_STOW_TOKEN" not in adapter_env()  # off by default
+    env = adapter_env("--set", "adapter.stow.tokenSecret.name=stow-token")
+    assert env["CLARA_STOW_TOKEN"] == {"name": "CLARA_STOW_TOKEN",
+                                       "valueFrom": {"secretKeyRef": {"name": "stow-token", "key": "token"}}}
