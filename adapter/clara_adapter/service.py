@@ -68,8 +68,13 @@ class Adapter:
         self.export: Any = None  # the SCU export agent, once start_export() ran
 
     def _open_groups(self) -> int:
-        with self.ctx.lock:
-            return self.ingest.open_groups()
+        # Without the journal lock: a scrape must never hold up a C-STORE commit.
+        for _ in range(3):
+            try:
+                return self.ingest.open_groups()
+            except RuntimeError:  # a processor's groups changed while counting: count again
+                continue
+        return 0
 
     def _count_association(self, result: str) -> None:
         self.metrics.associations.labels(result).inc()
