@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="clara-dicom",
         description="DICOM adapter and Kubernetes operator turning studies into AI pipeline jobs.",
     )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    add_log_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module_name, help_text) in SUBCOMMANDS.items():
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         # Also accepted after the subcommand; SUPPRESS keeps the global value otherwise.
         p.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        p.add_argument("--log-format", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         module.add_arguments(p)
         p.set_defaults(_module=module)
     return parser
@@ -50,13 +51,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging(parser, args, args.command)
+    return run_command(args._module, args, f"clara-dicom {args.command}")
+
+
+def add_log_options(parser: argparse.ArgumentParser) -> None:
+    """--log-level and --log-format, shared by clara-dicom and register-results."""
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument("--log-format", default=None, metavar="json|text",
+                        help="text lines for people, or one JSON object a line for a log indexer "
+                             "(default: env CLARA_LOG_FORMAT, else text)")
+
+
+def configure_logging(parser: argparse.ArgumentParser, args: argparse.Namespace, component: str) -> None:
+    """Set up logging from the parsed options; a bad value is a usage error (one line, exit 2)."""
+    from clara_dicom.logs import resolve_format, setup_logging
+
     level = getattr(logging, str(args.log_level).upper(), None)
     if not isinstance(level, int):
         parser.error(f"--log-level: unknown level {args.log_level!r}")
-    from clara_dicom.logs import setup_logging
-
-    setup_logging(level)
-    return run_command(args._module, args, f"clara-dicom {args.command}")
+    try:
+        fmt = resolve_format(args.log_format)
+    except ValueError as exc:
+        parser.error(str(exc))
+    setup_logging(level, fmt, component)
 
 
 def run_command(module, args: argparse.Namespace, prog: str) -> int:

@@ -22,7 +22,8 @@ CHART = REPO / "charts" / "clara-dicom"
 sys.path.insert(0, str(REPO / "e2e"))
 
 # Settings the chart sets itself (flags, Secret, PVC path): not in values.
-CHART_MANAGED = {"storageDir", "dicomPort", "httpPort", "host", "resultsUrl", "resultsToken", "resultsTokenFile"}
+CHART_MANAGED = {"storageDir", "dicomPort", "httpPort", "host", "resultsUrl", "resultsToken", "resultsTokenFile",
+                 "stowToken"}
 
 
 def _helm() -> str | None:

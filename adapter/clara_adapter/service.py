@@ -27,6 +27,7 @@ from clara_adapter.metrics import AdapterMetrics
 from clara_adapter.processors.base import ProcessorContext
 from clara_adapter.scp import StorageSCP
 from clara_adapter.settings import AdapterSettings
+from clara_adapter.stow import StowService
 from clara_adapter.storage import DiskGuard, InstanceStore
 from clara_adapter.submitter import JobSubmitter
 from clara_adapter.timers import ThreadScheduler
@@ -55,6 +56,11 @@ class Adapter:
         self.ctx = ProcessorContext(namespace, self.journal, self.scheduler, self.submitter, self.metrics)
         self.ingest = Ingest(self.ctx, self.store, settings.rejectUnknownSources)
         self.scp = StorageSCP(self.ingest, settings, on_association=self._count_association)
+        # Read at each scrape (housekeeping runs only every 30 s): dashboards show groups as they open.
+        self.metrics.groups_open.set_function(self._open_groups)
+        self.stow = StowService(self.ingest, settings.stowToken, self.metrics,
+                                max_instance_bytes=int(settings.stowMaxInstanceMB * 1024**2),
+                                max_request_bytes=int(settings.stowMaxRequestMB * 1024**2))
         self.http: HealthServer | None = None
         self.config_version = ""
         self.started = False
@@ -70,6 +76,15 @@ class Adapter:
         self._recovered = False
         self._offered: RenderedConfig | None = None
         self.applied_listeners: list[Callable[[str], None]] = []  # e.g. publish appliedVersion, in order
+
+    def _open_groups(self) -> int:
+        # Without the journal lock: a scrape must never hold up a C-STORE commit.
+        for _ in range(3):
+            try:
+                return self.ingest.open_groups()
+            except RuntimeError:  # a processor's groups changed while counting: count again
+                continue
+        return 0
 
     def _count_association(self, result: str) -> None:
         self.metrics.associations.labels(result).inc()
@@ -115,7 +130,8 @@ class Adapter:
         try:
             self.scp.start(s.host, s.dicomPort)
             if s.httpPort:
-                self.http = HealthServer(s.host, s.httpPort, self.status, self.ready, self.metrics.render)
+                self.http = HealthServer(s.host, s.httpPort, self.status, self.ready, self.metrics.render,
+                                         stow=self.stow)
                 self.http.start()
         except OSError as exc:
             self.scp.stop_accepting() if self.scp.server else None
@@ -127,8 +143,8 @@ class Adapter:
         if s.resultsUrl:
             self.start_export(s.resultsUrl, s.results_token())
         self.started = True
-        log.info("adapter listening: DICOM %s:%d, HTTP %s", s.host, s.dicomPort,
-                 f"{s.host}:{self.http.port}" if self.http else "off")
+        log.info("adapter listening: DICOM %s:%d, HTTP %s (STOW-RS %s)", s.host, s.dicomPort,
+                 f"{s.host}:{self.http.port}" if self.http else "off", "on" if s.stowToken and self.http else "off")
 
     def start_export(self, results_url: str, token: str | None) -> None:
         """Start the SCU export agent against the Results Service at ``results_url``."""
@@ -176,6 +192,9 @@ class Adapter:
             log.warning("associations still open after %.0fs: aborting them", grace)
             self.scp.abort_all()
         self.scp.close()
+        self.stow.stop_accepting()
+        if not self.stow.wait_idle(grace):
+            log.warning("STOW-RS requests still in progress after %.0fs", grace)
         if self.export is not None:
             self.export.stop()
         if self.http is not None:

@@ -64,6 +64,12 @@ class AdapterSettings(BaseModel):
     failureThreshold: float = Field(0.5, ge=0, le=1, description="A task fails when more than this share fails.")
     exportPollSeconds: float = Field(1.0, gt=0, description="Poll interval when no tasks are pending.")
 
+    # STOW-RS (DICOMweb) ingest on the HTTP port
+    stowToken: str | None = Field(None, description="Bearer token STOW-RS clients must send (STOW-RS off when unset).",
+                                  repr=False)
+    stowMaxInstanceMB: float = Field(2048, gt=0, description="STOW-RS: largest instance accepted, in MiB.")
+    stowMaxRequestMB: float = Field(65536, gt=0, description="STOW-RS: largest request body accepted, in MiB.")
+
     @model_validator(mode="after")
     def _tls_pair(self) -> "AdapterSettings":
         if bool(self.tlsCertFile) != bool(self.tlsKeyFile):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from clara_dicom.logs import short_hash
+from clara_dicom.logs import fields, short_hash
 
 from clara_adapter.job_requests import JobRequest
 from clara_adapter.job_sinks import JobSink
@@ -93,7 +93,9 @@ class JobSubmitter:
                     self.metrics.job_created(req, created, sub.deadline)
                 log.info("pipeline job %s %s (pipeline %s, %d instances, group %s)", req.name,
                          "created" if created else "already existed", req.pipeline_id, len(req.instances),
-                         short_hash(req.group_value))
+                         short_hash(req.group_value),
+                         extra=fields("job.created" if created else "job.exists", aeTitle=req.ae_title,
+                                      job=req.name, group=short_hash(req.group_value)))
         except Exception as exc:
             delay = min(self.max_backoff, 0.5 * 2**sub.attempt)
             sub.attempt += 1

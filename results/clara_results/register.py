@@ -296,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
                 except ResultsUnavailable as exc:
                     if attempt == attempts:
                         raise ServiceUnreachable(f"{exc} (gave up after {attempts} attempts)") from None
-                    print(f"{PROG}: {exc}; retrying in {delay:g} s", file=sys.stderr)
+                    logging.getLogger(PROG).warning("%s; retrying in %g s", exc, delay)
                     time.sleep(delay)
                     delay = min(delay * 2, 30.0)
                 except ResultsError as exc:
@@ -313,10 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Register a pipeline's output files with the Results Service as tasks for an agent."
     )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    from clara_dicom.cli import run_command
+    from clara_dicom.cli import add_log_options, configure_logging, run_command
 
+    add_arguments(parser)
+    add_log_options(parser)
+    args = parser.parse_args(argv)
+    configure_logging(parser, args, PROG)
     return run_command(sys.modules[__name__], args, PROG)
 
 

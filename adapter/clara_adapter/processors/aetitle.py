@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from clara_dicom.logs import short_hash
+from clara_dicom.logs import fields, short_hash
 from clara_dicom.models import JobProcessorSpec, format_tag, parse_group_by
 
 from clara_adapter.job_requests import JobRequest
@@ -163,7 +163,8 @@ class AETitleJobProcessor(JobProcessorBase):
             for key, pipeline_id in sorted(spec.pipelines.items())
         ]
         log.info("group %s of %s closed: %d instances, %d pipeline jobs", short_hash(record.group_value),
-                 record.ae_title, len(members), len(requests))
+                 record.ae_title, len(members), len(requests),
+                 extra=fields("group.closed", aeTitle=record.ae_title, group=short_hash(record.group_value)))
         if self.ctx.metrics is not None:
             self.ctx.metrics.group_closed(record.ae_title)
 
