@@ -110,4 +110,54 @@ def remove(names: list[str]) -> None:
         podman("volume", "rm", "-f", name, check=False, timeout=60)
 
 
-__all__ = ["IN_CI", "PODMAN", "REPO", "RLIMITS", "Image", "build_image", "chart_security_flags", "podman", "remove"]
+
+
+def build_derived(base: Image, name: str, files: dict[str, Path]) -> str:
+    """A small test image FROM ``base`` with ``files`` (path in the image -> local file) added,
+    e.g. the full loop's stand-in AI operator; rebuilt only when the base or a file changes."""
+    import hashlib
+    import tempfile
+
+    (base_id,) = podman("image", "inspect", "--format", "{{.Id}}", base.name).stdout.split()
+    digest = hashlib.sha256(base_id.encode())
+    for target, local in sorted(files.items()):
+        digest.update(target.encode() + b"\0" + local.read_bytes())
+    want = digest.hexdigest()[:16]
+    have = podman("image", "inspect", "--format", '{{ index .Config.Labels "io.clara-dicom.content-hash" }}', name,
+                  check=False, timeout=60)
+    if have.returncode == 0 and have.stdout.strip() == want:
+        return name
+    with tempfile.TemporaryDirectory() as ctx:
+        lines = [f"FROM {base_id}"]
+        for i, (target, local) in enumerate(sorted(files.items())):
+            shutil.copy(local, Path(ctx) / f"f{i}")
+            lines.append(f"COPY f{i} {target}")
+        (Path(ctx) / "Containerfile").write_text("\n".join(lines) + "\n")
+        res = subprocess.run(["buildah", "--storage-driver", "vfs", "bud", "--isolation", "chroot", "-q",
+                              "--label", f"io.clara-dicom.content-hash={want}", "-t", name, ctx],
+                             capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"buildah bud {name}: {res.stderr[-3000:]}"
+    return name
+
+
+class Container:
+    """A detached `podman run` with the interface of tests/peers.py's Process (stop, log, log_path)."""
+
+    def __init__(self, name: str, run_args: list[str]):
+        self.name = name
+        self.log_path = Path(f"{name}.log")  # only its name is shown
+        podman("run", "-d", "--name", name, *run_args)
+
+    def alive(self) -> bool:
+        res = podman("inspect", "--format", "{{.State.Running}}", self.name, check=False, timeout=60)
+        return res.stdout.strip() == "true"
+
+    def log(self) -> str:
+        res = podman("logs", self.name, check=False, timeout=60)
+        return res.stdout + res.stderr
+
+    def stop(self, timeout: float = 15) -> None:
+        podman("stop", "-t", str(int(timeout)), self.name, check=False, timeout=timeout + 60)
+
+    def remove(self) -> None:
+        podman("rm", "-f", self.name, check=False, timeout=120)

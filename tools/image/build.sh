@@ -131,8 +131,12 @@ finish() {
   exit 0
 }
 
-if [ "$(label_of "$IMAGE")" = "$HASH" ] && [ -s "$ARCHIVE" ]; then
+if [ "$(label_of "$IMAGE")" = "$HASH" ]; then
   say "up to date in $ENGINE storage"
+  if [ ! -s "$ARCHIVE" ]; then
+    tag "$IMAGE" "docker.io/library/$IMAGE"
+    save "$IMAGE" "$ARCHIVE.partial" && mv "$ARCHIVE.partial" "$ARCHIVE"
+  fi
   finish
 fi
 if [ -s "$ARCHIVE" ]; then
