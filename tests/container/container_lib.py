@@ -127,6 +127,7 @@ def build_derived(base: Image, name: str, files: dict[str, Path]) -> str:
                   check=False, timeout=60)
     if have.returncode == 0 and have.stdout.strip() == want:
         return name
+    previous = podman("image", "inspect", "--format", "{{.Id}}", name, check=False, timeout=60).stdout.strip()
     with tempfile.TemporaryDirectory() as ctx:
         lines = [f"FROM {base_id}"]
         for i, (target, local) in enumerate(sorted(files.items())):
@@ -137,6 +138,8 @@ def build_derived(base: Image, name: str, files: dict[str, Path]) -> str:
                               "--label", f"io.clara-dicom.content-hash={want}", "-t", name, ctx],
                              capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, f"buildah bud {name}: {res.stderr[-3000:]}"
+    if previous:  # now untagged; on vfs a full copy of the image (refused, harmlessly, if still in use)
+        podman("rmi", previous, check=False, timeout=120)
     return name
 
 
