@@ -1,4 +1,4 @@
-"""Plays the containers of Kubernetes pods as local processes.
+"""Plays the containers of Kubernetes pods as local processes, or in podman.
 
 kwok runs no containers, so the e2e harness does their part: for every pod
 held by kwok (annotation ``e2e.clara-dicom.io/outcome=hold``) it reads the pod
@@ -16,6 +16,12 @@ runs each container's command on this machine, with
 
 When the last container exits the pod's outcome annotation is set to
 ``succeed`` (or ``fail`` with the exit code), and kwok completes the pod.
+
+``PodmanPodPlayer`` runs each container instead in podman, from the same pod spec:
+its image, command and args, environment, volume mounts (``subPath``,
+``readOnly``), working directory and securityContext, in the same order. Host
+networking: the containers of a pod share one network namespace, and the servers
+they call (Results Service, API server) listen on this machine's loopback only.
 """
 from __future__ import annotations
 
@@ -159,6 +165,89 @@ class PodPlayer:
         if command[0] in ("python", "python3"):
             command[0] = sys.executable
         proc = subprocess.run(command, cwd=image_dir, env=env, capture_output=True, text=True, timeout=300)
+        return proc.returncode, (proc.stdout + proc.stderr)[-4000:]
+
+
+class PodmanPodPlayer(PodPlayer):
+    """Plays each container of a held pod in podman (see the module's docstring)."""
+
+    def __init__(self, cluster: Any, namespace: str, podman: list[str], run_flags: list[str],
+                 claims: dict[str, Path] | None = None):
+        super().__init__(cluster, namespace, images={}, claims=claims)
+        self.podman = podman
+        self.run_flags = run_flags
+        self._pod: dict[str, Any] = {}
+
+    def play(self, pod: dict[str, Any]) -> Played:
+        self._pod = pod
+        return super().play(pod)
+
+    def _volume_flags(self, container: dict[str, Any], volumes: dict[str, Any]) -> list[str]:
+        flags = []
+        for mount in container.get("volumeMounts", []):
+            volume = volumes[mount["name"]]
+            if "hostPath" in volume:
+                base = Path(volume["hostPath"]["path"])
+            elif "persistentVolumeClaim" in volume:
+                base = self.claims[volume["persistentVolumeClaim"]["claimName"]]
+            else:
+                raise ValueError(f"volume {mount['name']}: only hostPath and PVC volumes can be played")
+            local = base / mount["subPath"] if mount.get("subPath") else base
+            local.mkdir(parents=True, exist_ok=True)  # as the kubelet does for a missing subPath
+            flags += ["-v", f"{local}:{mount['mountPath']}" + (":ro" if mount.get("readOnly") else "")]
+        return flags
+
+    def _security_flags(self, container: dict[str, Any]) -> list[str]:
+        pod_sc = self._pod["spec"].get("securityContext") or {}
+        sc = {**pod_sc, **(container.get("securityContext") or {})}
+        flags = []
+        if "runAsUser" in sc:
+            flags += ["--user", f"{sc['runAsUser']}:{sc.get('runAsGroup', sc['runAsUser'])}"]
+        elif "runAsGroup" in sc:
+            raise ValueError("runAsGroup without runAsUser cannot be played")
+        if sc.get("runAsNonRoot"):
+            user = str(sc.get("runAsUser", "")) or self._image_user(container["image"])
+            if user.split(":")[0] in ("", "0", "root"):
+                raise ValueError(f"runAsNonRoot, but {container['image']} would run as root ({user or 'no USER'})")
+        if "fsGroup" in pod_sc:
+            flags += ["--group-add", str(pod_sc["fsGroup"])]
+        for group in pod_sc.get("supplementalGroups", []):
+            flags += ["--group-add", str(group)]
+        if sc.get("allowPrivilegeEscalation") is False:
+            flags += ["--security-opt", "no-new-privileges"]
+        for cap in (sc.get("capabilities") or {}).get("drop", []):
+            flags += ["--cap-drop", cap]
+        for cap in (sc.get("capabilities") or {}).get("add", []):
+            flags += ["--cap-add", cap]
+        if sc.get("readOnlyRootFilesystem"):
+            flags += ["--read-only", "--read-only-tmpfs=false"]
+        return flags
+
+    def _image_user(self, image: str) -> str:
+        res = subprocess.run([*self.podman, "image", "inspect", "--format", "{{.Config.User}}", image],
+                             capture_output=True, text=True, timeout=60)
+        return res.stdout.strip()
+
+    def _run(self, container: dict[str, Any], volumes: dict[str, Any]) -> tuple[int, str]:
+        name = f"{self._pod['metadata']['name']}-{container['name']}"[:200]
+        flags = ["run", "--rm", "--name", name, "--network", "host", *self.run_flags,
+                 *self._security_flags(container), *self._volume_flags(container, volumes)]
+        for var in container.get("env", []):
+            if "value" in var:
+                flags += ["-e", f"{var['name']}={var['value']}"]
+            elif "secretKeyRef" in (var.get("valueFrom") or {}):
+                ref = var["valueFrom"]["secretKeyRef"]
+                flags += ["-e", f"{var['name']}={self._secret(ref['name'], ref['key'])}"]
+        if container.get("workingDir"):
+            flags += ["-w", container["workingDir"]]
+        if container.get("command"):
+            flags += ["--entrypoint", json.dumps(container["command"])]
+        cmd = [*self.podman, *flags, container["image"], *container.get("args", [])]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            subprocess.run([*self.podman, "rm", "-f", name], capture_output=True, timeout=120)
+            return 124, f"podman run {name}: timed out"
         return proc.returncode, (proc.stdout + proc.stderr)[-4000:]
 
 

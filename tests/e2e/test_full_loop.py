@@ -2,11 +2,18 @@
 pipeline's result series in a real PACS.
 
 dcmtk storescu -> adapter (Kubernetes mode) -> PipelineJob -> operator -> batch
-Job -> (the harness plays the pod's containers as local processes: a stand-in
-AI operator writing a new series, and register-results as a pipeline operator)
--> RegisterResults -> register Job (played too) -> Results Service -> the
-adapter's SCU export agent -> Orthanc, whose REST API must hold exactly the new
-series. Each stage's time is printed.
+Job -> (the harness plays the pod's containers: a stand-in AI operator writing a
+new series, and register-results as a pipeline operator) -> RegisterResults ->
+register Job (played too) -> Results Service -> the adapter's SCU export agent ->
+Orthanc, whose REST API must hold exactly the new series. Each stage's time is
+printed.
+
+Two modes. ``processes``: the adapter and every container run as local processes
+(any machine). ``podman`` (marker ``container``): the adapter runs in the
+clara-dicom image (built by tools/image/build.sh) under the chart's
+securityContext, its storage owned by uid 10001 as the chart's fsGroup makes it,
+and each container of the pipeline pod and of the register Job runs in podman
+from its pod spec, the stand-in AI as a small image built on ours.
 """
 from __future__ import annotations
 
@@ -28,11 +35,13 @@ for p in (str(TESTS), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
+sys.path.insert(0, str(TESTS / "container"))
+
 import k8s_cluster as kc  # noqa: E402
 from clara_dicom.synthetic import write_study  # noqa: E402
 from local_setup import SOURCES  # noqa: E402
 from peers import Orthanc, Process, adapter_command, echoscu, free_port, port_open, storescu, wait_for  # noqa: E402
-from pod_player import PodPlayer, dump  # noqa: E402
+from pod_player import PodmanPodPlayer, PodPlayer, dump  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dcmtk, pytest.mark.orthanc, pytest.mark.slow]
 
@@ -40,18 +49,21 @@ PRIORITIES = {"lower": 1000, "normal": 2000, "higher": 3000, "immediate": 4000}
 TOKEN_SECRET = "clara-dicom-results-token"
 
 
-def manifests(orthanc_port: int) -> str:
+STANDIN_IMAGE = "clara-dicom-test/ai-standin:1"
+
+
+def manifests(orthanc_port: int, clara_tag: str = "test") -> str:
     docs = [
         {"kind": "ClaraDestination", "metadata": {"name": "orthanc"},
          "spec": {"aeTitle": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port}},
         {"kind": "ClaraPipeline", "metadata": {"name": "ai-pipeline"}, "spec": {"definition": {
             "api-version": "0.4.0", "name": "ai-pipeline", "operators": [
                 {"name": "ai", "container": {
-                    "image": "clara-dicom-test/ai-standin", "tag": "1",
+                    "image": STANDIN_IMAGE.split(":")[0], "tag": STANDIN_IMAGE.split(":")[1],
                     "command": ["python", "/app/ai_standin.py", "--input", "/input", "--output", "/output"]},
                  "input": [{"path": "/input"}], "output": [{"name": "dicom", "path": "/output"}]},
                 {"name": "register-dicom-output", "container": {
-                    "image": "clara-dicom", "tag": "test",
+                    "image": "clara-dicom", "tag": clara_tag,
                     "command": ["python", "register.py", "--agent", "ClaraSCU", "--data", '["orthanc"]']},
                  "input": [{"from": "ai", "name": "dicom", "path": "/input"}]},
             ]}}},
@@ -83,15 +95,27 @@ class Timeline:
         return "\n".join(lines)
 
 
-def test_study_in_results_in_pacs(k8s_cluster, k8s_namespace, tmp_path, dcmtk_available, orthanc_available):
+@pytest.mark.parametrize("mode", ["processes", pytest.param("podman", marks=pytest.mark.container)])
+def test_study_in_results_in_pacs(mode, k8s_cluster, k8s_namespace, tmp_path, dcmtk_available, orthanc_available):
     if k8s_cluster.external:
         pytest.skip("the pod player needs the kwok control plane of e2e/ (pods held by annotation)")
     ns, cluster = k8s_namespace, k8s_cluster
+    if mode == "podman":
+        from container_lib import build_derived, build_image
+
+        image = build_image()  # skips, saying why, where podman cannot run
+        build_derived(image, STANDIN_IMAGE, {"/app/ai_standin.py": HERE / "ai_standin.py"})
+        clara_tag, prepare_image, payload_root = image.name.split(":")[1], image.name, "/storage"
+    else:
+        clara_tag, prepare_image, payload_root = "test", "clara-dicom:test", None
     for prio, value in PRIORITIES.items():
         cluster.apply({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
                        "metadata": {"name": f"clara-dicom-{prio}"}, "value": value})
     storage = tmp_path / "storage"  # the adapter's storage = the payload volume (hostPath here)
     storage.mkdir()
+    if mode == "podman":  # what the chart's fsGroup does to the payload volume
+        os.chown(storage, 10001, 10001)
+        storage.chmod(0o2775)
     app = tmp_path / "image-app"  # stands in for the image's /app (WORKDIR with register.py)
     app.mkdir()
     shutil.copy(REPO / "results" / "register.py", app / "register.py")
@@ -111,20 +135,39 @@ def test_study_in_results_in_pacs(k8s_cluster, k8s_namespace, tmp_path, dcmtk_av
         cluster.kubectl("create", "secret", "generic", TOKEN_SECRET, "-n", ns, f"--from-literal=token={token}")
         orthanc = Orthanc(tmp_path / "orthanc")
         procs.append(orthanc)
-        cluster.kubectl("apply", "-n", ns, "-f", "-", input=manifests(orthanc.dicom_port))
+        cluster.kubectl("apply", "-n", ns, "-f", "-", input=manifests(orthanc.dicom_port, clara_tag))
         procs.append(Process(adapter_command(
             "operator", "--namespace", ns, "--liveness-port", "0", "--payload-host-path", str(storage),
-            "--payload-root", str(storage), "--results-url", results_url, "--results-token-secret", TOKEN_SECRET,
-            "--prepare-image", "clara-dicom:test", "--pod-annotation", f"{kc.OUTCOME_ANNOTATION}=hold"),
+            "--payload-root", payload_root or str(storage), "--results-url", results_url,
+            "--results-token-secret", TOKEN_SECRET, "--prepare-image", prepare_image,
+            "--pod-annotation", f"{kc.OUTCOME_ANNOTATION}=hold"),
             tmp_path / "operator.log", env=env))
         dicom_port = free_port()
-        procs.append(Process(adapter_command(
-            "adapter", "--namespace", ns, "--storage", str(storage), "--dicom-port", str(dicom_port),
-            "--http-port", str(free_port()), "--host", "127.0.0.1"), tmp_path / "adapter.log",
-            env={**env, "CLARA_RESULTS_URL": results_url, "CLARA_RESULTS_TOKEN": token,
-                 "CLARA_EXPORT_POLL_SECONDS": "0.2"}))
-        player = PodPlayer(cluster, ns, images={"clara-dicom": app, "clara-dicom-test/ai-standin": app}).start()
-        wait_for(lambda: echoscu(dicom_port).returncode == 0, 60, interval=0.2, what="AE title CLARA accepted")
+        adapter_env = {"CLARA_RESULTS_URL": results_url, "CLARA_RESULTS_TOKEN": token,
+                       "CLARA_EXPORT_POLL_SECONDS": "0.2"}
+        if mode == "podman":
+            from container_lib import PODMAN, RLIMITS, Container, chart_security_flags
+
+            kube = tmp_path / "kube"  # the kubeconfig, readable by the container's uid 10001
+            kube.mkdir(mode=0o755)
+            shutil.copy(cluster.kubeconfig, kube / "config")
+            (kube / "config").chmod(0o644)
+            # Host network: the API server, Orthanc and the Results Service listen on loopback only.
+            procs.append(Container(f"clara-e2e-adapter-{ns}", [
+                "--network", "host", *RLIMITS, *chart_security_flags(), "-v", f"{storage}:/storage",
+                "-v", f"{kube}:/kube:ro", "-e", "KUBECONFIG=/kube/config",
+                *[a for k, v in adapter_env.items() for a in ("-e", f"{k}={v}")],
+                prepare_image, "clara-dicom", "adapter", "--namespace", ns, "--storage", "/storage",
+                "--dicom-port", str(dicom_port), "--http-port", str(free_port()), "--host", "127.0.0.1"]))
+            player = PodmanPodPlayer(cluster, ns, PODMAN, RLIMITS).start()
+        else:
+            procs.append(Process(adapter_command(
+                "adapter", "--namespace", ns, "--storage", str(storage), "--dicom-port", str(dicom_port),
+                "--http-port", str(free_port()), "--host", "127.0.0.1"), tmp_path / "adapter.log",
+                env={**env, **adapter_env}))
+            player = PodPlayer(cluster, ns, images={"clara-dicom": app, "clara-dicom-test/ai-standin": app}).start()
+        wait_for(lambda: echoscu(dicom_port).returncode == 0, 180 if mode == "podman" else 60, interval=0.2,
+                 what="AE title CLARA accepted")
         timeline.mark("stack ready: operator, adapter, Results Service, Orthanc")
 
         study = write_study(tmp_path / "study", slices=12, rows=64, cols=64, patient_id="LOOP-PATIENT")
@@ -150,7 +193,8 @@ def test_study_in_results_in_pacs(k8s_cluster, k8s_namespace, tmp_path, dcmtk_av
             return (cluster.kubectl_json("get", "pipelinejob", name, "-n", ns, "-o", "json").get("status") or {}
                     ).get("phase")
 
-        wait_for(lambda: phase() in ("Succeeded", "Failed"), 120, interval=0.2, what="PipelineJob finished")
+        wait_for(lambda: phase() in ("Succeeded", "Failed"), 600 if mode == "podman" else 120, interval=0.2,
+                 what="PipelineJob finished")
         assert phase() == "Succeeded", dump(player.played)
         timeline.mark("pipeline played (stand-in AI, register-results operator); PipelineJob Succeeded")
 
@@ -163,7 +207,7 @@ def test_study_in_results_in_pacs(k8s_cluster, k8s_namespace, tmp_path, dcmtk_av
                                         "json")["items"]
             return any(p["metadata"]["name"] in player.played for p in pods)
 
-        wait_for(register_played, 60, interval=0.2, what="register Job played")
+        wait_for(register_played, 300 if mode == "podman" else 60, interval=0.2, what="register Job played")
         timeline.mark("RegisterResults Job created and played")
 
         from clara_results.client import ResultsClient
@@ -197,3 +241,5 @@ def test_study_in_results_in_pacs(k8s_cluster, k8s_namespace, tmp_path, dcmtk_av
             proc.stop()
         for proc in procs:
             print(f"--- {proc.log_path.name} (tail)\n{proc.log()[-3000:]}")
+            if hasattr(proc, "remove"):
+                proc.remove()
