@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Debian packages the real-peer tests use: dcmtk (storescu/echoscu/storescp),
-# Orthanc, PostgreSQL. Skips apt entirely when everything is already there.
+# Orthanc, PostgreSQL; and the e2e real node's runtime (e2e/real_node.py):
+# containerd, runc, the CNI plugins, and a static busybox for its test images.
+# Skips apt entirely when everything is already there.
 set -euo pipefail
 need=()
 command -v storescu >/dev/null || need+=(dcmtk)
 command -v Orthanc >/dev/null || need+=(orthanc)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v containerd >/dev/null || need+=(containerd)
+command -v runc >/dev/null || need+=(runc)
+[ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)  # static: it runs alone in an image
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
@@ -14,3 +20,5 @@ fi
 # Orthanc and PostgreSQL are started by the tests themselves, on loopback.
 service orthanc stop >/dev/null 2>&1 || true
 service postgresql stop >/dev/null 2>&1 || true
+# containerd too: each real node starts its own, with everything under its test directory.
+service containerd stop >/dev/null 2>&1 || true
