@@ -1,44 +1,60 @@
-# clara-dicom: one image with every entry point (SPEC §6, §7).
+# syntax=docker/dockerfile:1
+# clara-dicom: one image with every entry point (SPEC §6, §7, §9 "Image").
 #
-#   docker build -t clara-dicom:0.1.0 .
-#   docker run --rm clara-dicom:0.1.0 clara-dicom --help
+#   make image                 # = tools/image/build.sh: docker or buildah, base chosen for you
+#   docker build --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt \
+#       --build-arg VERSION=0.1.0 -t clara-dicom:0.1.0 .
 #
 # Entry points: clara-dicom (up, jobs, adapter, operator, results-service,
 # register-results, import), register-results, and `python register.py` in the
 # working directory /app, as Clara pipelines call it.
 #
-# tests/test_image_install.py runs this file's `python` RUN steps into a fresh
-# virtualenv (no Docker engine there) and every entry point's --help: keep the
-# install steps in RUN lines that start with `python` or `/opt/clara/bin/python`,
-# and the paths under /src, /wheels, /opt/clara and /app.
+# PYTHON_IMAGE is any image with python3 >= 3.11 and python3's venv module at the
+# same path in both stages (python:3.11-slim, or the Debian-built base that
+# tools/image/build.sh makes where no registry is reachable).
+# The optional build secret `ca` is a CA bundle for pip (a TLS-intercepting proxy);
+# it is mounted for one RUN step only and never stored in a layer.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
-# ---- builder: the project's wheel and wheels of all its dependencies
+# ---- builder: a virtualenv at /opt/clara with the project and its dependencies
 FROM ${PYTHON_IMAGE} AS builder
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_ROOT_USER_ACTION=ignore
+RUN python3 -c 'import sys; assert sys.version_info >= (3, 11), "clara-dicom needs Python >= 3.11, this base has " + sys.version' \
+ && python3 -m venv /opt/clara
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY clara_dicom ./clara_dicom
-COPY adapter ./adapter
-COPY operator ./operator
-COPY results ./results
-RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels /src
-RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels /wheels/clara_dicom-*.whl
+# Dependencies first, from pyproject.toml alone: a source change does not re-download them.
+COPY pyproject.toml ./
+RUN --mount=type=secret,id=ca \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+ && python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' > /tmp/requirements.txt \
+ && /opt/clara/bin/python -m pip install -q -r /tmp/requirements.txt
+# The context is .dockerignore's allow-list: pyproject.toml, README.md, the four packages.
+COPY . ./
+# pip and setuptools are not needed at run time: removed here, in the builder, so
+# no layer of the final image holds them.
+RUN --mount=type=secret,id=ca \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+ && /opt/clara/bin/python -m pip install -q --no-deps /src \
+ && /opt/clara/bin/python -m pip uninstall -y -q setuptools pip
 
-# ---- runtime: slim Python, a virtualenv with the wheels, non-root
+# ---- runtime: the base, the virtualenv, register.py; non-root
 FROM ${PYTHON_IMAGE}
+ARG VERSION=dev
+LABEL org.opencontainers.image.title="clara-dicom" \
+      org.opencontainers.image.description="DICOM adapter, Kubernetes operator and Results Service: studies received over DICOM become AI pipeline jobs" \
+      org.opencontainers.image.source="https://github.com/clara-dicom/clara-dicom" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}"
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/clara \
     PATH=/opt/clara/bin:$PATH
-RUN python -m venv /opt/clara
-COPY --from=builder /wheels /wheels
-RUN /opt/clara/bin/python -m pip install --no-cache-dir --no-index --find-links /wheels clara-dicom
-RUN rm -rf /wheels \
- && groupadd --gid 10001 clara \
+RUN groupadd --gid 10001 clara \
  && useradd --uid 10001 --gid 10001 --home-dir /app --no-create-home --shell /usr/sbin/nologin clara
+COPY --from=builder /opt/clara /opt/clara
 WORKDIR /app
 COPY results/register.py /app/register.py
 # Numeric, so Kubernetes' runAsNonRoot can check it.

@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: install test test-fast bench run e2e-build crds crds-check
+.PHONY: install test test-fast test-container bench run e2e-build image crds crds-check
 
 install:
 	$(PYTHON) -m pip install -e '.[test]'
@@ -18,6 +18,16 @@ run:
 
 e2e-build:
 	bash e2e/build.sh
+
+# clara-dicom:<version> with docker (when a daemon answers) or buildah; where
+# python:3.11-slim cannot be pulled, on a base built from Debian packages.
+# Cached by content under ~/.cache/clara-dicom/image (see tools/image/build.sh).
+image:
+	bash tools/image/build.sh
+
+# The image run in podman: entry points, adapter + storescu, register-results.
+test-container:
+	$(PYTHON) -m pytest -q -m container
 
 bench:
 	$(PYTHON) bench/ingest.py

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Debian packages the real-peer tests use: dcmtk (storescu/echoscu/storescp),
-# Orthanc, PostgreSQL; and the e2e real node's runtime (e2e/real_node.py):
-# containerd, runc, the CNI plugins, and a static busybox for its test images.
-# Skips apt entirely when everything is already there.
+# Orthanc, PostgreSQL; buildah, podman, runc and debootstrap for the image tests
+# (tools/image/build.sh, tests/container); containerd, runc, the CNI plugins and
+# a static busybox for the e2e real node (e2e/real_node.py). Skips apt entirely
+# when everything is already there. One check per line: `command -v TOOL || need+=(PACKAGE)`.
 set -euo pipefail
 need=()
 command -v storescu >/dev/null || need+=(dcmtk)
 command -v Orthanc >/dev/null || need+=(orthanc)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
-command -v containerd >/dev/null || need+=(containerd)
+command -v buildah >/dev/null || need+=(buildah)
+command -v podman >/dev/null || need+=(podman)
 command -v runc >/dev/null || need+=(runc)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v containerd >/dev/null || need+=(containerd)
 [ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)  # static: it runs alone in an image
 if [ ${#need[@]} -gt 0 ]; then
