@@ -125,9 +125,10 @@ class Stack:
 
     def start(self, ai_command: list[str], pipeline: str) -> "Stack":
         c, ns, tmp = self.cluster, self.ns, self.tmp
-        for prio, value in PRIORITIES.items():
-            c.apply({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
-                     "metadata": {"name": f"clara-dicom-{prio}"}, "value": value})
+        for prio, value in PRIORITIES.items():  # cluster-wide and immutable: keep those another test made
+            c.kubectl("create", "-f", "-", check=False, input=json.dumps({
+                "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                "metadata": {"name": f"clara-dicom-{prio}"}, "value": value}))
         # The payload volume: the adapter's storage folder, a hostPath PV behind the chart's PVC name.
         # Group APP_UID, setgid and the adapter's umask 002 stand in for fsGroup, which hostPath ignores.
         self.storage = tmp / "storage"
