@@ -2,7 +2,7 @@
 # Builds the real Kubernetes control plane the e2e tests run against, from Go
 # modules (this machine has no Docker, so no kind/k3d):
 #
-#   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl
+#   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet
 #                      k8s.io/kubernetes      (e2e/modules/kubernetes)
 #   etcd               go.etcd.io/etcd/server (e2e/modules/etcd, calls etcdmain.Main)
 #   kwok               sigs.k8s.io/kwok       (e2e/modules/kwok)
@@ -78,7 +78,7 @@ update_kubernetes() {
     grep -E '^godebug ' "$upstream" || true
     echo
     echo "tool ("
-    for c in "${K8S_CMDS[@]}"; do echo "	k8s.io/kubernetes/cmd/$c"; done
+    for c in "${K8S_CMDS[@]}" kubelet; do echo "	k8s.io/kubernetes/cmd/$c"; done
     echo ")"
     echo
     echo "require k8s.io/kubernetes $K8S_VERSION"
@@ -186,6 +186,10 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 done
 k8s_pkgs=(); for c in "${K8S_CMDS[@]}"; do k8s_pkgs+=("k8s.io/kubernetes/cmd/$c"); done
 build kubernetes kubernetes "selinux,notest,grpcnotrace" "$k8s_ldflags" "${K8S_CMDS[*]}" "${k8s_pkgs[@]}"
+# The kubelet of the real node (e2e/real_node.py): same module, tags and flags,
+# so it shares the build cache of the four above; its own stamp, so adding it
+# leaves theirs (and their binaries) untouched.
+build kubelet kubernetes "selinux,notest,grpcnotrace" "$k8s_ldflags" "kubelet" k8s.io/kubernetes/cmd/kubelet
 
 build etcd etcd "" "-s -w" "etcd" .
 

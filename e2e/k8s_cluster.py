@@ -515,6 +515,8 @@ def _make_pki(pki: Path) -> None:
         "controller-manager": "/CN=system:kube-controller-manager",
         "scheduler": "/CN=system:kube-scheduler",
         "kwok": "/O=system:masters/CN=kwok-controller",
+        # The API server's client certificate towards kubelets (logs, exec) of a real node (real_node.py).
+        "kubelet-client": "/O=system:masters/CN=kube-apiserver-kubelet-client",
     }.items():
         _make_leaf(pki, name, "ca", subject, "clientAuth")
     # The aggregation layer's front proxy (request-header authentication): the
@@ -646,6 +648,8 @@ def _start_components(c: Cluster, detach: bool, timeout: float) -> None:
         f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
         f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
         "--authorization-mode=Node,RBAC",
+        f"--kubelet-client-certificate={pki / 'kubelet-client.crt'}",
+        f"--kubelet-client-key={pki / 'kubelet-client.key'}",
         f"--service-account-issuer={SA_ISSUER}",
         f"--service-account-key-file={pki / 'sa.pub'}",
         f"--service-account-signing-key-file={pki / 'sa.key'}",

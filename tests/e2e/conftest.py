@@ -23,12 +23,25 @@ Fixtures:
 ``k8s_namespace`` (function)
     A fresh namespace, deleted after the test.
 
+``real_node`` (session)
+    containerd + a kubelet as node ``localhost`` of ``k8s_cluster``
+    (e2e/real_node.py): pods with ``real_node.TOLERATION`` and
+    ``real_node.NODE_SELECTOR`` (both from the module ``real_node``) really run,
+    from images imported out of archives (the node's busybox test images, and
+    ``CLARA_DICOM_IMAGE_ARCHIVES``, colon-separated).  Reuses the node of an
+    ``e2e/cluster up --real-node`` cluster.  Where the node cannot start, its
+    tests skip with the reason, except in CI (CI=true), where that is a
+    failure.  At the end its pods are deleted, kubelet and containerd stopped,
+    and a leftover (mount, cgroup, link, process...) fails the session.
+    Tests using it are marked ``realnode``.
+
 A failing test under tests/e2e gets the tails of the components' logs in its
 report; the full logs stay in the session's tmp dir (``<workdir>/logs``).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -40,8 +53,10 @@ if str(E2E_DIR) not in sys.path:
     sys.path.insert(0, str(E2E_DIR))
 
 import k8s_cluster as kc  # noqa: E402
+import real_node as rn  # noqa: E402
 
-_SESSION: dict[str, kc.Cluster] = {}
+_SESSION: dict = {}
+IN_CI = os.environ.get("CI", "").lower() == "true"  # as tests/local_setup.py
 HERE = Path(__file__).resolve().parent
 
 
@@ -49,6 +64,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if HERE in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.e2e)
+            if "real_node" in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.realnode)
 
 
 @pytest.fixture(scope="session")
@@ -96,6 +113,41 @@ def k8s_namespace(k8s_cluster):
     k8s_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
+def image_archives() -> list[Path]:
+    return [Path(p) for p in os.environ.get("CLARA_DICOM_IMAGE_ARCHIVES", "").split(os.pathsep) if p]
+
+
+@pytest.fixture(scope="session")
+def real_node(k8s_cluster):
+    existing = rn.RealNode.from_state(k8s_cluster) if k8s_cluster.built else None
+    if existing and existing.components and all(c.alive() for c in existing.components):
+        existing.import_images(*image_archives())  # started by `e2e/cluster up --real-node`: left running
+        _SESSION["node"] = existing
+        yield existing
+        return
+    error = None
+    try:
+        if k8s_cluster.external:
+            raise rn.RealNodeUnavailable("the given cluster was not started by e2e/ (no real node to add)")
+        node = rn.RealNode(k8s_cluster).start(image_archives())
+    except rn.RealNodeUnavailable as exc:
+        error = str(exc)
+    if error:
+        if IN_CI:
+            pytest.fail(f"the real node is required in CI but did not start: {error}", pytrace=False)
+        pytest.skip(f"no real node here: {error.splitlines()[0]}")
+    print(f"\n[real_node] node {node.name} Ready {node.ready_seconds:.1f}s after the kubelet started",
+          file=sys.stderr)
+    _SESSION["node"] = node
+    try:
+        yield node
+    finally:
+        _SESSION.pop("node", None)
+        left = node.stop()
+        if left:
+            pytest.fail("the real node left things behind:\n  " + "\n  ".join(left), pytrace=False)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
@@ -103,3 +155,6 @@ def pytest_runtest_makereport(item, call):
     cluster = _SESSION.get("cluster")
     if cluster is not None and rep.failed and cluster.components:
         rep.sections.append((f"k8s control plane logs ({cluster.logs_dir})", cluster.log_tails(25)))
+    node = _SESSION.get("node")
+    if node is not None and rep.failed and node.components:
+        rep.sections.append((f"real node logs ({node.layout.logs})", node.log_tails(25)))
