@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--liveness-port", type=int, default=8081,
                         help="port of the liveness endpoint http://127.0.0.1:PORT/healthz (0: off; default %(default)s)")
     parser.add_argument("--liveness-host", default="127.0.0.1", help="address of the liveness endpoint")
+    parser.add_argument("--resync-seconds", type=float, default=30.0, metavar="S",
+                        help="re-check every PipelineJob and RegisterResults against their Jobs every S seconds "
+                             "(default %(default)s)")
     add_runner_arguments(parser)
 
 
@@ -179,10 +182,12 @@ async def _main(args: argparse.Namespace) -> int:
         memo.options = Options(config_map=args.config_map, status_config_map=args.status_config_map,
                                feedback=not args.no_adapter_feedback)
         memo.reconcilers = {}
-        from clara_operator.pipelinejobs import Runner
+        from clara_operator.controller import Controller
+        from clara_operator.kube import Kube
 
-        memo.runner = Runner(api_client, runner_settings(args),
-                             namespaces=None if args.all_namespaces else [args.namespace or current_namespace])
+        memo.controller = Controller(Kube(api_client), runner_settings(args),
+                                     namespaces=None if args.all_namespaces else [args.namespace or current_namespace],
+                                     resync_seconds=args.resync_seconds)
         liveness = (f"http://{args.liveness_host}:{args.liveness_port}/healthz"
                     if args.liveness_port else None)
         scope: dict[str, Any]
