@@ -212,6 +212,7 @@ class Component:
     pid: int
     log: str
     popen: subprocess.Popen | None = field(default=None, repr=False, compare=False)
+    argv: list[str] = field(default_factory=list, repr=False, compare=False)  # to start it again
 
     def alive(self) -> bool:
         if self.popen is not None:
@@ -446,6 +447,41 @@ class Cluster:
         if state.exists():
             state.unlink()
 
+    # ---- faults: the API server away for a while (tests/e2e/test_faults.py)
+    def stop_apiserver(self, timeout: float = 30) -> None:
+        """Stop kube-apiserver (SIGTERM to its process group; SIGKILL after ``timeout``).
+        etcd and the other components keep running; start_apiserver() brings it back."""
+        comp = self._component("kube-apiserver")
+        with _suppress(ProcessLookupError, PermissionError):
+            os.killpg(comp.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while comp.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with _suppress(ProcessLookupError, PermissionError):
+            os.killpg(comp.pid, signal.SIGKILL)
+        if comp.popen is not None:
+            comp.popen.wait(timeout=10)
+
+    def start_apiserver(self, timeout: float = 120) -> None:
+        """Start kube-apiserver again, same arguments and port; return once /readyz answers."""
+        old = self._component("kube-apiserver")
+        if old.alive():
+            return
+        if not old.argv:
+            raise ClusterError("kube-apiserver was not started by this process: its arguments are unknown")
+        new = _spawn("kube-apiserver", old.argv, self.workdir, detach=old.popen is None)
+        self.components[self.components.index(old)] = new
+        ctx = ssl.create_default_context(cafile=str(self.pki_dir / "ca.crt"))
+        ctx.load_cert_chain(str(self.pki_dir / "admin.crt"), str(self.pki_dir / "admin.key"))
+        wait_until(lambda: _http_ok(f"{self.server}/readyz", ctx), timeout, "kube-apiserver /readyz after restart",
+                   alive=self.alive_check)
+
+    def _component(self, name: str) -> Component:
+        for comp in self.components:
+            if comp.name == name:
+                return comp
+        raise ClusterError(f"no component {name} (a given cluster cannot be stopped)")
+
     # ---- state (for `e2e/cluster up` then `down` from another process)
     def save_state(self) -> None:
         (self.workdir / "state.json").write_text(json.dumps({
@@ -567,7 +603,7 @@ def _spawn(name: str, argv: list[str], workdir: Path, detach: bool) -> Component
         preexec_fn=None if detach else _set_pdeathsig,  # die with pytest even on SIGKILL
     )
     log.close()
-    return Component(name=name, pid=popen.pid, log=str(log_path), popen=popen)
+    return Component(name=name, pid=popen.pid, log=str(log_path), popen=popen, argv=list(argv))
 
 
 def start(workdir: Path | str | None = None, *, bin_dir: Path | None = None, crds_dir: Path | None = CRDS_DIR,

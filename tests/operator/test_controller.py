@@ -289,3 +289,16 @@ def test_results_condition():
     assert ok.status and ok.reason == "Registered" and ok.message.endswith(": a")
     refused = results_condition({"a": {"state": "Pending"}}, [("a", "AdmissionDenied", "no")])
     assert (refused.status, refused.reason) == (False, "AdmissionDenied") and refused.message.endswith(": no")
+
+
+def test_troubleshooting_explains_every_refusal_reason():
+    import re
+    from pathlib import Path
+
+    from clara_operator import kube
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "troubleshooting.md").read_text()
+    documented = set(re.findall(r"^### `(\w+)`", doc, flags=re.M))
+    reasons = set(re.findall(r"^    (\w+) {2,}", kube.refusal.__doc__ or "", flags=re.M))
+    assert reasons == {"QuotaExceeded", "AdmissionDenied", "APIUnavailable", "JobRefused"}
+    assert reasons <= documented
