@@ -48,9 +48,11 @@ class Controller:
         self.resyncs = 0
 
     # ---- triggers (kopf event handlers call these; they only add keys)
-    def pipelinejob_event(self, body: dict[str, Any]) -> None:
+    def pipelinejob_event(self, body: dict[str, Any], deleted: bool = False) -> None:
         meta = body.get("metadata") or {}
-        if not is_settled(body) and not meta.get("deletionTimestamp"):
+        if deleted or is_settled(body) or meta.get("deletionTimestamp"):
+            self.runner.forget(meta.get("namespace"), meta.get("name"))
+        elif not self.runner.is_own_write(body):
             self.queue.add((PIPELINEJOB, meta["namespace"], meta["name"]))
 
     def job_event(self, body: dict[str, Any]) -> None:
@@ -130,6 +132,9 @@ class Controller:
 
     # ---- lifecycle
     def start(self) -> None:
+        """Start the workers, the resync and the retention sweep (once; later calls do nothing)."""
+        if self._tasks:
+            return
         self.queue.start()
         self._tasks.append(asyncio.create_task(self._resync_forever(), name="resync"))
         if self.runner.settings.retention_hours > 0:

@@ -84,31 +84,40 @@ def _register() -> None:
     kopf.on.event(GROUP, VERSION, "clarapipelines", id="pipeline-waiters", registry=registry)(on_pipeline_event)
 
 
-# The controller's triggers: never fail, never call the API (memo.controller is None in
-# tests that run only the namespace reconcile).
+# The controller's triggers: never fail, never call the API.
+def _controller(memo: Any) -> Any:
+    """memo.controller, started on first use (None in tests that run only the namespace reconcile).
+    Started from inside a handler, not a startup activity: kopf.event() posts through a queue
+    kopf makes visible to handlers only (a context variable the workers' tasks inherit)."""
+    controller = memo.get("controller")
+    if controller is not None:
+        controller.start()
+    return controller
+
+
 async def on_pipelinejob_event(event: dict[str, Any], body: Any, memo: Any, **_: Any) -> None:
-    if memo.get("controller") is not None and event.get("type") != "DELETED":
-        memo.controller.pipelinejob_event(dict(body))
+    if (controller := _controller(memo)) is not None:
+        controller.pipelinejob_event(dict(body), deleted=event.get("type") == "DELETED")
 
 
 async def on_pipeline_job_event(body: Any, memo: Any, **_: Any) -> None:
-    if memo.get("controller") is not None:
-        memo.controller.job_event(dict(body))
+    if (controller := _controller(memo)) is not None:
+        controller.job_event(dict(body))
 
 
 async def on_registerresults_event(event: dict[str, Any], body: Any, memo: Any, **_: Any) -> None:
-    if memo.get("controller") is not None and event.get("type") != "DELETED":
-        memo.controller.registerresults_event(dict(body))
+    if (controller := _controller(memo)) is not None and event.get("type") != "DELETED":
+        controller.registerresults_event(dict(body))
 
 
 async def on_register_job_event(body: Any, memo: Any, **_: Any) -> None:
-    if memo.get("controller") is not None:
-        memo.controller.register_job_event(dict(body))
+    if (controller := _controller(memo)) is not None:
+        controller.register_job_event(dict(body))
 
 
 async def on_pipeline_event(event: dict[str, Any], body: Any, memo: Any, **_: Any) -> None:
-    if memo.get("controller") is not None and event.get("type") != "DELETED":
-        memo.controller.pipeline_event(dict(body))
+    if (controller := _controller(memo)) is not None and event.get("type") != "DELETED":
+        controller.pipeline_event(dict(body))
 
 
 async def on_object_event(namespace: str, memo: Any, **_: Any) -> None:
@@ -157,12 +166,6 @@ def probe_controller(memo: Any, **_: Any) -> dict[str, int]:
     """The PipelineJob controller's queue and counters (in the liveness response)."""
     controller = memo.get("controller")
     return controller.stats() if controller is not None else {}
-
-
-@kopf.on.startup(registry=registry)
-async def startup(memo: Any, **_: Any) -> None:
-    if memo.get("controller") is not None:
-        memo.controller.start()
 
 
 @kopf.on.cleanup(registry=registry)

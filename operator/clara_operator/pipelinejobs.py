@@ -120,6 +120,8 @@ class Runner:
         self.post_event = post_event
         self.namespaces = namespaces  # None: every namespace (the retention sweep's scope)
         self.jobs_created = 0
+        # (namespace, name) → resourceVersion of our last status write: its watch event is no news.
+        self.own_writes: dict[tuple[str, str], str] = {}
 
     # ---- the reconcile
     async def reconcile(self, namespace: str, name: str) -> None:
@@ -227,7 +229,7 @@ class Runner:
         patch["conditions"] = merge(conds, stored.get("conditions"), generation)
         patch["observedGeneration"] = generation
         meta = body["metadata"]
-        fresh = await self.kube.patch_status(PIPELINEJOBS, meta["namespace"], meta["name"], patch)
+        fresh = await self._patch(meta["namespace"], meta["name"], patch)
         if new_phase != old_phase or want.get("reason") != stored.get("reason"):
             event_type = "Warning" if new_phase == "Failed" or (
                 new_phase == "Pending" and want.get("reason") != "JobCreated") else "Normal"
@@ -289,10 +291,28 @@ class Runner:
                   for c in stored.get("conditions") or [] if isinstance(c, dict) and c.get("type") != cond.type]
         patch = {"registerResults": record_patch, "conditions": merge(others + [cond], stored.get("conditions"),
                                                                        generation)}
-        fresh = await self.kube.patch_status(PIPELINEJOBS, meta["namespace"], meta["name"], patch)
+        fresh = await self._patch(meta["namespace"], meta["name"], patch)
         for event_type, reason, message in transitions([cond], stored.get("conditions")):
             self.post_event(body, event_type, reason, message)
         return fresh
+
+    async def _patch(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        fresh = await self.kube.patch_status(PIPELINEJOBS, namespace, name, patch)
+        version = ((fresh or {}).get("metadata") or {}).get("resourceVersion")
+        if version:
+            self.own_writes[(namespace, name)] = version
+        else:
+            self.own_writes.pop((namespace, name), None)
+        return fresh
+
+    def is_own_write(self, body: dict[str, Any]) -> bool:
+        """Is this PipelineJob exactly as our last status write left it (its watch event brings nothing new)?"""
+        meta = body.get("metadata") or {}
+        version = meta.get("resourceVersion")
+        return version is not None and self.own_writes.get((meta.get("namespace"), meta.get("name"))) == version
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.own_writes.pop((namespace, name), None)
 
     # ---- the resync
     async def out_of_step(self, namespace: str | None) -> list[tuple[str, str]]:

@@ -302,3 +302,22 @@ def test_troubleshooting_explains_every_refusal_reason():
     reasons = set(re.findall(r"^    (\w+) {2,}", kube.refusal.__doc__ or "", flags=re.M))
     assert reasons == {"QuotaExceeded", "AdmissionDenied", "APIUnavailable", "JobRefused"}
     assert reasons <= documented
+
+
+def test_the_watch_event_of_our_own_status_write_is_no_news():
+    from clara_operator.controller import Controller
+
+    kube, runner, name, _ = setup()
+    controller = Controller(kube, SETTINGS, namespaces=["imaging"])
+    controller.runner = runner
+    asyncio.run(runner.reconcile("imaging", name))
+    ours = copy.deepcopy(kube.objects[("pipelinejobs", name)])
+    ours["metadata"]["resourceVersion"] = "7"
+    runner.own_writes[("imaging", name)] = "7"
+    controller.pipelinejob_event(ours)
+    assert len(controller.queue.schedule) == 0
+    ours["metadata"]["resourceVersion"] = "8"  # someone else's change
+    controller.pipelinejob_event(ours)
+    assert len(controller.queue.schedule) == 1
+    controller.pipelinejob_event(ours, deleted=True)
+    assert ("imaging", name) not in runner.own_writes
