@@ -53,12 +53,18 @@ class Controller:
         if deleted or is_settled(body) or meta.get("deletionTimestamp"):
             self.runner.forget(meta.get("namespace"), meta.get("name"))
         elif not self.runner.is_own_write(body):
+            self.runner.seen.pipelinejob(body)
             self.queue.add((PIPELINEJOB, meta["namespace"], meta["name"]))
 
-    def job_event(self, body: dict[str, Any]) -> None:
+    def job_event(self, body: dict[str, Any], deleted: bool = False) -> None:
+        meta = body.get("metadata") or {}
+        if deleted:
+            self.runner.seen.forget_job(meta.get("namespace"), meta.get("name"))
+        else:
+            self.runner.seen.job(body)
         ref = owner_of(body)
         if ref is not None:
-            self.queue.add((PIPELINEJOB, body["metadata"]["namespace"], ref["name"]))
+            self.queue.add((PIPELINEJOB, meta["namespace"], ref["name"]))
 
     def register_job_event(self, body: dict[str, Any]) -> None:
         meta = body.get("metadata") or {}

@@ -100,9 +100,9 @@ async def on_pipelinejob_event(event: dict[str, Any], body: Any, memo: Any, **_:
         controller.pipelinejob_event(dict(body), deleted=event.get("type") == "DELETED")
 
 
-async def on_pipeline_job_event(body: Any, memo: Any, **_: Any) -> None:
+async def on_pipeline_job_event(event: dict[str, Any], body: Any, memo: Any, **_: Any) -> None:
     if (controller := _controller(memo)) is not None:
-        controller.job_event(dict(body))
+        controller.job_event(dict(body), deleted=event.get("type") == "DELETED")
 
 
 async def on_registerresults_event(event: dict[str, Any], body: Any, memo: Any, **_: Any) -> None:

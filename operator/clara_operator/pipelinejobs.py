@@ -41,6 +41,7 @@ from clara_operator.jobspec import (
     select_pipeline,
 )
 from clara_operator.kube import CLARAPIPELINES, PIPELINEJOBS, Kube, refusal
+from clara_operator.seen import Seen
 from clara_operator.workqueue import Retry
 
 log = logging.getLogger("clara_operator.pipelines")
@@ -120,21 +121,25 @@ class Runner:
         self.post_event = post_event
         self.namespaces = namespaces  # None: every namespace (the retention sweep's scope)
         self.jobs_created = 0
+        self.seen = Seen()  # the latest watched PipelineJobs and Jobs (fed by the controller's triggers)
         # (namespace, name) → resourceVersion of our last status write: its watch event is no news.
         self.own_writes: dict[tuple[str, str], str] = {}
 
     # ---- the reconcile
     async def reconcile(self, namespace: str, name: str) -> None:
-        body = await self.kube.get(PIPELINEJOBS, namespace, name)
+        body = self.seen.pipelinejobs.get((namespace, name)) or await self.kube.get(PIPELINEJOBS, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         status = body.get("status") or {}
         if status.get("phase") == "Failed":
+            self.forget(namespace, name)
             return
         if status.get("phase") == "Succeeded":
             await self._register(body, None)
             return
-        job = await self.kube.get_job(namespace, job_name(name))
+        job = self.seen.jobs.get((namespace, job_name(name)))
+        if job is None and status.get("jobName"):
+            job = await self.kube.get_job(namespace, job_name(name))  # not seen yet, or really gone?
         if job is None:
             if status.get("jobName"):
                 await self._write(body, {"phase": "Failed", "reason": "JobDeleted",
@@ -249,9 +254,10 @@ class Runner:
         cond = condition(status, RESULTS_CONDITION)
         record = status.get("registerResults")
         if cond is not None and cond.get("status") == "True" and isinstance(record, dict):
+            self.forget(ns, meta["name"])
             return
-        if job is None and status.get("jobName"):
-            job = await self.kube.get_job(ns, status["jobName"])
+        if (job is None or "spec" not in job) and status.get("jobName"):
+            job = await self.kube.get_job(ns, status["jobName"])  # the whole Job: its outputs
         if not isinstance(record, dict):
             # Succeeded before this record existed (or its status was lost): decide now, from the
             # run's success time; Jobs that exist already are found by their deterministic names.
@@ -301,8 +307,9 @@ class Runner:
         version = ((fresh or {}).get("metadata") or {}).get("resourceVersion")
         if version:
             self.own_writes[(namespace, name)] = version
+            self.seen.pipelinejob(fresh)  # type: ignore[arg-type]
         else:
-            self.own_writes.pop((namespace, name), None)
+            self.forget(namespace, name)
         return fresh
 
     def is_own_write(self, body: dict[str, Any]) -> bool:
@@ -312,7 +319,10 @@ class Runner:
         return version is not None and self.own_writes.get((meta.get("namespace"), meta.get("name"))) == version
 
     def forget(self, namespace: str, name: str) -> None:
+        """Nothing more to do for this PipelineJob: drop what we keep of it and its Job."""
         self.own_writes.pop((namespace, name), None)
+        self.seen.forget_pipelinejob(namespace, name)
+        self.seen.forget_job(namespace, job_name(name))
 
     # ---- the resync
     async def out_of_step(self, namespace: str | None) -> list[tuple[str, str]]:

@@ -321,3 +321,18 @@ def test_the_watch_event_of_our_own_status_write_is_no_news():
     assert len(controller.queue.schedule) == 1
     controller.pipelinejob_event(ours, deleted=True)
     assert ("imaging", name) not in runner.own_writes
+
+
+def test_seen_keeps_the_newest_version_and_trims_jobs():
+    from clara_operator.seen import Seen
+
+    seen = Seen()
+    new = {"metadata": {"namespace": "n", "name": "a", "resourceVersion": "12"}, "status": {"phase": "Running"}}
+    old = {"metadata": {"namespace": "n", "name": "a", "resourceVersion": "9"}, "status": {"phase": "Pending"}}
+    seen.pipelinejob(new)
+    seen.pipelinejob(old)  # an older event arriving after our newer write
+    assert seen.pipelinejobs[("n", "a")]["status"]["phase"] == "Running"
+    seen.job({"metadata": {"namespace": "n", "name": "a", "resourceVersion": "3", "labels": {"x": "y"}},
+              "spec": {"template": {}}, "status": {"active": 1}})
+    assert seen.jobs[("n", "a")] == {"metadata": {"namespace": "n", "name": "a", "resourceVersion": "3"},
+                                     "status": {"active": 1}}
