@@ -198,7 +198,7 @@ def test_the_api_server_stopped_for_20s_while_pipelinejobs_run(k8s_cluster, k8s_
         k8s_cluster.apply(pipelinejob(name, "liver-tumor-example"), namespace=ns)
     for name in names[4:]:  # these race the outage: created, not yet run
         assert rest.call("POST", f"/apis/dicom.clara.io/v1alpha1/namespaces/{ns}/pipelinejobs",
-                         {**pipelinejob(name, "liver-tumor-example"))[0] == 201
+                         pipelinejob(name, "liver-tumor-example"))[0] == 201
     k8s_cluster.stop_apiserver()
     stopped = time.monotonic()
     try:
