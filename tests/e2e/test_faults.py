@@ -234,20 +234,35 @@ def test_the_operator_sigkilled_at_random_moments_across_30_pipelinejobs(k8s_clu
                 errors.append(f"{name}: {code} {body}")
             time.sleep(rng.uniform(0.05, 0.4))
 
+    def progress() -> int:
+        """Writes the operator made so far: Jobs of both kinds, and PipelineJob phases."""
+        made = rest.get(f"/apis/batch/v1/namespaces/{ns}/jobs")["items"]
+        pjs = rest.get(f"/apis/dicom.clara.io/v1alpha1/namespaces/{ns}/pipelinejobs")["items"]
+        return len(made) + sum(1 + ((p.get("status") or {}).get("phase") == "Succeeded") for p in pjs
+                               if (p.get("status") or {}).get("phase"))
+
     arrivals = threading.Thread(target=arrive, daemon=True)
     arrivals.start()
-    kills = 0
+    kills, busy = 0, 0
     op = operators(*FLAGS)
-    deadline = time.monotonic() + 120
-    while (arrivals.is_alive() or kills < 6) and time.monotonic() < deadline:
-        time.sleep(rng.uniform(0.3, 2.5))  # a random moment of its work
+    deadline = time.monotonic() + 150
+    while (arrivals.is_alive() or kills < 8) and time.monotonic() < deadline:
+        # A random moment of its work: once it has been seen working, up to 1.5 s later.
+        before = progress()
+        try:
+            wait_for(lambda: progress() > before, 20, "the operator making progress", interval=0.1)
+            busy += 1
+        except AssertionError:
+            pass  # nothing left to do right now: kill it idle
+        time.sleep(rng.uniform(0, 1.5))
         os.killpg(op.proc.pid, signal.SIGKILL)
         op.proc.wait(5)
         kills += 1
         op = operators(*FLAGS)
     arrivals.join(30)
     assert not errors, errors
-    print(f"{kills} kills")
+    print(f"{kills} kills, {busy} of them while it was seen working")
+    assert busy >= 3
     for name in names:
         wait_for(lambda: settled(rest, ns, name), 120, f"{name} Succeeded with its results registered",
                  interval=0.5)

@@ -144,7 +144,7 @@ class Operator:
 
     def start(self) -> "Operator":
         env = {**os.environ, **self.cluster.env, "KUBECONFIG": str(self.cluster.kubeconfig),
-               "NO_PROXY": "127.0.0.1,localhost"}
+               "NO_PROXY": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1"}  # its log survives a SIGKILL
         self.start_marker = f"=== start {uuid.uuid4().hex}\n"
         with open(self.log_path, "a") as fh:
             fh.write(self.start_marker)
