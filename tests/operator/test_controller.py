@@ -336,3 +336,28 @@ def test_seen_keeps_the_newest_version_and_trims_jobs():
               "spec": {"template": {}}, "status": {"active": 1}})
     assert seen.jobs[("n", "a")] == {"metadata": {"namespace": "n", "name": "a", "resourceVersion": "3"},
                                      "status": {"active": 1}}
+
+
+def test_no_import_cycles_between_the_operator_modules():
+    """events/conditions import none of ours; the controller wires runner and registrar, which
+    know nothing of each other or of the kopf handlers."""
+    import ast
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[2] / "operator" / "clara_operator"
+
+    def ours(module: str) -> set[str]:
+        tree = ast.parse((pkg / f"{module}.py").read_text())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("clara_operator"):
+                names.add((node.module or "").split(".")[-1] if node.module != "clara_operator" else
+                          ",".join(a.name for a in node.names))
+            elif isinstance(node, ast.Import):
+                names |= {a.name.split(".")[-1] for a in node.names if a.name.startswith("clara_operator")}
+        return names
+
+    assert ours("events") == set() and ours("conditions") == set()
+    assert not ours("pipelinejobs") & {"registerresults", "handlers", "controller"}
+    assert not ours("registerresults") & {"pipelinejobs", "handlers", "controller"}
+    assert "handlers" not in ours("controller")
