@@ -24,6 +24,7 @@ log = logging.getLogger("clara_operator.controller")
 
 PIPELINEJOB, REGISTER_RESULTS, PIPELINE = "PipelineJob", "RegisterResults", "ClaraPipeline"
 RESYNC_SECONDS = 30.0
+WORKERS = 32  # reconciles in flight: each waits on the API most of the time
 
 
 def is_settled(pipelinejob: dict[str, Any]) -> bool:
@@ -37,7 +38,7 @@ def is_settled(pipelinejob: dict[str, Any]) -> bool:
 
 class Controller:
     def __init__(self, kube: Kube, settings: RunnerSettings, namespaces: list[str] | None,
-                 resync_seconds: float = RESYNC_SECONDS, workers: int = 8, backoff: Backoff = Backoff()) -> None:
+                 resync_seconds: float = RESYNC_SECONDS, workers: int = WORKERS, backoff: Backoff = Backoff()) -> None:
         self.kube = kube
         self.namespaces = namespaces  # None: every namespace
         self.registrar = Registrar(kube, settings)
@@ -76,9 +77,11 @@ class Controller:
         meta = body.get("metadata") or {}
         self.queue.add((REGISTER_RESULTS, meta["namespace"], meta["name"]))
 
-    def pipeline_event(self, body: dict[str, Any]) -> None:
+    def pipeline_event(self, body: dict[str, Any], deleted: bool = False) -> None:
         meta = body.get("metadata") or {}
-        self.queue.add((PIPELINE, meta["namespace"], pipeline_id_of(body)))
+        self.runner.seen.pipeline(body, deleted=deleted)
+        if not deleted:
+            self.queue.add((PIPELINE, meta["namespace"], pipeline_id_of(body)))
 
     # ---- reconciles
     async def reconcile(self, key: tuple[str, str, str]) -> None:

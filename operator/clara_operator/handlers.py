@@ -116,8 +116,8 @@ async def on_register_job_event(body: Any, memo: Any, **_: Any) -> None:
 
 
 async def on_pipeline_event(event: dict[str, Any], body: Any, memo: Any, **_: Any) -> None:
-    if (controller := _controller(memo)) is not None and event.get("type") != "DELETED":
-        controller.pipeline_event(dict(body))
+    if (controller := _controller(memo)) is not None:
+        controller.pipeline_event(dict(body), deleted=event.get("type") == "DELETED")
 
 
 async def on_object_event(namespace: str, memo: Any, **_: Any) -> None:

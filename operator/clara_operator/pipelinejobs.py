@@ -157,8 +157,10 @@ class Runner:
         """The Job of this PipelineJob, created now (None: it waits or failed; the status says why)."""
         meta, spec = body["metadata"], body.get("spec") or {}
         ns, name = meta["namespace"], meta["name"]
-        pipelines = await self.kube.list(CLARAPIPELINES, ns)
-        definition, reason, message = select_pipeline(pipelines, str(spec.get("pipeline")))
+        definition, reason, message = select_pipeline(self.seen.pipelines_of(ns), str(spec.get("pipeline")))
+        if definition is None:  # not seen (yet?): ask the API before saying so
+            definition, reason, message = select_pipeline(await self.kube.list(CLARAPIPELINES, ns),
+                                                          str(spec.get("pipeline")))
         if definition is None:  # waits: a ClaraPipeline event (or the resync) brings it back
             await self._write(body, {"phase": "Pending", "reason": reason, "message": message})
             return None

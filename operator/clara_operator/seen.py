@@ -26,6 +26,7 @@ class Seen:
     def __init__(self) -> None:
         self.pipelinejobs: dict[Key, dict[str, Any]] = {}
         self.jobs: dict[Key, dict[str, Any]] = {}
+        self.pipelines: dict[Key, dict[str, Any]] = {}  # ClaraPipelines (few, kept whole)
 
     @staticmethod
     def _put(store: dict[Key, dict[str, Any]], body: dict[str, Any]) -> None:
@@ -43,6 +44,16 @@ class Seen:
 
     def job(self, body: dict[str, Any]) -> None:
         self._put(self.jobs, trim_job(body))
+
+    def pipeline(self, body: dict[str, Any], deleted: bool = False) -> None:
+        meta = body.get("metadata") or {}
+        if deleted:
+            self.pipelines.pop((meta.get("namespace"), meta.get("name")), None)
+        else:
+            self._put(self.pipelines, body)
+
+    def pipelines_of(self, namespace: str) -> list[dict[str, Any]]:
+        return [b for (ns, _), b in self.pipelines.items() if ns == namespace]
 
     def forget_pipelinejob(self, namespace: str, name: str) -> None:
         self.pipelinejobs.pop((namespace, name), None)
