@@ -140,6 +140,9 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=16, help="threads creating PipelineJobs")
     ap.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds")
     ap.add_argument("--kubeconfig", help="use this running cluster (from `e2e/cluster up`) instead of starting one")
+    ap.add_argument("--controllers-qps", type=int, default=0,
+                    help="restart kube-controller-manager and kube-scheduler with --kube-api-qps=N (their "
+                         "default, 20 and 50, paces Jobs and pods; shows what is theirs and what is ours)")
     ap.add_argument("--operator-flag", action="append", default=[], help="extra flag for the operator (repeatable)")
     args = ap.parse_args()
 
@@ -150,6 +153,12 @@ def main() -> int:
     watches: list[Watch] = []
     try:
         nodes(cluster, args.nodes, args.gpu_nodes)
+        if args.controllers_qps:
+            for name in ("kube-controller-manager", "kube-scheduler"):
+                cluster.stop_component(name)
+                cluster.start_component(name, [f"--kube-api-qps={args.controllers_qps}",
+                                                f"--kube-api-burst={2 * args.controllers_qps}"])
+            print(f"kube-controller-manager and kube-scheduler: --kube-api-qps={args.controllers_qps}")
         for prio, value in PRIORITIES.items():
             cluster.apply({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
                            "metadata": {"name": f"clara-dicom-{prio}"}, "value": value})
