@@ -220,10 +220,13 @@ def main() -> int:
         print(f"created {args.jobs} PipelineJobs in {burst:.1f}s ({args.jobs / burst:.0f}/s, {args.clients} "
               f"client threads) load {os.getloadavg()[0]:.1f}", flush=True)
         deadline = start + args.timeout
-        while len(pj_done) < args.jobs and time.monotonic() < deadline:
-            time.sleep(0.5)
-            if operator.poll() is not None:
-                raise SystemExit("the operator exited")
+        try:
+            while len(pj_done) < args.jobs and time.monotonic() < deadline:
+                time.sleep(0.5)
+                if operator.poll() is not None:
+                    raise SystemExit("the operator exited")
+        except KeyboardInterrupt:  # report what there is so far
+            print(f"interrupted after {time.monotonic() - start:.0f}s: partial figures", flush=True)
         after = api_requests(cluster)
         rss_now, rss_peak = rss(operator.pid)
         load = os.getloadavg()
@@ -231,12 +234,14 @@ def main() -> int:
         names = sorted(created)
         lag = [job_added[n] - created[n] for n in names if n in job_added]
         last_job = max(job_added.values()) if job_added else float("nan")
+        if not lag:
+            raise SystemExit("no Job was created")
         print(f"\nPipelineJob created -> Job created ({len(lag)}/{args.jobs}): p50 {statistics.median(lag):.2f}s, "
               f"p95 {pct(lag, 0.95):.2f}s, max {max(lag):.2f}s   (target p95 <= 1 s)")
         span = last_job - start
         print(f"Jobs: all {len(job_added)} created {span:.1f}s after the first create: {len(job_added) / span:.0f} Jobs/s; "
               f"anchor: the burst itself {burst:.1f}s -> ratio {span / burst:.2f}")
-        if job_done:
+        if job_done and pj_done:
             last_done = max(job_done.values())
             finish = max(pj_done.values()) if pj_done else float("nan")
             follow = [pj_done[n] - job_done[n] for n in names if n in pj_done and n in job_done]
