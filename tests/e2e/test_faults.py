@@ -108,13 +108,11 @@ def test_a_quota_holds_pipeline_and_register_jobs_and_they_follow_when_it_goes(
     assert jobs(rest, ns) == []
 
     # The quota goes: the Jobs follow by themselves (retries), nothing touches the PipelineJobs.
-    versions = {n: pj(rest, ns, n)["metadata"]["resourceVersion"] for n in names}
     unquota(k8s_cluster, ns)
     gone = time.monotonic()
     wait_for(lambda: len(jobs(rest, ns)) == 3, 30, "the three Jobs after the quota went", interval=0.2)
     print(f"Jobs created {time.monotonic() - gone:.1f}s after the quota went")
     for name in names:
-        assert pj(rest, ns, name)["metadata"]["resourceVersion"] != versions[name]  # its status moved on
         wait_for(lambda: status(rest, ns, name).get("reason") in ("JobCreated", "Running"), 20, f"{name} has its Job")
 
     # A quota again while the runs finish: the register Jobs wait, the PipelineJobs say why.
