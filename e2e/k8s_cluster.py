@@ -212,6 +212,7 @@ class Component:
     pid: int
     log: str
     popen: subprocess.Popen | None = field(default=None, repr=False, compare=False)
+    argv: list[str] = field(default_factory=list, repr=False, compare=False)  # to start it again
 
     def alive(self) -> bool:
         if self.popen is not None:
@@ -446,6 +447,58 @@ class Cluster:
         if state.exists():
             state.unlink()
 
+    # ---- faults: a component away for a while (tests/e2e/test_faults.py, bench/operator_scale.py)
+    def stop_component(self, name: str, timeout: float = 30) -> None:
+        """Stop one component (SIGTERM to its process group; SIGKILL after ``timeout``); the
+        others keep running. start_component() brings it back."""
+        comp = self._component(name)
+        with _suppress(ProcessLookupError, PermissionError):
+            os.killpg(comp.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while comp.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with _suppress(ProcessLookupError, PermissionError):
+            os.killpg(comp.pid, signal.SIGKILL)
+        if comp.popen is not None:
+            comp.popen.wait(timeout=10)
+
+    def start_component(self, name: str, extra_args: Iterable[str] = (), timeout: float = 120) -> None:
+        """Start a stopped component again with the same arguments (plus ``extra_args``, which
+        override same-named flags); return once it answers (/readyz or /healthz)."""
+        old = self._component(name)
+        if old.alive():
+            return
+        if not old.argv:
+            raise ClusterError(f"{name} was not started by this process: its arguments are unknown")
+        extra = list(extra_args)
+        given = {a.split("=", 1)[0] for a in extra}
+        argv = [a for a in old.argv if a.split("=", 1)[0] not in given] + extra
+        new = _spawn(name, argv, self.workdir, detach=old.popen is None)
+        self.components[self.components.index(old)] = new
+        if name == "kube-apiserver":
+            ctx = ssl.create_default_context(cafile=str(self.pki_dir / "ca.crt"))
+            ctx.load_cert_chain(str(self.pki_dir / "admin.crt"), str(self.pki_dir / "admin.key"))
+            url = f"{self.server}/readyz"
+        elif name in ("kube-controller-manager", "kube-scheduler"):
+            ctx = ssl._create_unverified_context()  # noqa: S323 - their self-signed serving certs
+            port = self.ports["controller_manager" if name == "kube-controller-manager" else "scheduler"]
+            url = f"https://127.0.0.1:{port}/healthz"
+        else:
+            return
+        wait_until(lambda: _http_ok(url, ctx), timeout, f"{name} answering after its restart", alive=self.alive_check)
+
+    def stop_apiserver(self, timeout: float = 30) -> None:
+        self.stop_component("kube-apiserver", timeout)
+
+    def start_apiserver(self, timeout: float = 120) -> None:
+        self.start_component("kube-apiserver", timeout=timeout)
+
+    def _component(self, name: str) -> Component:
+        for comp in self.components:
+            if comp.name == name:
+                return comp
+        raise ClusterError(f"no component {name} (a given cluster cannot be stopped)")
+
     # ---- state (for `e2e/cluster up` then `down` from another process)
     def save_state(self) -> None:
         (self.workdir / "state.json").write_text(json.dumps({
@@ -569,7 +622,7 @@ def _spawn(name: str, argv: list[str], workdir: Path, detach: bool) -> Component
         preexec_fn=None if detach else _set_pdeathsig,  # die with pytest even on SIGKILL
     )
     log.close()
-    return Component(name=name, pid=popen.pid, log=str(log_path), popen=popen)
+    return Component(name=name, pid=popen.pid, log=str(log_path), popen=popen, argv=list(argv))
 
 
 def start(workdir: Path | str | None = None, *, bin_dir: Path | None = None, crds_dir: Path | None = CRDS_DIR,

@@ -25,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--liveness-port", type=int, default=8081,
                         help="port of the liveness endpoint http://127.0.0.1:PORT/healthz (0: off; default %(default)s)")
     parser.add_argument("--liveness-host", default="127.0.0.1", help="address of the liveness endpoint")
+    parser.add_argument("--resync-seconds", type=float, default=30.0, metavar="S",
+                        help="re-check every PipelineJob and RegisterResults against their Jobs every S seconds "
+                             "(default %(default)s)")
+    parser.add_argument("--workers", type=int, default=32, metavar="N",
+                        help="PipelineJob/RegisterResults reconciles in flight (default %(default)s)")
     add_runner_arguments(parser)
 
 
@@ -115,8 +120,9 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_main(args))
 
 
-async def _api_client() -> tuple[Any, str]:
-    """An API client from in-cluster credentials or the kubeconfig, and the current namespace."""
+async def _api_client(pool_size: int = 0) -> tuple[Any, str]:
+    """An API client from in-cluster credentials or the kubeconfig, and the current namespace;
+    ``pool_size`` connections at most (default: kubernetes_asyncio's, 5 × CPUs)."""
     from kubernetes_asyncio import client, config
 
     from clara_dicom.errors import UserError
@@ -125,7 +131,7 @@ async def _api_client() -> tuple[Any, str]:
         config.load_incluster_config()
         with open(IN_CLUSTER_NAMESPACE, encoding="utf-8") as fh:
             namespace = fh.read().strip() or "default"
-        return client.ApiClient(), namespace
+        return client.ApiClient(_pooled(client, pool_size)), namespace
     try:
         await config.load_kube_config()
         _, active = config.list_kube_config_contexts()
@@ -133,7 +139,14 @@ async def _api_client() -> tuple[Any, str]:
         raise UserError(f"no Kubernetes credentials (in-cluster or kubeconfig {os.environ.get('KUBECONFIG', '~/.kube/config')}): "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     namespace = ((active or {}).get("context") or {}).get("namespace") or "default"
-    return client.ApiClient(), namespace
+    return client.ApiClient(_pooled(client, pool_size)), namespace
+
+
+def _pooled(client: Any, pool_size: int) -> Any:
+    configuration = client.Configuration.get_default_copy()
+    if pool_size:
+        configuration.connection_pool_maxsize = pool_size
+    return configuration
 
 
 async def preflight(api_client: Any) -> None:
@@ -169,7 +182,8 @@ async def _main(args: argparse.Namespace) -> int:
             logging.getLogger(name).setLevel(logging.WARNING)
     from clara_operator.reconciler import Api, Options
 
-    api_client, current_namespace = await _api_client()
+    # One connection per reconcile in flight, plus the namespace reconciles.
+    api_client, current_namespace = await _api_client(pool_size=args.workers + 8)
     try:
         await preflight(api_client)
         settings = kopf.OperatorSettings()
@@ -179,10 +193,12 @@ async def _main(args: argparse.Namespace) -> int:
         memo.options = Options(config_map=args.config_map, status_config_map=args.status_config_map,
                                feedback=not args.no_adapter_feedback)
         memo.reconcilers = {}
-        from clara_operator.pipelinejobs import Runner
+        from clara_operator.controller import Controller
+        from clara_operator.kube import Kube
 
-        memo.runner = Runner(api_client, runner_settings(args),
-                             namespaces=None if args.all_namespaces else [args.namespace or current_namespace])
+        memo.controller = Controller(Kube(api_client), runner_settings(args), workers=args.workers,
+                                     namespaces=None if args.all_namespaces else [args.namespace or current_namespace],
+                                     resync_seconds=args.resync_seconds)
         liveness = (f"http://{args.liveness_host}:{args.liveness_port}/healthz"
                     if args.liveness_port else None)
         scope: dict[str, Any]

@@ -10,10 +10,10 @@ this module never touches kopf's default registry).
   adapter configuration no longer contains the object;
 * events on the adapter's ConfigMaps (the rendered one, and the status one the
   adapter publishes its applied version in) re-run the reconcile too;
-* PipelineJobs, their batch Jobs and waiting jobs' ClaraPipelines:
-  ``pipelinejobs.register`` (see operator/PIPELINES.md);
-* RegisterResults, their register Jobs, and the succeeded-PipelineJob hook:
-  ``registerresults.register`` (see operator/REGISTER.md).
+* events of PipelineJobs, their batch Jobs, RegisterResults, register Jobs and
+  ClaraPipelines only add keys to the controller's work queue (``controller.py``):
+  the reconciles, retries and the periodic resync happen there (see
+  operator/PIPELINES.md, operator/REGISTER.md).
 """
 from __future__ import annotations
 
@@ -25,7 +25,10 @@ import kopf
 
 from clara_dicom.models import GROUP, VERSION
 
+from clara_operator.events import post_event
+from clara_operator.jobspec import COMPONENT_PIPELINE, LABEL_COMPONENT
 from clara_operator.reconciler import Api, NamespaceReconciler, Options, reconcile_once
+from clara_operator.registerjob import COMPONENT_REGISTER
 from clara_operator.rendering import CONFIG_KINDS, DOMAIN
 
 registry = kopf.OperatorRegistry()
@@ -53,16 +56,6 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.watching.client_timeout = 300
 
 
-def post_event(body: dict[str, Any], event_type: str, reason: str, message: str) -> None:
-    ref = {
-        "apiVersion": body.get("apiVersion"),
-        "kind": body.get("kind"),
-        "metadata": {k: body["metadata"].get(k) for k in ("name", "namespace", "uid")},
-    }
-    # Best effort: one retry (a namespace being deleted refuses new Events).
-    kopf.event(ref, type=event_type, reason=reason, message=message[:1000], backoffs=(1,))  # type: ignore[arg-type]
-
-
 def reconciler_for(memo: Any, namespace: str, create: bool = True) -> NamespaceReconciler | None:
     reconcilers: dict[str, NamespaceReconciler] = memo.reconcilers
     found = reconcilers.get(namespace)
@@ -81,6 +74,50 @@ def _register() -> None:
     for cls in CONFIG_KINDS:
         kopf.on.event(GROUP, VERSION, cls.PLURAL, id="mark-dirty", registry=registry)(on_object_event)
         kopf.on.delete(GROUP, VERSION, cls.PLURAL, id="finalize", registry=registry)(on_object_delete)
+    kopf.on.event(GROUP, VERSION, "pipelinejobs", id="pipelinejob", registry=registry)(on_pipelinejob_event)
+    kopf.on.event("batch", "v1", "jobs", id="pipeline-job", labels={LABEL_COMPONENT: COMPONENT_PIPELINE},
+                  registry=registry)(on_pipeline_job_event)
+    kopf.on.event(GROUP, VERSION, "registerresults", id="registerresults", registry=registry)(
+        on_registerresults_event)
+    kopf.on.event("batch", "v1", "jobs", id="register-job", labels={LABEL_COMPONENT: COMPONENT_REGISTER},
+                  registry=registry)(on_register_job_event)
+    kopf.on.event(GROUP, VERSION, "clarapipelines", id="pipeline-waiters", registry=registry)(on_pipeline_event)
+
+
+# The controller's triggers: never fail, never call the API.
+def _controller(memo: Any) -> Any:
+    """memo.controller, started on first use (None in tests that run only the namespace reconcile).
+    Started from inside a handler, not a startup activity: kopf.event() posts through a queue
+    kopf makes visible to handlers only (a context variable the workers' tasks inherit)."""
+    controller = memo.get("controller")
+    if controller is not None:
+        controller.start()
+    return controller
+
+
+async def on_pipelinejob_event(event: dict[str, Any], body: Any, memo: Any, **_: Any) -> None:
+    if (controller := _controller(memo)) is not None:
+        controller.pipelinejob_event(dict(body), deleted=event.get("type") == "DELETED")
+
+
+async def on_pipeline_job_event(event: dict[str, Any], body: Any, memo: Any, **_: Any) -> None:
+    if (controller := _controller(memo)) is not None:
+        controller.job_event(dict(body), deleted=event.get("type") == "DELETED")
+
+
+async def on_registerresults_event(event: dict[str, Any], body: Any, memo: Any, **_: Any) -> None:
+    if (controller := _controller(memo)) is not None and event.get("type") != "DELETED":
+        controller.registerresults_event(dict(body))
+
+
+async def on_register_job_event(body: Any, memo: Any, **_: Any) -> None:
+    if (controller := _controller(memo)) is not None:
+        controller.register_job_event(dict(body))
+
+
+async def on_pipeline_event(event: dict[str, Any], body: Any, memo: Any, **_: Any) -> None:
+    if (controller := _controller(memo)) is not None:
+        controller.pipeline_event(dict(body), deleted=event.get("type") == "DELETED")
 
 
 async def on_object_event(namespace: str, memo: Any, **_: Any) -> None:
@@ -124,15 +161,19 @@ def probe_reconciles(memo: Any, **_: Any) -> dict[str, int]:
     return {ns: r.runs for ns, r in memo.reconcilers.items()}
 
 
+@kopf.on.probe(id="controller", registry=registry)
+def probe_controller(memo: Any, **_: Any) -> dict[str, int]:
+    """The PipelineJob controller's queue and counters (in the liveness response)."""
+    controller = memo.get("controller")
+    return controller.stats() if controller is not None else {}
+
+
 @kopf.on.cleanup(registry=registry)
 async def cleanup(memo: Any, **_: Any) -> None:
     for reconciler in list(memo.reconcilers.values()):
         await reconciler.stop()
+    if memo.get("controller") is not None:
+        await memo.controller.stop()
 
 
 _register()
-
-from clara_operator import pipelinejobs, registerresults  # noqa: E402 - needs post_event above
-
-pipelinejobs.register(registry)
-registerresults.register(registry)

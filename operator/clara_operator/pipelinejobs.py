@@ -1,42 +1,34 @@
 """PipelineJob → batch Job, and batch Job → PipelineJob status (SPEC §5).
 
-Handlers (registered on ``handlers.registry`` by :func:`register`):
+:meth:`Runner.reconcile` is level-triggered: it reads the PipelineJob and its Job
+and converges them from whatever state they are in — creates the Job (its name is
+derived from the PipelineJob's, so a second create is AlreadyExists: a restarted
+operator never duplicates a Job), writes a status that follows the Job, and, once
+the run succeeded, has every RegisterResults that fires for it create its Job
+(``results``, see registerresults.py). It raises when it has not converged (a
+refused or failed request: the work queue retries it with backoff) after
+writing *why* into the status (reason + the API's message) and an Event.
 
-* every event of a PipelineJob (including the initial listing after a restart):
-  ``Runner.ensure`` — find its ClaraPipeline, create the Job (its name is
-  derived from the PipelineJob's, so a second create is AlreadyExists: a
-  restarted operator never duplicates a Job), write the status;
-* every event of a batch Job labelled ``dicom.clara.io/component=pipeline-job``:
-  the owning PipelineJob's status follows the Job (phase, reason, times);
-* every event of a ClaraPipeline: PipelineJobs of the namespace waiting for its
-  pipeline ID (no Job yet) are ensured again, so they start when it appears;
-* a background sweep deletes finished PipelineJobs after the retention period
-  (their Jobs and pods go with them, by owner reference).
+Which RegisterResults fire for a run is decided once, when its success is
+written, and recorded in the same status write (``status.registerResults``:
+name → uid, state Pending/Created/Waiting/Skipped, jobName); each entry turns
+Created only after its Job exists. A restart or a failure resumes from that
+record, so each RegisterResults runs exactly once per PipelineJob, even if its
+Job is later deleted. Condition ``ResultsRegistered`` says how far it got.
 
-Everything here is stateless and idempotent: a status is recomputed from the Job
-on every event, never from memory, and a phase never goes backwards.
-
-Hooks: :func:`on_succeeded` registers ``async fn(pipelinejob, job, runner)``,
-called when a PipelineJob is seen to turn Succeeded, *before* that status is
-written — so a crash in between calls it again after the restart (at least
-once; hooks must be idempotent, e.g. create objects with deterministic names).
+Everything is recomputed from the API on every call, never from memory, and a
+phase never goes backwards. Nothing here holds a PipelineJob's deletion.
 """
 from __future__ import annotations
 
 import asyncio
 import datetime as _dt
 import logging
-import weakref
-from typing import Any, Awaitable, Callable
+from typing import Any, Protocol
 
-import kopf
-
-from clara_dicom.models import GROUP, VERSION
-
-from clara_operator.conditions import Cond, merge, now_rfc3339
+from clara_operator.conditions import Cond, merge, now_rfc3339, transitions
+from clara_operator.events import EventPoster, post_event_best_effort
 from clara_operator.jobspec import (
-    COMPONENT_PIPELINE,
-    LABEL_COMPONENT,
     PHASE_RANK,
     TERMINAL_PHASES,
     JobSpecError,
@@ -46,248 +38,314 @@ from clara_operator.jobspec import (
     job_name,
     job_status,
     owner_of,
-    pipeline_id_of,
     select_pipeline,
 )
+from clara_operator.kube import CLARAPIPELINES, PIPELINEJOBS, Kube, refusal
+from clara_operator.seen import Seen
+from clara_operator.workqueue import Retry
 
 log = logging.getLogger("clara_operator.pipelines")
-MERGE = "application/merge-patch+json"
-PIPELINEJOBS = "pipelinejobs"
-CLARAPIPELINES = "clarapipelines"
 STATUS_KEYS = ("phase", "reason", "message", "jobName", "startTime", "completionTime", "failedOperator")
-
-SucceededHook = Callable[[dict[str, Any], dict[str, Any], "Runner"], Awaitable[None]]
-_SUCCEEDED_HOOKS: list[SucceededHook] = []
-
-
-def on_succeeded(fn: SucceededHook) -> SucceededHook:
-    """Register ``async fn(pipelinejob_body, job_body, runner)`` for PipelineJobs turning Succeeded."""
-    _SUCCEEDED_HOOKS.append(fn)
-    return fn
+RESULTS_CONDITION = "ResultsRegistered"
+# Entry states of status.registerResults that still have work to do.
+OPEN_STATES = ("Pending", "Waiting")
 
 
-def post_event_best_effort(body: dict[str, Any], event_type: str, reason: str, message: str) -> None:
-    """Post an Event; a failure is logged, never raised (Events are informational)."""
-    from clara_operator.handlers import post_event
+class ResultsHook(Protocol):
+    """What the runner asks of RegisterResults (registerresults.Registrar)."""
 
-    try:
-        post_event(body, event_type, reason, message)
-    except Exception as exc:  # noqa: BLE001 - Events are best effort
-        log.debug("event not posted: %s", exc)
+    async def plan(self, pipelinejob: dict[str, Any], job: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+        """The RegisterResults that fire for this success: name → {"uid", "state": "Pending"}."""
+
+    async def fire(self, pipelinejob: dict[str, Any], job: dict[str, Any] | None, name: str,
+                   entry: dict[str, Any]) -> dict[str, Any]:
+        """Create the run's Job; the entry's next state. Raises if the API refused it."""
+
+
+def condition(status: dict[str, Any], ctype: str) -> dict[str, Any] | None:
+    for cond in status.get("conditions") or []:
+        if isinstance(cond, dict) and cond.get("type") == ctype:
+            return cond
+    return None
+
+
+def results_condition(record: dict[str, dict[str, Any]], errors: list[tuple[str, str, str]]) -> Cond:
+    """ResultsRegistered from the record and this round's refused creates (name, reason, message)."""
+    if errors:
+        name, reason, message = errors[0]
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        return Cond(RESULTS_CONDITION, False, reason, f"cannot create the Job of RegisterResults {name}{more}: "
+                                                      f"{message}")
+    waiting = sorted(n for n, e in record.items() if e.get("state") in OPEN_STATES)
+    if waiting:
+        entry = record[waiting[0]]
+        return Cond(RESULTS_CONDITION, False, entry.get("reason") or "Pending",
+                    f"RegisterResults {waiting[0]}: {entry.get('message') or 'its Job is not created yet'}")
+    created = sorted(n for n, e in record.items() if e.get("state") == "Created")
+    if not record:
+        return Cond(RESULTS_CONDITION, True, "NoRegisterResults", "no RegisterResults fires for this run")
+    return Cond(RESULTS_CONDITION, True, "Registered",
+                f"{len(created)} register Job(s) created" + (f": {', '.join(created)}" if created else ""))
+
+
+def needs_reconcile(pipelinejob: dict[str, Any], job: dict[str, Any] | None,
+                    pipelines: list[dict[str, Any]] | None) -> bool:
+    """Whether the stored state disagrees with the world (the resync's test; cheap, no API calls).
+
+    ``job`` is the PipelineJob's Job if it exists; ``pipelines`` the namespace's ClaraPipelines."""
+    meta = pipelinejob.get("metadata") or {}
+    status = pipelinejob.get("status") or {}
+    phase = status.get("phase")
+    if meta.get("deletionTimestamp") or phase == "Failed":
+        return False
+    if phase == "Succeeded":
+        cond = condition(status, RESULTS_CONDITION)
+        return cond is None or cond.get("status") != "True"
+    if job is None:
+        if status.get("jobName"):
+            return True  # deleted before it finished
+        definition, reason, _ = select_pipeline(pipelines or [], str((pipelinejob.get("spec") or {}).get("pipeline")))
+        return definition is not None or status.get("reason") != reason
+    implied = job_status(job)
+    return implied.get("phase") != phase or status.get("jobName") != implied.get("jobName")
 
 
 class Runner:
-    """The API calls of the PipelineJob runner (kubernetes_asyncio)."""
+    """Reconciles one PipelineJob at a time (see the module docstring)."""
 
-    def __init__(self, api_client: Any, settings: RunnerSettings, namespaces: list[str] | None = None) -> None:
-        from kubernetes_asyncio import client
-
+    def __init__(self, kube: Kube, settings: RunnerSettings, results: ResultsHook | None = None,
+                 post_event: EventPoster = post_event_best_effort, namespaces: list[str] | None = None) -> None:
+        self.kube = kube
         self.settings = settings
+        self.results = results
+        self.post_event = post_event
         self.namespaces = namespaces  # None: every namespace (the retention sweep's scope)
-        self.custom = client.CustomObjectsApi(api_client)
-        self.batch = client.BatchV1Api(api_client)
-        self.core = client.CoreV1Api(api_client)
-        self.ApiException = client.ApiException
-        self._api_client = api_client
-        self._locks: "weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock]" = weakref.WeakValueDictionary()
         self.jobs_created = 0
+        self.seen = Seen()  # the latest watched PipelineJobs and Jobs (fed by the controller's triggers)
+        # (namespace, name) → resourceVersion of our last status write: its watch event is no news.
+        self.own_writes: dict[tuple[str, str], str] = {}
 
-    def lock(self, namespace: str, name: str) -> asyncio.Lock:
-        key = (namespace, name)
-        found = self._locks.get(key)
-        if found is None:
-            found = asyncio.Lock()
-            self._locks[key] = found
-        return found
-
-    # ---- reads
-    async def get_pipelinejob(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return await self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PIPELINEJOBS, name)
-        except self.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            job = await self.batch.read_namespaced_job(name, namespace)
-        except self.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return self._plain(job)
-
-    def _plain(self, obj: Any) -> dict[str, Any]:
-        """A client model as the API's JSON (camelCase keys, RFC 3339 times)."""
-        return self._api_client.sanitize_for_serialization(obj)
-
-    async def job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
-        resp = await self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job}")
-        return self._plain(resp).get("items", [])
-
-    async def list_pipelines(self, namespace: str) -> list[dict[str, Any]]:
-        result = await self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, CLARAPIPELINES)
-        return result.get("items", [])
-
-    async def list_pipelinejobs(self, namespace: str | None) -> list[dict[str, Any]]:
-        if namespace is None:
-            result = await self.custom.list_cluster_custom_object(GROUP, VERSION, PIPELINEJOBS)
-        else:
-            result = await self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PIPELINEJOBS)
-        return result.get("items", [])
-
-    # ---- writes
-    async def create_job(self, manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        """Create the Job; (job, created now). AlreadyExists returns the existing Job."""
-        ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
-        try:
-            resp = await self.batch.create_namespaced_job(ns, manifest)
-            self.jobs_created += 1
-            return self._plain(resp), True
-        except self.ApiException as exc:
-            if exc.status != 409:
-                raise
-        existing = await self.get_job(ns, name)
-        if existing is None:  # deleted in between: the next event creates it
-            raise kopf.TemporaryError(f"Job {name} exists and vanished", delay=1)
-        return existing, False
-
-    async def patch_status(self, body: dict[str, Any], status: dict[str, Any]) -> None:
-        meta = body["metadata"]
-        try:
-            await self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, meta["namespace"], PIPELINEJOBS, meta["name"], {"status": status},
-                _content_type=MERGE)
-        except self.ApiException as exc:
-            if exc.status != 404:  # deleted meanwhile
-                raise
-
-    # ---- the runner
-    async def ensure(self, body: dict[str, Any], resume: bool = False) -> None:
-        """Make sure this PipelineJob has its Job (or says why not), and a status that follows it."""
-        meta = body["metadata"]
-        ns, name = meta["namespace"], meta["name"]
-        status = body.get("status") or {}
-        if meta.get("deletionTimestamp") or status.get("phase") in TERMINAL_PHASES:
+    # ---- the reconcile
+    async def reconcile(self, namespace: str, name: str) -> None:
+        body = self.seen.pipelinejobs.get((namespace, name)) or await self.kube.get(PIPELINEJOBS, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
             return
-        if status.get("jobName") and not resume:
-            return  # the Job watch keeps the status in step
-        async with self.lock(ns, name):
-            fresh = await self.get_pipelinejob(ns, name)
-            if fresh is None or fresh["metadata"].get("uid") != meta.get("uid"):
-                return
-            body = fresh
-            status = body.get("status") or {}
-            if status.get("phase") in TERMINAL_PHASES:
-                return
-            job = await self.get_job(ns, job_name(name))
-            if job is not None:
-                await self._sync(body, job)
-                return
+        status = body.get("status") or {}
+        if status.get("phase") == "Failed":
+            self.forget(namespace, name)
+            return
+        if status.get("phase") == "Succeeded":
+            await self._register(body, None)
+            return
+        job = self.seen.jobs.get((namespace, job_name(name)))
+        if job is None and status.get("jobName"):
+            job = await self.kube.get_job(namespace, job_name(name))  # not seen yet, or really gone?
+        if job is None:
             if status.get("jobName"):
                 await self._write(body, {"phase": "Failed", "reason": "JobDeleted",
                                          "message": f"Job {status['jobName']} was deleted before it finished",
                                          "completionTime": now_rfc3339()})
                 return
-            spec = body.get("spec") or {}
-            definition, reason, message = select_pipeline(await self.list_pipelines(ns), str(spec.get("pipeline")))
-            if definition is None:
-                await self._write(body, {"phase": "Pending", "reason": reason, "message": message})
+            job = await self._create(body)
+            if job is None:
                 return
+        fresh = await self._follow(body, job)
+        if fresh is not None and (fresh.get("status") or {}).get("phase") == "Succeeded":
+            await self._register(fresh, job)
+
+    async def _create(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The Job of this PipelineJob, created now (None: it waits or failed; the status says why)."""
+        meta, spec = body["metadata"], body.get("spec") or {}
+        ns, name = meta["namespace"], meta["name"]
+        definition, reason, message = select_pipeline(self.seen.pipelines_of(ns), str(spec.get("pipeline")))
+        if definition is None:  # not seen (yet?): ask the API before saying so
+            definition, reason, message = select_pipeline(await self.kube.list(CLARAPIPELINES, ns),
+                                                          str(spec.get("pipeline")))
+        if definition is None:  # waits: a ClaraPipeline event (or the resync) brings it back
+            await self._write(body, {"phase": "Pending", "reason": reason, "message": message})
+            return None
+        try:
+            manifest = build_job(body, definition, self.settings)
+        except JobSpecError as exc:
+            await self._write(body, {"phase": "Failed", "reason": exc.reason, "message": exc.message,
+                                     "completionTime": now_rfc3339()})
+            return None
+        try:
+            job = await self.kube.create_job(manifest)
+        except Exception as exc:  # noqa: BLE001 - refused or unreachable: say why, then retry
+            reason, message = refusal(exc)
+            text = f"cannot create Job {manifest['metadata']['name']}: {message}"
             try:
-                manifest = build_job(body, definition, self.settings)
-            except JobSpecError as exc:
-                await self._write(body, {"phase": "Failed", "reason": exc.reason, "message": exc.message,
-                                         "completionTime": now_rfc3339()})
-                return
-            job, created = await self.create_job(manifest)
-            if created:
-                log.info("PipelineJob %s/%s: created Job %s (pipeline %s, priority %s)", ns, name,
-                         job["metadata"]["name"], spec.get("pipeline"), spec.get("priority"))
-            await self._sync(body, job)
+                await self._write(body, {"phase": "Pending", "reason": reason, "message": text})
+            except Exception as write_exc:  # noqa: BLE001 - the API may be down altogether
+                log.debug("PipelineJob %s/%s: status not written: %s", ns, name, write_exc)
+            raise Retry(f"{reason}: {message}") from None
+        if job is None:  # AlreadyExists: ours from before a restart (or a name conflict, see _follow)
+            job = await self.kube.get_job(ns, manifest["metadata"]["name"])
+            if job is None:
+                raise Retry(f"Job {manifest['metadata']['name']} exists and vanished", delay=1)
+        else:
+            self.jobs_created += 1
+            log.info("PipelineJob %s/%s: created Job %s (pipeline %s, priority %s)", ns, name,
+                     job["metadata"]["name"], spec.get("pipeline"), spec.get("priority"))
+        return job
 
-    async def on_job_event(self, job: dict[str, Any], deleted: bool) -> None:
-        ref = owner_of(job)
-        if ref is None:
-            return
-        ns = job["metadata"]["namespace"]
-        async with self.lock(ns, ref["name"]):
-            body = await self.get_pipelinejob(ns, ref["name"])
-            if body is None or body["metadata"].get("uid") != ref.get("uid") or \
-                    body["metadata"].get("deletionTimestamp"):
-                return
-            if deleted:
-                if (body.get("status") or {}).get("phase") not in TERMINAL_PHASES:
-                    await self._write(body, {"phase": "Failed", "reason": "JobDeleted",
-                                             "message": f"Job {job['metadata']['name']} was deleted before it "
-                                                        "finished", "completionTime": now_rfc3339()})
-                return
-            await self._sync(body, job)
-
-    async def _sync(self, body: dict[str, Any], job: dict[str, Any]) -> None:
+    async def _follow(self, body: dict[str, Any], job: dict[str, Any]) -> dict[str, Any] | None:
+        """Write the status the Job implies; the PipelineJob as stored afterwards."""
         ref = owner_of(job)
         if ref is None or ref.get("uid") != body["metadata"].get("uid"):
-            await self._write(body, {"phase": "Failed", "reason": "JobNameConflict",
-                                     "message": f"a Job named {job['metadata']['name']} exists that this "
-                                                "PipelineJob does not own", "completionTime": now_rfc3339()})
-            return
+            return await self._write(body, {"phase": "Failed", "reason": "JobNameConflict",
+                                            "message": f"a Job named {job['metadata']['name']} exists that this "
+                                                       "PipelineJob does not own", "completionTime": now_rfc3339()})
         pods: list[dict[str, Any]] = []
         if any(c.get("type") == "Failed" and c.get("status") == "True"
                for c in (job.get("status") or {}).get("conditions") or []):
             try:
-                pods = await self.job_pods(job["metadata"]["namespace"], job["metadata"]["name"])
-            except self.ApiException as exc:
+                pods = await self.kube.job_pods(job["metadata"]["namespace"], job["metadata"]["name"])
+            except self.kube.ApiException as exc:
                 log.warning("cannot list the pods of Job %s: %s", job["metadata"]["name"], exc.reason)
-        await self._write(body, job_status(job, pods), job)
+        desired = job_status(job, pods)
+        stored_phase = (body.get("status") or {}).get("phase")
+        record = None
+        if desired.get("phase") == "Succeeded" and stored_phase != "Succeeded" and self.results is not None:
+            record = await self.results.plan(body, job)  # decided once, written with the success
+        return await self._write(body, desired, record=record)
 
-    async def _write(self, body: dict[str, Any], desired: dict[str, Any], job: dict[str, Any] | None = None
-                     ) -> None:
+    async def _write(self, body: dict[str, Any], desired: dict[str, Any],
+                     record: dict[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+        """Write the status fields of ``desired`` (and a new results record) if they change anything;
+        the PipelineJob as stored afterwards (None: it is gone)."""
         stored = body.get("status") or {}
-        old_phase = stored.get("phase")
-        new_phase = desired.get("phase")
+        old_phase, new_phase = stored.get("phase"), desired.get("phase")
         if old_phase in TERMINAL_PHASES:
-            return
+            return body
         if old_phase and PHASE_RANK.get(new_phase, 0) < PHASE_RANK.get(old_phase, 0):
-            return  # a stale view of the Job; phases never go backwards
+            return body  # a stale view of the Job; phases never go backwards
         want = {k: desired.get(k) for k in STATUS_KEYS}
         if want.get("jobName") is None and stored.get("jobName"):
             want["jobName"] = stored["jobName"]
         have = {k: stored.get(k) for k in STATUS_KEYS}
-        if want == have:
-            return
-        if new_phase == "Succeeded" and old_phase != "Succeeded" and job is not None:
-            for hook in list(_SUCCEEDED_HOOKS):
-                try:
-                    await hook(body, job, self)
-                except Exception:  # noqa: BLE001 - a hook never blocks the status
-                    log.exception("PipelineJob %s: a succeeded hook failed", body["metadata"]["name"])
+        if want == have and record is None:
+            return body
         generation = body["metadata"].get("generation")
         conds = [Cond(t, s, r, m) for t, s, r, m in conditions_for(want)]
-        patch = dict(want)  # None values delete stale keys
+        patch: dict[str, Any] = dict(want)  # None values delete stale keys
+        if record is not None:
+            patch["registerResults"] = record
+            conds.append(results_condition(record, []))
         patch["conditions"] = merge(conds, stored.get("conditions"), generation)
         patch["observedGeneration"] = generation
-        await self.patch_status(body, patch)
+        meta = body["metadata"]
+        fresh = await self._patch(meta["namespace"], meta["name"], patch)
         if new_phase != old_phase or want.get("reason") != stored.get("reason"):
             event_type = "Warning" if new_phase == "Failed" or (
                 new_phase == "Pending" and want.get("reason") != "JobCreated") else "Normal"
             event_reason = {"Succeeded": "Succeeded", "Failed": want.get("reason") or "Failed",
                             "Running": "Running"}.get(new_phase or "", want.get("reason") or "Pending")
-            post_event_best_effort(body, event_type, event_reason, want.get("message") or "")
-            log.info("PipelineJob %s/%s: %s (%s)", body["metadata"]["namespace"], body["metadata"]["name"],
-                     new_phase, want.get("reason"))
+            self.post_event(body, event_type, event_reason, want.get("message") or "")
+            log.info("PipelineJob %s/%s: %s (%s)", meta["namespace"], meta["name"], new_phase, want.get("reason"))
+        return fresh
 
-    async def start_waiting(self, namespace: str, pipeline_id: str) -> None:
-        """A ClaraPipeline appeared or changed: start the PipelineJobs waiting for it."""
-        for body in await self.list_pipelinejobs(namespace):
-            status = body.get("status") or {}
-            if (body.get("spec") or {}).get("pipeline") != pipeline_id or status.get("jobName") \
-                    or status.get("phase") in TERMINAL_PHASES:
+    # ---- RegisterResults of a succeeded run
+    async def _register(self, body: dict[str, Any], job: dict[str, Any] | None) -> None:
+        """Every RegisterResults recorded as firing for this run gets its Job, exactly once."""
+        if self.results is None:
+            return
+        meta, status = body["metadata"], body.get("status") or {}
+        ns = meta["namespace"]
+        cond = condition(status, RESULTS_CONDITION)
+        record = status.get("registerResults")
+        if cond is not None and cond.get("status") == "True" and isinstance(record, dict):
+            self.forget(ns, meta["name"])
+            return
+        if (job is None or "spec" not in job) and status.get("jobName"):
+            job = await self.kube.get_job(ns, status["jobName"])  # the whole Job: its outputs
+        if not isinstance(record, dict):
+            # Succeeded before this record existed (or its status was lost): decide now, from the
+            # run's success time; Jobs that exist already are found by their deterministic names.
+            record = await self.results.plan(body, job)
+            fresh = await self._write_results(body, record, results_condition(record, []))
+            if fresh is None:
+                return
+            body = fresh
+        updates: dict[str, dict[str, Any]] = {}
+        errors: list[tuple[str, str, str]] = []
+        for rr_name, entry in sorted(record.items()):
+            if entry.get("state") not in OPEN_STATES:
                 continue
             try:
-                await self.ensure(body)
-            except Exception as exc:  # noqa: BLE001 - its own events retry it
-                log.warning("PipelineJob %s/%s: %s", namespace, body["metadata"]["name"], exc)
+                new = await self.results.fire(body, job, rr_name, entry)
+            except Retry:
+                raise
+            except Exception as exc:  # noqa: BLE001 - refused: recorded, retried
+                errors.append((rr_name, *refusal(exc)))
+                continue
+            if new != entry:
+                updates[rr_name] = {k: new.get(k) for k in set(entry) | set(new)}  # None deletes a key
+        merged = {n: {k: v for k, v in {**e, **updates.get(n, {})}.items() if v is not None}
+                  for n, e in record.items()}
+        cond_now = results_condition(merged, errors)
+        if updates or cond is None or (cond.get("status"), cond.get("reason"), cond.get("message")) != (
+                "True" if cond_now.status else "False", cond_now.reason, cond_now.message):
+            await self._write_results(body, updates, cond_now)
+        if errors:
+            raise Retry(f"{errors[0][1]}: {errors[0][2]}")
+
+    async def _write_results(self, body: dict[str, Any], record_patch: dict[str, Any], cond: Cond
+                             ) -> dict[str, Any] | None:
+        meta, stored = body["metadata"], body.get("status") or {}
+        generation = meta.get("generation")
+        others = [Cond(c["type"], c.get("status") == "True", c.get("reason", ""), c.get("message", ""))
+                  for c in stored.get("conditions") or [] if isinstance(c, dict) and c.get("type") != cond.type]
+        patch = {"registerResults": record_patch, "conditions": merge(others + [cond], stored.get("conditions"),
+                                                                       generation)}
+        fresh = await self._patch(meta["namespace"], meta["name"], patch)
+        for event_type, reason, message in transitions([cond], stored.get("conditions")):
+            self.post_event(body, event_type, reason, message)
+        return fresh
+
+    async def _patch(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        fresh = await self.kube.patch_status(PIPELINEJOBS, namespace, name, patch)
+        version = ((fresh or {}).get("metadata") or {}).get("resourceVersion")
+        if version:
+            self.own_writes[(namespace, name)] = version
+            self.seen.pipelinejob(fresh)  # type: ignore[arg-type]
+        else:
+            self.forget(namespace, name)
+        return fresh
+
+    def is_own_write(self, body: dict[str, Any]) -> bool:
+        """Is this PipelineJob exactly as our last status write left it (its watch event brings nothing new)?"""
+        meta = body.get("metadata") or {}
+        version = meta.get("resourceVersion")
+        return version is not None and self.own_writes.get((meta.get("namespace"), meta.get("name"))) == version
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Nothing more to do for this PipelineJob: drop what we keep of it and its Job."""
+        self.own_writes.pop((namespace, name), None)
+        self.seen.forget_pipelinejob(namespace, name)
+        self.seen.forget_job(namespace, job_name(name))
+
+    # ---- the resync
+    async def out_of_step(self, namespace: str | None) -> list[tuple[str, str]]:
+        """(namespace, name) of the PipelineJobs whose stored state disagrees with the world."""
+        from clara_operator.jobspec import COMPONENT_PIPELINE, LABEL_COMPONENT
+
+        pjs, jobs, pipelines = await asyncio.gather(
+            self.kube.list(PIPELINEJOBS, namespace),
+            self.kube.list_jobs(namespace, f"{LABEL_COMPONENT}={COMPONENT_PIPELINE}"),
+            self.kube.list(CLARAPIPELINES, namespace))
+        by_job = {(j["metadata"]["namespace"], j["metadata"]["name"]): j for j in jobs}
+        by_ns: dict[str, list[dict[str, Any]]] = {}
+        for p in pipelines:
+            by_ns.setdefault(p["metadata"]["namespace"], []).append(p)
+        out = []
+        for pj in pjs:
+            meta = pj["metadata"]
+            ns = meta["namespace"]
+            if needs_reconcile(pj, by_job.get((ns, job_name(meta["name"]))), by_ns.get(ns, [])):
+                out.append((ns, meta["name"]))
+        return out
 
     # ---- retention
     async def sweep(self, now: _dt.datetime | None = None) -> int:
@@ -296,11 +354,15 @@ class Runner:
         now = now or _dt.datetime.now(_dt.timezone.utc)
         deleted = 0
         for ns in (self.namespaces or [None]):
-            for body in await self.list_pipelinejobs(ns):
+            for body in await self.kube.list(PIPELINEJOBS, ns):
                 status = body.get("status") or {}
                 done = status.get("completionTime")
                 if status.get("phase") not in TERMINAL_PHASES or not done:
                     continue
+                cond = condition(status, RESULTS_CONDITION)
+                if status.get("phase") == "Succeeded" and self.results is not None and \
+                        (cond is None or cond.get("status") != "True"):
+                    continue  # its results are not registered yet: keep it (its payload too)
                 try:
                     finished = _dt.datetime.fromisoformat(str(done).replace("Z", "+00:00"))
                 except ValueError:
@@ -308,16 +370,10 @@ class Runner:
                 if now - finished < keep:
                     continue
                 meta = body["metadata"]
-                try:
-                    await self.custom.delete_namespaced_custom_object(
-                        GROUP, VERSION, meta["namespace"], PIPELINEJOBS, meta["name"],
-                        propagation_policy="Background")
-                    deleted += 1
-                    log.info("PipelineJob %s/%s: deleted after the retention period (%s)", meta["namespace"],
-                             meta["name"], status.get("phase"))
-                except self.ApiException as exc:
-                    if exc.status != 404:
-                        raise
+                await self.kube.delete(PIPELINEJOBS, meta["namespace"], meta["name"])
+                deleted += 1
+                log.info("PipelineJob %s/%s: deleted after the retention period (%s)", meta["namespace"],
+                         meta["name"], status.get("phase"))
         return deleted
 
     async def sweep_forever(self) -> None:
@@ -332,48 +388,4 @@ class Runner:
             await asyncio.sleep(interval)
 
 
-# --------------------------------------------------------------------------- handlers
-
-
-async def on_pipelinejob_event(event: dict[str, Any], body: Any, memo: Any, **_: Any) -> None:
-    if event.get("type") == "DELETED" or getattr(memo, "runner", None) is None:
-        return
-    # type None: the initial listing (a restart) — re-check Jobs created before it.
-    await memo.runner.ensure(dict(body), resume=event.get("type") is None)
-
-
-async def on_job_event(event: dict[str, Any], body: Any, memo: Any, **_: Any) -> None:
-    if getattr(memo, "runner", None) is None:
-        return
-    await memo.runner.on_job_event(dict(body), deleted=event.get("type") == "DELETED")
-
-
-async def on_pipeline_event(event: dict[str, Any], body: Any, namespace: str, memo: Any, **_: Any) -> None:
-    if event.get("type") == "DELETED" or getattr(memo, "runner", None) is None or not namespace:
-        return
-    await memo.runner.start_waiting(namespace, pipeline_id_of(dict(body)))
-
-
-async def start_sweep(memo: Any, **_: Any) -> None:
-    runner = getattr(memo, "runner", None)
-    if runner is not None and runner.settings.retention_hours > 0:
-        memo.sweep_task = asyncio.create_task(runner.sweep_forever(), name="pipelinejob-retention")
-
-
-async def stop_sweep(memo: Any, **_: Any) -> None:
-    task = getattr(memo, "sweep_task", None)
-    if task is not None:
-        task.cancel()
-        try:
-            await task
-        except (asyncio.CancelledError, Exception):  # noqa: BLE001
-            pass
-
-
-def register(registry: kopf.OperatorRegistry) -> None:
-    kopf.on.event(GROUP, VERSION, PIPELINEJOBS, id="run-pipelinejob", registry=registry)(on_pipelinejob_event)
-    kopf.on.event("batch", "v1", "jobs", id="pipelinejob-status", labels={LABEL_COMPONENT: COMPONENT_PIPELINE},
-                  registry=registry)(on_job_event)
-    kopf.on.event(GROUP, VERSION, CLARAPIPELINES, id="start-waiting-jobs", registry=registry)(on_pipeline_event)
-    kopf.on.startup(id="pipelinejob-retention", registry=registry)(start_sweep)
-    kopf.on.cleanup(id="pipelinejob-retention-stop", registry=registry)(stop_sweep)
+__all__ = ["Runner", "ResultsHook", "needs_reconcile", "results_condition", "RESULTS_CONDITION"]

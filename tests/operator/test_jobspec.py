@@ -1,7 +1,6 @@
 """PipelineJob + ClaraPipeline + runner settings → batch Job, and Job → status (no cluster)."""
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 from pathlib import Path
@@ -10,7 +9,7 @@ import pytest
 import yaml
 
 from clara_dicom.cli import build_parser
-from clara_operator import jobspec, pipelinejobs
+from clara_operator import jobspec
 from clara_operator.cli import runner_settings
 from clara_operator.jobspec import JobSpecError, RunnerSettings, build_job, job_name, job_status, select_pipeline
 
@@ -287,42 +286,6 @@ def test_job_status():
     assert culprit["completionTime"] == "2024-01-01T00:02:00Z"
     deadline = dict(failed_cond, reason="DeadlineExceeded", message="Job was active longer than specified deadline")
     assert job_status(job({"failed": 1, "conditions": [deadline]}), [pod])["reason"] == "DeadlineExceeded"
-
-
-class FakeRunner(pipelinejobs.Runner):
-    def __init__(self) -> None:  # no API client
-        self.settings = RunnerSettings()
-        self.patches: list[dict] = []
-
-    async def patch_status(self, body, status):
-        self.patches.append(status)
-        body["status"] = {**(body.get("status") or {}), **{k: v for k, v in status.items() if v is not None}}
-
-
-def test_status_never_goes_backwards_and_the_succeeded_hook_runs_first(monkeypatch):
-    monkeypatch.setattr(pipelinejobs, "post_event_best_effort", lambda *a: None)
-    seen = []
-
-    async def hook(body, job_body, runner):
-        seen.append((body["metadata"]["name"], job_body["metadata"]["name"], len(runner.patches)))
-
-    monkeypatch.setattr(pipelinejobs, "_SUCCEEDED_HOOKS", [hook])
-    runner = FakeRunner()
-    body = pjob()
-    complete = job({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]})
-
-    async def scenario():
-        await runner._write(body, job_status(job({"active": 1})), job({"active": 1}))
-        await runner._write(body, job_status(job({})), job({}))  # a stale view: ignored
-        await runner._write(body, job_status(job({"active": 1})), job({"active": 1}))  # nothing new
-        await runner._write(body, job_status(complete), complete)
-        await runner._write(body, job_status(complete), complete)
-
-    asyncio.run(scenario())
-    assert [p["phase"] for p in runner.patches] == ["Running", "Succeeded"]
-    assert seen == [("ct-liver-0123456789", "j", 1)]  # before the Succeeded status was written
-    conds = {c["type"]: c["status"] for c in runner.patches[-1]["conditions"]}
-    assert conds == {"JobCreated": "True", "Succeeded": "True"}
 
 
 # --------------------------------------------------------------------------- CLI

@@ -1,7 +1,6 @@
 """RegisterResults → register Job, firing rule, inputs, status counters (no cluster)."""
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 
@@ -10,7 +9,6 @@ from test_jobspec import SETTINGS, liver_body, liver_job, pjob
 
 from clara_dicom.cli import build_parser
 from clara_operator import registerjob as rj
-from clara_operator import registerresults
 from clara_operator.cli import runner_settings
 from clara_operator.jobspec import JobSpecError, select_pipeline
 
@@ -144,56 +142,3 @@ def test_counts_are_recomputed_and_stay_monotonic_when_jobs_vanish():
     assert rj.count_runs(second, [], now)["runs"] == 4  # e vanished unfolded: the one loss, documented
 
 
-class FakeApiException(Exception):
-    def __init__(self, status):
-        super().__init__(status)
-        self.status = status
-
-
-class FakeRunner:
-    """Enough of pipelinejobs.Runner for the Registrar: a dict of Jobs, a list of RegisterResults."""
-
-    ApiException = FakeApiException
-
-    def __init__(self, rrs):
-        self.settings = SETTINGS
-        self.jobs: dict[str, dict] = {}
-        self.rrs = rrs
-        runner = self
-
-        class Batch:
-            async def create_namespaced_job(self, ns, manifest):
-                if manifest["metadata"]["name"] in runner.jobs:
-                    raise FakeApiException(409)
-                runner.jobs[manifest["metadata"]["name"]] = manifest
-
-        class Custom:
-            async def list_namespaced_custom_object(self, group, version, ns, plural):
-                assert plural == "registerresults"
-                return {"items": runner.rrs}
-
-        self.batch, self.custom = Batch(), Custom()
-
-    async def get_job(self, ns, name):
-        return self.jobs.get(name)
-
-    async def list_pipelines(self, ns):
-        return [liver_body()]
-
-
-def test_the_hook_creates_one_job_per_matching_registerresults_once(monkeypatch):
-    monkeypatch.setattr(registerresults, "post_event_best_effort", lambda *a: None)
-    rrs = [rr("a"), rr("b", inputs=["dicom-writer/dicom"]), rr("other", pipeline="other"),
-           rr("late", created="2024-01-01T01:00:00Z"), rr("bad", inputs=["nope"])]
-    runner = FakeRunner(rrs)
-    job = liver_job()
-    job["status"] = {"completionTime": "2024-01-01T00:30:00Z"}
-    body = pjob()
-    for _ in range(2):  # at least once: the second call (a restart) creates nothing
-        asyncio.run(registerresults.on_succeeded(body, job, runner))
-    assert sorted(j["metadata"]["labels"]["dicom.clara.io/registerresults"] for j in runner.jobs.values()) == \
-        ["a", "b"]
-    assert runner.registrar.jobs_created == 2
-    by_rr = {j["metadata"]["labels"]["dicom.clara.io/registerresults"]: j for j in runner.jobs.values()}
-    env = {e["name"]: e.get("value") for e in by_rr["a"]["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["CLARA_INPUT_PATHS"] == ":".join(f"/payload/operators/{o}/{n}" for o, n in ALL)

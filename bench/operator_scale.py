@@ -1,0 +1,279 @@
+#!/usr/bin/env python3
+"""The operator at hospital scale: a burst of PipelineJobs on the real control plane.
+
+    python bench/operator_scale.py [--jobs 1000] [--nodes 20] [--gpu-nodes 8] [--kubeconfig K]
+
+Starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok
+(e2e/k8s_cluster.py; binaries from e2e/build.sh) with --nodes fake nodes, --gpu-nodes
+of them advertising nvidia.com/gpu, the four PriorityClasses and the liver pipeline
+(one GPU operator); then `clara-dicom operator` as a process. --jobs PipelineJobs are
+created in a burst by 16 client threads, across the four priorities; kwok completes
+every pod as soon as it runs.
+
+Measured from watches (client clock) and the kube-apiserver's /metrics:
+
+* PipelineJob created → its Job created: p50 / p95 / max during the burst (target p95 ≤ 1 s);
+* Jobs/s; the burst's own create rate is the anchor (ratio = how far the operator lags it);
+* the last Job finished → all PipelineJobs Succeeded (target ≤ 10 s), and the same lag
+  for the Job controller (PipelineJob's Job created → Job Complete) to show where time goes;
+* API requests per PipelineJob, all clients, by resource (apiserver_request_total);
+* the operator's RSS (VmRSS, VmHWM).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "e2e"))
+
+import k8s_cluster as kc  # noqa: E402
+
+LIVER = REPO / "tests" / "fixtures" / "liver-tumor-pipeline.yaml"
+PRIORITIES = {"lower": 1000, "normal": 2000, "higher": 3000, "immediate": 4000}
+NS = "bench"
+
+
+def nodes(cluster: kc.Cluster, count: int, gpu_nodes: int) -> None:
+    for i in range(count):
+        name = kc.NODE_NAME if i == 0 else f"kwok-node-{i}"
+        capacity = {"cpu": "64", "memory": "512Gi", "pods": "500"}
+        if i < gpu_nodes:
+            capacity["nvidia.com/gpu"] = "64"
+        body = {"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "annotations": {"kwok.x-k8s.io/node": "fake",
+                                                           "node.alpha.kubernetes.io/ttl": "0"},
+                             "labels": {"type": "kwok", "kubernetes.io/hostname": name,
+                                        "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"}}}
+        cluster.apply(body)
+        cluster.kubectl("patch", "node", name, "--subresource=status", "--type=merge", "-p",
+                        json.dumps({"status": {"capacity": capacity, "allocatable": capacity}}))
+    kc.wait_until(lambda: sum(
+        any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))
+        for n in cluster.kubectl_json("get", "nodes")["items"]) >= count, 120, f"{count} nodes Ready")
+
+
+def api_requests(cluster: kc.Cluster) -> collections.Counter:
+    """apiserver_request_total summed by resource (all clients, all verbs)."""
+    status, text = cluster.request("GET", "/metrics", timeout=60)
+    out: collections.Counter = collections.Counter()
+    for line in str(text).splitlines():
+        if line.startswith("apiserver_request_total{"):
+            labels, value = line.rsplit(" ", 1)
+            resource = re.search(r'resource="([^"]*)"', labels)
+            sub = re.search(r'subresource="([^"]*)"', labels)
+            key = (resource.group(1) if resource else "") + (f"/{sub.group(1)}" if sub and sub.group(1) else "")
+            out[key] += float(value)
+    return out
+
+
+class Watch(threading.Thread):
+    """A watch stream of one collection; calls on_event(type, object, now) for every event."""
+
+    def __init__(self, cluster: kc.Cluster, path: str, on_event) -> None:
+        super().__init__(daemon=True)
+        self.cluster, self.path, self.on_event = cluster, path, on_event
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        ctx = self.cluster.ssl_context()
+        version = ""
+        while not self.stop.is_set():
+            sep = "&" if "?" in self.path else "?"
+            url = f"{self.cluster.server}{self.path}{sep}watch=1&allowWatchBookmarks=false&timeoutSeconds=600" + (
+                f"&resourceVersion={version}" if version else "")
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url), context=ctx, timeout=700) as resp:
+                    self.ready.set()
+                    for line in resp:
+                        if self.stop.is_set():
+                            return
+                        event = json.loads(line)
+                        obj = event.get("object") or {}
+                        version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                        if event.get("type") == "ERROR":
+                            version = ""
+                            break
+                        self.on_event(event["type"], obj, time.monotonic())
+            except Exception:  # noqa: BLE001 - reconnect
+                time.sleep(0.2)
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[max(0, min(len(values) - 1, int(round(p * len(values))) - 1))]
+
+
+def rss(pid: int) -> tuple[float, float]:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return (int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024)
+
+
+def pipelinejob(i: int) -> dict:
+    name = f"scale-{i:05d}"
+    return {"apiVersion": "dicom.clara.io/v1alpha1", "kind": "PipelineJob", "metadata": {"name": name},
+            "spec": {"pipeline": "liver-tumor-example", "priority": list(PRIORITIES)[i % 4],
+                     "source": {"aeTitle": "CT", "processor": "by-study"},
+                     "group": {"by": "Study", "value": f"1.2.3.{i}"},
+                     "payload": {"path": f"/var/lib/clara-dicom/payloads/{name}", "instances": 100,
+                                 "bytes": 52428800}}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=1000)
+    ap.add_argument("--nodes", type=int, default=20)
+    ap.add_argument("--gpu-nodes", type=int, default=8)
+    ap.add_argument("--clients", type=int, default=16, help="threads creating PipelineJobs")
+    ap.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds")
+    ap.add_argument("--kubeconfig", help="use this running cluster (from `e2e/cluster up`) instead of starting one")
+    ap.add_argument("--controllers-qps", type=int, default=0,
+                    help="restart kube-controller-manager and kube-scheduler with --kube-api-qps=N (their "
+                         "default, 20 and 50, paces Jobs and pods; shows what is theirs and what is ours)")
+    ap.add_argument("--operator-flag", action="append", default=[], help="extra flag for the operator (repeatable)")
+    args = ap.parse_args()
+
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="clara-scale-"))
+    cluster = kc.connect(Path(args.kubeconfig)) if args.kubeconfig else kc.start(work / "k8s")
+    operator = None
+    watches: list[Watch] = []
+    try:
+        nodes(cluster, args.nodes, args.gpu_nodes)
+        if args.controllers_qps:
+            for name in ("kube-controller-manager", "kube-scheduler"):
+                cluster.stop_component(name)
+                cluster.start_component(name, [f"--kube-api-qps={args.controllers_qps}",
+                                                f"--kube-api-burst={2 * args.controllers_qps}"])
+            print(f"kube-controller-manager and kube-scheduler: --kube-api-qps={args.controllers_qps}")
+        for prio, value in PRIORITIES.items():
+            cluster.apply({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                           "metadata": {"name": f"clara-dicom-{prio}"}, "value": value})
+        cluster.kubectl("create", "namespace", NS, check=False)
+        kc.wait_until(lambda: cluster.kubectl("get", "sa", "default", "-n", NS, check=False).returncode == 0, 60,
+                      "ServiceAccount default")
+        cluster.kubectl("apply", "-n", NS, "-f", str(LIVER))
+
+        log = open(work / "operator.log", "ab")  # noqa: SIM115
+        env = {**os.environ, **cluster.env, "NO_PROXY": "127.0.0.1,localhost"}
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "clara_dicom.cli", "operator", "-n", NS, "--liveness-port", "0",
+             "--no-adapter-feedback", "--payload-host-path", "/tmp/clara-dicom-bench-payloads",
+             *args.operator_flag], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        log.close()
+
+        created: dict[str, float] = {}
+        job_added: dict[str, float] = {}
+        job_done: dict[str, float] = {}
+        pj_done: dict[str, float] = {}
+        lock = threading.Lock()
+
+        def on_job(kind: str, job: dict, now: float) -> None:
+            name = job["metadata"]["name"]
+            with lock:
+                job_added.setdefault(name, now)
+                if any(c.get("type") == "Complete" and c.get("status") == "True"
+                       for c in (job.get("status") or {}).get("conditions") or []):
+                    job_done.setdefault(name, now)
+
+        def on_pj(kind: str, pj: dict, now: float) -> None:
+            if (pj.get("status") or {}).get("phase") == "Succeeded":
+                with lock:
+                    pj_done.setdefault(pj["metadata"]["name"], now)
+
+        watches = [Watch(cluster, f"/apis/batch/v1/namespaces/{NS}/jobs", on_job),
+                   Watch(cluster, f"/apis/dicom.clara.io/v1alpha1/namespaces/{NS}/pipelinejobs", on_pj)]
+        for w in watches:
+            w.start()
+            w.ready.wait(30)
+        time.sleep(3)  # let the operator finish its start-up listing before the burst
+        if operator.poll() is not None:
+            raise SystemExit(f"the operator exited: {(work / 'operator.log').read_text()[-2000:]}")
+        before = api_requests(cluster)
+        path = f"/apis/dicom.clara.io/v1alpha1/namespaces/{NS}/pipelinejobs"
+
+        def create(i: int) -> None:
+            body = pipelinejob(i)
+            status, answer = cluster.request("POST", path, body, timeout=60)
+            if status != 201:
+                raise RuntimeError(f"{body['metadata']['name']}: {status} {answer}")
+            with lock:
+                created[body["metadata"]["name"]] = time.monotonic()
+
+        start = time.monotonic()
+        with ThreadPoolExecutor(args.clients) as pool:
+            list(pool.map(create, range(args.jobs)))
+        burst = time.monotonic() - start
+        print(f"created {args.jobs} PipelineJobs in {burst:.1f}s ({args.jobs / burst:.0f}/s, {args.clients} "
+              f"client threads) load {os.getloadavg()[0]:.1f}", flush=True)
+        deadline = start + args.timeout
+        try:
+            while len(pj_done) < args.jobs and time.monotonic() < deadline:
+                time.sleep(0.5)
+                if operator.poll() is not None:
+                    raise SystemExit("the operator exited")
+        except KeyboardInterrupt:  # report what there is so far
+            print(f"interrupted after {time.monotonic() - start:.0f}s: partial figures", flush=True)
+        after = api_requests(cluster)
+        rss_now, rss_peak = rss(operator.pid)
+        load = os.getloadavg()
+
+        names = sorted(created)
+        lag = [job_added[n] - created[n] for n in names if n in job_added]
+        last_job = max(job_added.values()) if job_added else float("nan")
+        if not lag:
+            raise SystemExit("no Job was created")
+        print(f"\nPipelineJob created -> Job created ({len(lag)}/{args.jobs}): p50 {statistics.median(lag):.2f}s, "
+              f"p95 {pct(lag, 0.95):.2f}s, max {max(lag):.2f}s   (target p95 <= 1 s)")
+        span = last_job - start
+        print(f"Jobs: all {len(job_added)} created {span:.1f}s after the first create: {len(job_added) / span:.0f} Jobs/s; "
+              f"anchor: the burst itself {burst:.1f}s -> ratio {span / burst:.2f}")
+        if job_done and pj_done:
+            last_done = max(job_done.values())
+            finish = max(pj_done.values()) if pj_done else float("nan")
+            follow = [pj_done[n] - job_done[n] for n in names if n in pj_done and n in job_done]
+            run = [job_done[n] - job_added[n] for n in names if n in job_done and n in job_added]
+            print(f"last Job finished -> all PipelineJobs Succeeded: {finish - last_done:.1f}s   (target <= 10 s); "
+                  f"{len(pj_done)}/{args.jobs} Succeeded")
+            print(f"  Job Complete -> PipelineJob Succeeded: p50 {statistics.median(follow):.2f}s, "
+                  f"p95 {pct(follow, 0.95):.2f}s (the operator following)")
+            print(f"  Job created -> Job Complete: p50 {statistics.median(run):.1f}s, p95 {pct(run, 0.95):.1f}s, "
+                  f"max {max(run):.1f}s (Job controller, scheduler, kwok)")
+            print(f"  first create -> all Succeeded: {finish - start:.1f}s")
+        delta = after - before
+        total = sum(delta.values())
+        print(f"API requests: {total:.0f} = {total / args.jobs:.1f} per PipelineJob (all clients)")
+        for key, value in delta.most_common(12):
+            print(f"  {key or '(none)'}: {value / args.jobs:.2f} per PipelineJob")
+        print(f"operator RSS {rss_now:.0f} MB (peak {rss_peak:.0f} MB)   (target <= 300 MB)")
+        print(f"load average after: {load}")
+    finally:
+        for w in watches:
+            w.stop.set()
+        if operator is not None and operator.poll() is None:
+            operator.terminate()
+            try:
+                operator.wait(20)
+            except subprocess.TimeoutExpired:
+                operator.kill()
+        if not args.kubeconfig:
+            cluster.stop()
+        print(f"operator log: {work / 'operator.log'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""The PipelineJob / RegisterResults controller's logic without a cluster: the work
+queue's schedule on a controlled clock, how refusals read, and the runner against an
+in-memory API whose creates can be refused (the real-API versions of these are
+tests/e2e/test_faults.py)."""
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+
+import pytest
+from test_jobspec import SETTINGS, liver_body, pjob
+from test_registerjob import rr
+
+from clara_operator.controller import is_settled
+from clara_operator.kube import refusal
+from clara_operator.pipelinejobs import Runner, needs_reconcile, results_condition
+from clara_operator.registerresults import Registrar
+from clara_operator.workqueue import Backoff, Retry, Schedule
+
+
+# --------------------------------------------------------------------------- the schedule
+
+
+def test_backoff_doubles_up_to_its_cap():
+    b = Backoff(base=1, factor=2, cap=15)
+    assert [b.delay(n) for n in range(1, 7)] == [1, 2, 4, 8, 15, 15]
+
+
+def test_schedule_dedups_orders_and_pulls_a_key_earlier():
+    s = Schedule()
+    s.add("a", now=0, delay=5)
+    s.add("b", now=0, delay=1)
+    s.add("a", now=0, delay=9)  # later than queued: no change
+    assert len(s) == 2 and s.pop(0.5) is None
+    assert s.pop(1) == "b" and s.pop(1) is None
+    s.add("a", now=2, delay=0)  # an event while it waits: due now
+    assert s.pop(2) == "a" and s.next_due() is None
+
+
+def test_failures_back_off_and_success_forgets_them():
+    s = Schedule(Backoff(base=1, factor=2, cap=4))
+    s.add("k", 0)
+    t = 0.0
+    delays = []
+    for _ in range(4):
+        assert s.pop(t) == "k"
+        delays.append(s.done("k", t, failed=True))
+        assert s.pop(t + delays[-1] - 0.01) is None
+        t += delays[-1]
+    assert delays == [1, 2, 4, 4]
+    assert s.pop(t) == "k"
+    assert s.done("k", t, failed=False) is None and "k" not in s.failures
+    assert s.next_due() is None  # converged: nothing scheduled
+    s.add("k", t)
+    assert s.pop(t) == "k" and s.done("k", t, failed=True, delay=0.5) == 0.5  # Retry(delay=…) wins
+    assert s.failures["k"] == 1
+
+
+def test_a_key_added_while_it_runs_runs_once_more_and_never_twice_at_once():
+    s = Schedule()
+    s.add("k", 0)
+    assert s.pop(0) == "k"
+    s.add("k", 0.1)
+    s.add("k", 0.2)
+    assert s.pop(0.3) is None  # still running
+    s.done("k", 0.4, failed=False)
+    assert s.pop(0.4) == "k" and s.pop(0.4) is None
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+class ApiError(Exception):
+    def __init__(self, status, message="", reason=""):
+        super().__init__(f"({status}) {reason}")
+        self.status, self.reason = status, reason
+        self.body = json.dumps({"kind": "Status", "message": message}) if message else ""
+
+
+def test_refusals_read_as_reasons_with_the_api_message():
+    quota = ApiError(403, 'jobs.batch "x" is forbidden: exceeded quota: no-jobs, requested: count/jobs.batch=1, '
+                          'used: count/jobs.batch=0, limited: count/jobs.batch=0', "Forbidden")
+    assert refusal(quota) == ("QuotaExceeded", json.loads(quota.body)["message"])
+    vap = ApiError(422, 'jobs.batch "x" is forbidden: ValidatingAdmissionPolicy \'no-jobs\' with binding '
+                        '\'no-jobs\' denied request: maintenance', "Unprocessable Entity")
+    assert refusal(vap)[0] == "AdmissionDenied" and "maintenance" in refusal(vap)[1]
+    assert refusal(ApiError(503, reason="Service Unavailable")) == ("APIUnavailable", "503 Service Unavailable")
+    assert refusal(ConnectionRefusedError("Connect call failed ('127.0.0.1', 6443)"))[0] == "APIUnavailable"
+    assert refusal(ApiError(400, "bad field", "Bad Request")) == ("JobRefused", "bad field")
+
+
+# --------------------------------------------------------------------------- an in-memory API
+
+
+class FakeKube:
+    """Enough of kube.Kube: objects in dicts; creates refused while ``refuse`` is set."""
+
+    ApiException = ApiError
+
+    def __init__(self):
+        self.objects: dict[tuple[str, str], dict] = {}
+        self.jobs: dict[str, dict] = {}
+        self.refuse: ApiError | None = None
+        self.creates = 0
+        self.status_writes: list[dict] = []
+
+    def add(self, plural, body):
+        body = copy.deepcopy(body)
+        body["metadata"].setdefault("namespace", "imaging")
+        body["metadata"].setdefault("uid", f"uid-{body['metadata']['name']}")
+        self.objects[(plural, body["metadata"]["name"])] = body
+        return body
+
+    async def get(self, plural, ns, name):
+        return copy.deepcopy(self.objects.get((plural, name)))
+
+    async def list(self, plural, ns):
+        return [copy.deepcopy(b) for (p, _), b in self.objects.items() if p == plural]
+
+    async def patch_status(self, plural, ns, name, status):
+        body = self.objects.get((plural, name))
+        if body is None:
+            return None
+        self.status_writes.append(copy.deepcopy(status))
+        body["status"] = _merge(body.get("status") or {}, copy.deepcopy(status))
+        return copy.deepcopy(body)
+
+    async def get_job(self, ns, name):
+        return copy.deepcopy(self.jobs.get(name))
+
+    async def list_jobs(self, ns, selector):
+        return [copy.deepcopy(j) for j in self.jobs.values()]
+
+    async def create_job(self, manifest):
+        if self.refuse is not None:
+            raise self.refuse
+        name = manifest["metadata"]["name"]
+        if name in self.jobs:
+            return None
+        self.creates += 1
+        job = copy.deepcopy(manifest)
+        job["metadata"]["uid"] = f"job-uid-{name}"
+        self.jobs[name] = job
+        return copy.deepcopy(job)
+
+    async def job_pods(self, ns, name):
+        return []
+
+    async def delete(self, plural, ns, name):
+        self.objects.pop((plural, name), None)
+
+
+def _merge(old: dict, patch: dict) -> dict:
+    out = dict(old)
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def complete(kube: FakeKube, name: str, when="2024-01-01T00:30:00Z") -> None:
+    kube.jobs[name]["status"] = {"startTime": "2024-01-01T00:20:00Z", "completionTime": when, "succeeded": 1,
+                                 "conditions": [{"type": "Complete", "status": "True"}]}
+
+
+def setup(rrs=()):
+    kube = FakeKube()
+    kube.add("clarapipelines", liver_body())
+    body = kube.add("pipelinejobs", pjob())
+    for r in rrs:
+        kube.add("registerresults", r)
+    events: list[tuple] = []
+    post = lambda b, t, r, m: events.append((b["kind"], t, r, m))  # noqa: E731
+    runner = Runner(kube, SETTINGS, results=Registrar(kube, SETTINGS, post_event=post), post_event=post)
+    return kube, runner, body["metadata"]["name"], events
+
+
+def status(kube, name="ct-liver-0123456789"):
+    return kube.objects[("pipelinejobs", name)]["status"]
+
+
+def conds(st):
+    return {c["type"]: (c["status"], c["reason"]) for c in st.get("conditions", [])}
+
+
+QUOTA = ApiError(403, 'jobs.batch "ct-liver-0123456789" is forbidden: exceeded quota: no-jobs, requested: '
+                      'count/jobs.batch=1, used: count/jobs.batch=0, limited: count/jobs.batch=0', "Forbidden")
+
+
+def test_a_refused_job_says_why_is_retried_and_then_created():
+    kube, runner, name, events = setup()
+    kube.refuse = QUOTA
+    for _ in range(3):  # every retry refused: one status write, one Event
+        with pytest.raises(Retry, match="QuotaExceeded"):
+            asyncio.run(runner.reconcile("imaging", name))
+    st = status(kube)
+    assert (st["phase"], st["reason"]) == ("Pending", "QuotaExceeded") and "exceeded quota: no-jobs" in st["message"]
+    assert conds(st)["JobCreated"] == ("False", "QuotaExceeded")
+    assert [e[1:3] for e in events] == [("Warning", "QuotaExceeded")] and "exceeded quota" in events[0][3]
+    assert len(kube.status_writes) == 1
+    kube.refuse = None
+    asyncio.run(runner.reconcile("imaging", name))
+    assert list(kube.jobs) == [name] and status(kube)["reason"] == "JobCreated"
+    assert conds(status(kube))["JobCreated"] == ("True", "JobCreated")
+
+
+def test_register_jobs_are_recorded_refusals_retried_and_each_created_once():
+    kube, runner, name, events = setup([rr("a"), rr("b", inputs=["dicom-writer/dicom"]), rr("other", pipeline="x"),
+                                        rr("late", created="2024-01-01T01:00:00Z"), rr("bad", inputs=["nope"])])
+    asyncio.run(runner.reconcile("imaging", name))
+    complete(kube, name)
+    kube.refuse = QUOTA  # the run succeeds while register Jobs are refused
+    with pytest.raises(Retry, match="QuotaExceeded"):
+        asyncio.run(runner.reconcile("imaging", name))
+    st = status(kube)
+    assert st["phase"] == "Succeeded"  # the success is written, with what fires for it
+    assert {n: e["state"] for n, e in st["registerResults"].items()} == {"a": "Pending", "b": "Pending",
+                                                                          "bad": "Waiting"}
+    assert conds(st)["ResultsRegistered"] == ("False", "QuotaExceeded")
+    assert not is_settled(kube.objects[("pipelinejobs", name)])
+    assert needs_reconcile(kube.objects[("pipelinejobs", name)], None, [])
+    kube.refuse = None
+    asyncio.run(runner.reconcile("imaging", name))
+    st = status(kube)
+    assert {n: e["state"] for n, e in st["registerResults"].items()} == {"a": "Created", "b": "Created",
+                                                                          "bad": "Waiting"}
+    assert conds(st)["ResultsRegistered"] == ("False", "InvalidInputs")
+    assert kube.creates == 3  # the pipeline Job and two register Jobs
+    # Fixing the RegisterResults resumes its waiting run; a deleted register Job is never recreated.
+    kube.objects[("registerresults", "bad")]["spec"]["inputs"] = ["dicom-writer"]
+    del kube.jobs[st["registerResults"]["a"]["jobName"]]
+    asyncio.run(runner.reconcile("imaging", name))
+    st = status(kube)
+    assert conds(st)["ResultsRegistered"][0] == "True" and kube.creates == 4
+    assert st["registerResults"]["bad"] == {"uid": "uid-bad", "state": "Created",
+                                            "jobName": st["registerResults"]["bad"]["jobName"]}
+    assert is_settled(kube.objects[("pipelinejobs", name)])
+    writes = len(kube.status_writes)
+    asyncio.run(runner.reconcile("imaging", name))
+    assert kube.creates == 4 and len(kube.status_writes) == writes  # converged: no calls that change anything
+    assert sum(1 for e in events if e[2] == "RunCreated") == 3
+
+
+def test_a_lost_status_finds_the_existing_register_jobs():
+    kube, runner, name, _ = setup([rr("a")])
+    asyncio.run(runner.reconcile("imaging", name))
+    complete(kube, name)
+    asyncio.run(runner.reconcile("imaging", name))
+    assert kube.creates == 2
+    del kube.objects[("pipelinejobs", name)]["status"]  # e.g. a kill between create and the status write
+    asyncio.run(runner.reconcile("imaging", name))
+    st = status(kube)
+    assert st["phase"] == "Succeeded" and st["registerResults"]["a"]["state"] == "Created"
+    assert kube.creates == 2
+
+
+def test_phases_never_go_backwards_and_a_deleted_job_fails_the_run():
+    kube, runner, name, _ = setup()
+    asyncio.run(runner.reconcile("imaging", name))
+    kube.jobs[name]["status"] = {"active": 1}
+    asyncio.run(runner.reconcile("imaging", name))
+    assert status(kube)["phase"] == "Running"
+    kube.jobs[name]["status"] = {}  # a stale view
+    asyncio.run(runner.reconcile("imaging", name))
+    assert status(kube)["phase"] == "Running"
+    assert not needs_reconcile(kube.objects[("pipelinejobs", name)], kube.jobs[name] | {"status": {"active": 1}}, [])
+    del kube.jobs[name]
+    assert needs_reconcile(kube.objects[("pipelinejobs", name)], None, [])
+    asyncio.run(runner.reconcile("imaging", name))
+    assert (status(kube)["phase"], status(kube)["reason"]) == ("Failed", "JobDeleted")
+
+
+def test_a_waiting_pipelinejob_is_resynced_only_when_its_pipeline_appears():
+    body = pjob()
+    body["status"] = {"phase": "Pending", "reason": "PipelineNotFound"}
+    assert not needs_reconcile(body, None, [])
+    assert needs_reconcile(body, None, [liver_body()])
+    assert needs_reconcile(pjob(), None, [])  # never reconciled: its status is due
+
+
+def test_results_condition():
+    assert results_condition({}, []).reason == "NoRegisterResults"
+    ok = results_condition({"a": {"state": "Created"}, "b": {"state": "Skipped"}}, [])
+    assert ok.status and ok.reason == "Registered" and ok.message.endswith(": a")
+    refused = results_condition({"a": {"state": "Pending"}}, [("a", "AdmissionDenied", "no")])
+    assert (refused.status, refused.reason) == (False, "AdmissionDenied") and refused.message.endswith(": no")
+
+
+def test_troubleshooting_explains_every_refusal_reason():
+    import re
+    from pathlib import Path
+
+    from clara_operator import kube
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "troubleshooting.md").read_text()
+    documented = set(re.findall(r"^### `(\w+)`", doc, flags=re.M))
+    reasons = set(re.findall(r"^    (\w+) {2,}", kube.refusal.__doc__ or "", flags=re.M))
+    assert reasons == {"QuotaExceeded", "AdmissionDenied", "APIUnavailable", "JobRefused"}
+    assert reasons <= documented
+
+
+def test_the_watch_event_of_our_own_status_write_is_no_news():
+    from clara_operator.controller import Controller
+
+    kube, runner, name, _ = setup()
+    controller = Controller(kube, SETTINGS, namespaces=["imaging"])
+    controller.runner = runner
+    asyncio.run(runner.reconcile("imaging", name))
+    ours = copy.deepcopy(kube.objects[("pipelinejobs", name)])
+    ours["metadata"]["resourceVersion"] = "7"
+    runner.own_writes[("imaging", name)] = "7"
+    controller.pipelinejob_event(ours)
+    assert len(controller.queue.schedule) == 0
+    ours["metadata"]["resourceVersion"] = "8"  # someone else's change
+    controller.pipelinejob_event(ours)
+    assert len(controller.queue.schedule) == 1
+    controller.pipelinejob_event(ours, deleted=True)
+    assert ("imaging", name) not in runner.own_writes
+
+
+def test_seen_keeps_the_newest_version_and_trims_jobs():
+    from clara_operator.seen import Seen
+
+    seen = Seen()
+    new = {"metadata": {"namespace": "n", "name": "a", "resourceVersion": "12"}, "status": {"phase": "Running"}}
+    old = {"metadata": {"namespace": "n", "name": "a", "resourceVersion": "9"}, "status": {"phase": "Pending"}}
+    seen.pipelinejob(new)
+    seen.pipelinejob(old)  # an older event arriving after our newer write
+    assert seen.pipelinejobs[("n", "a")]["status"]["phase"] == "Running"
+    seen.job({"metadata": {"namespace": "n", "name": "a", "resourceVersion": "3", "labels": {"x": "y"}},
+              "spec": {"template": {}}, "status": {"active": 1}})
+    assert seen.jobs[("n", "a")] == {"metadata": {"namespace": "n", "name": "a", "resourceVersion": "3"},
+                                     "status": {"active": 1}}
+
+
+def test_no_import_cycles_between_the_operator_modules():
+    """events/conditions import none of ours; the controller wires runner and registrar, which
+    know nothing of each other or of the kopf handlers."""
+    import ast
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[2] / "operator" / "clara_operator"
+
+    def ours(module: str) -> set[str]:
+        tree = ast.parse((pkg / f"{module}.py").read_text())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("clara_operator"):
+                names.add((node.module or "").split(".")[-1] if node.module != "clara_operator" else
+                          ",".join(a.name for a in node.names))
+            elif isinstance(node, ast.Import):
+                names |= {a.name.split(".")[-1] for a in node.names if a.name.startswith("clara_operator")}
+        return names
+
+    assert ours("events") == set() and ours("conditions") == set()
+    assert not ours("pipelinejobs") & {"registerresults", "handlers", "controller"}
+    assert not ours("registerresults") & {"pipelinejobs", "handlers", "controller"}
+    assert "handlers" not in ours("controller")
