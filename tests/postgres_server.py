@@ -1,7 +1,6 @@
-"""A throw-away PostgreSQL server (Debian binaries) on 127.0.0.1 for the
-adapter's journal tests; the same recipe as tests/results/conftest.py (which
-the Results Service tests own). Without the binaries the tests skip, except
-under CI=true where they fail loudly."""
+"""A throw-away PostgreSQL server (Debian binaries) on 127.0.0.1, for the
+adapter's journal tests and the Results Service tests (tests/results/conftest.py).
+Without the binaries the tests skip, except under CI=true where they fail loudly."""
 from __future__ import annotations
 
 import contextlib
@@ -27,7 +26,7 @@ def _pg_bindir() -> str | None:
     return os.path.dirname(initdb) if initdb else None
 
 
-class _Postgres:
+class PostgresServer:
     def __init__(self, bindir: str) -> None:
         self.bindir = bindir
         self.tmp = tempfile.mkdtemp(prefix="clara-journal-pg-")
@@ -110,7 +109,7 @@ class _Postgres:
         return self.dsn.rsplit("/", 1)[0] + f"/{name}"
 
 
-def _bindir_or_skip() -> str:
+def bindir_or_skip() -> str:
     bindir = _pg_bindir()
     if bindir is None:
         message = "PostgreSQL binaries (initdb, postgres) not found: install Debian postgresql"
@@ -121,9 +120,9 @@ def _bindir_or_skip() -> str:
 
 
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[_Postgres]:
+def postgres_server() -> Iterator[PostgresServer]:
     """One server for the session (tests take a fresh database each)."""
-    pg = _Postgres(_bindir_or_skip())
+    pg = PostgresServer(bindir_or_skip())
     try:
         pg.start()
         yield pg
@@ -132,9 +131,9 @@ def postgres_server() -> Iterator[_Postgres]:
 
 
 @pytest.fixture
-def own_postgres_server() -> Iterator[_Postgres]:
+def own_postgres_server() -> Iterator[PostgresServer]:
     """A server of this test's own, which the test may halt and launch again."""
-    pg = _Postgres(_bindir_or_skip())
+    pg = PostgresServer(bindir_or_skip())
     try:
         pg.start()
         yield pg

@@ -11,18 +11,11 @@
 """
 from __future__ import annotations
 
-import contextlib
-import glob
-import os
-import shutil
-import signal
-import subprocess
-import tempfile
-import time
 from typing import Any, Callable, Iterator
 
 import pytest
 
+from postgres_server import PostgresServer, bindir_or_skip
 from results_testlib import TOKEN, FakeClock, free_port, wait_for  # noqa: F401
 
 
@@ -44,75 +37,7 @@ def clock() -> FakeClock:
 
 
 # --------------------------------------------------------------------------- PostgreSQL
-def _pg_bindir() -> str | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if found:
-        return os.path.dirname(found[-1])
-    initdb = shutil.which("initdb")
-    return os.path.dirname(initdb) if initdb else None
-
-
-class _Postgres:
-    def __init__(self, bindir: str) -> None:
-        self.bindir = bindir
-        self.tmp = tempfile.mkdtemp(prefix="clara-results-pg-")
-        self.data = os.path.join(self.tmp, "data")
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.run_as: dict[str, Any] = {}
-        if os.geteuid() == 0:  # postgres refuses to run as root
-            import pwd
-
-            pw = pwd.getpwnam("postgres")
-            os.chown(self.tmp, pw.pw_uid, pw.pw_gid)
-            self.run_as = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
-        self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "LANG": "C"}
-
-    @property
-    def dsn(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def start(self) -> None:
-        subprocess.run(
-            [os.path.join(self.bindir, "initdb"), "-D", self.data, "-U", "postgres", "-A", "trust",
-             "-E", "UTF8", "--locale=C", "--no-sync"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env, cwd=self.tmp,
-            **self.run_as,
-        )
-        self.log = open(os.path.join(self.tmp, "postgres.log"), "wb")
-        self.proc = subprocess.Popen(
-            [os.path.join(self.bindir, "postgres"), "-D", self.data, "-p", str(self.port),
-             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.tmp}",
-             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-             "-c", "max_connections=60", "-c", "shared_buffers=32MB"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp, **self.run_as,
-        )
-        import psycopg
-
-        deadline = time.monotonic() + 60
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"postgres exited: {open(os.path.join(self.tmp, 'postgres.log')).read()[-2000:]}")
-            try:
-                psycopg.connect(self.dsn, connect_timeout=2).close()
-                return
-            except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # fast shutdown
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        with contextlib.suppress(Exception):
-            self.log.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
+class _Postgres(PostgresServer):
     def reset(self) -> None:
         import psycopg
 
@@ -122,13 +47,7 @@ class _Postgres:
 
 @pytest.fixture(scope="session")
 def _postgres() -> Iterator[_Postgres]:
-    bindir = _pg_bindir()
-    if bindir is None:
-        message = "PostgreSQL binaries (initdb, postgres) not found: install Debian postgresql"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
-    pg = _Postgres(bindir)
+    pg = _Postgres(bindir_or_skip())
     try:
         pg.start()
         yield pg
