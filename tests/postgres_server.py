@@ -119,23 +119,26 @@ def bindir_or_skip() -> str:
     return bindir
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """One server for the session (tests take a fresh database each)."""
-    pg = PostgresServer(bindir_or_skip())
+@contextlib.contextmanager
+def running(cls: type[PostgresServer] = PostgresServer) -> Iterator[PostgresServer]:
+    """A started server of ``cls``, stopped (and its folder removed) afterwards."""
+    pg = cls(bindir_or_skip())
     try:
         pg.start()
         yield pg
     finally:
         pg.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One server for the session (tests take a fresh database each)."""
+    with running() as pg:
+        yield pg
 
 
 @pytest.fixture
 def own_postgres_server() -> Iterator[PostgresServer]:
     """A server of this test's own, which the test may halt and launch again."""
-    pg = PostgresServer(bindir_or_skip())
-    try:
-        pg.start()
+    with running() as pg:
         yield pg
-    finally:
-        pg.stop()

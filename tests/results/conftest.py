@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from postgres_server import PostgresServer, bindir_or_skip
+from postgres_server import PostgresServer, running
 from results_testlib import TOKEN, FakeClock, free_port, wait_for  # noqa: F401
 
 
@@ -47,12 +47,8 @@ class _Postgres(PostgresServer):
 
 @pytest.fixture(scope="session")
 def _postgres() -> Iterator[_Postgres]:
-    pg = _Postgres(bindir_or_skip())
-    try:
-        pg.start()
+    with running(_Postgres) as pg:
         yield pg
-    finally:
-        pg.stop()
 
 
 @pytest.fixture
