@@ -23,10 +23,13 @@ class _Server(ThreadingHTTPServer):
 
 class HealthServer:
     """/health/live, /health/ready, /health/status (JSON), /metrics and, given ``stow``,
-    STOW-RS at POST /dicomweb/aetitles/{aeTitle}/studies[/{StudyInstanceUID}]."""
+    STOW-RS at POST /dicomweb/aetitles/{aeTitle}/studies[/{StudyInstanceUID}].
 
-    def __init__(self, host: str, port: int, status: Callable[[], dict[str, Any]], ready: Callable[[], bool],
-                 metrics: Callable[[], bytes], stow: Any = None):
+    ``not_ready`` answers None when ready, else why not (one line, shown in the 503
+    body so `kubectl describe pod` says why the pod left the Service)."""
+
+    def __init__(self, host: str, port: int, status: Callable[[], dict[str, Any]],
+                 not_ready: Callable[[], str | None], metrics: Callable[[], bytes], stow: Any = None):
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -35,8 +38,11 @@ class HealthServer:
                 if path == "/health/live":
                     outer._send(self, 200, b"ok\n", "text/plain")
                 elif path == "/health/ready":
-                    ok = ready()
-                    outer._send(self, 200 if ok else 503, b"ready\n" if ok else b"not ready\n", "text/plain")
+                    reason = not_ready()
+                    if reason is None:
+                        outer._send(self, 200, b"ready\n", "text/plain")
+                    else:
+                        outer._send(self, 503, f"not ready: {reason}\n".encode(), "text/plain")
                 elif path == "/health/status":
                     outer._send(self, 200, json.dumps(status(), sort_keys=True).encode(), "application/json")
                 elif path == "/metrics":

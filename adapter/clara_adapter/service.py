@@ -130,7 +130,7 @@ class Adapter:
         try:
             self.scp.start(s.host, s.dicomPort)
             if s.httpPort:
-                self.http = HealthServer(s.host, s.httpPort, self.status, self.ready, self.metrics.render,
+                self.http = HealthServer(s.host, s.httpPort, self.status, self.not_ready, self.metrics.render,
                                          stow=self.stow)
                 self.http.start()
         except OSError as exc:
@@ -166,7 +166,20 @@ class Adapter:
             purge_older_than(self.job_records, self.settings.jobRecordRetentionHours * 3600)
 
     def ready(self) -> bool:
-        return self.started and not self.stopping.is_set() and bool(self.config_version)
+        return self.not_ready() is None
+
+    def not_ready(self) -> str | None:
+        """Why this adapter should get no traffic now, or None. A replica whose journal
+        is unreachable refuses associations, so it leaves the Service until it is back."""
+        if self.stopping.is_set():
+            return "stopping"
+        if not self.started:
+            return "starting"
+        if not self.config_version:
+            return "no configuration applied yet"
+        if not self.journal.available():
+            return "journal unreachable"
+        return None
 
     def status(self) -> dict[str, Any]:
         out = {
