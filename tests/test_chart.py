@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO / "e2e"))
 
 # Settings the chart sets itself (flags, Secret, PVC path): not in values.
 CHART_MANAGED = {"storageDir", "dicomPort", "httpPort", "host", "resultsUrl", "resultsToken", "resultsTokenFile",
-                 "stowToken"}
+                 "stowToken", "journal"}
 
 
 def _helm() -> str | None:
@@ -193,3 +193,127 @@ def test_typos_are_refused(bad):
 def test_lint_strict():
     res = subprocess.run([HELM, "lint", "--strict", str(CHART)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+# --- replicas (issue 16) -----------------------------------------------------------
+
+REPLICATED = ("--set", "adapter.replicas=2", "--set", "adapter.journal.existingSecret=journal-dsn",
+              "--set", "resultsService.replicas=3", "--set", "resultsService.database.existingSecret=results-dsn")
+
+
+def deployment(docs: list[dict], component: str) -> dict:
+    return next(d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith(f"-{component}"))
+
+
+def refusal(*args: str) -> str:
+    res = subprocess.run([HELM, "template", "rel", str(CHART), *args], capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0, res.stdout[:500]
+    return res.stderr
+
+
+@needs_helm
+@pytest.mark.parametrize("args, line", [
+    (("--set", "adapter.replicas=2"), "- at '/adapter/journal/existingSecret': minLength: got 0, want 1"),
+    (("--set", "resultsService.replicas=2"),
+     "- at '/resultsService/database/existingSecret': minLength: got 0, want 1"),
+    (("--set", "adapter.replicas=2", "--set", "adapter.journal.existingSecret=pg",
+      "--set", "adapter.persistence.accessModes={ReadWriteOnce}"),
+     "- at '/adapter/persistence/accessModes': no items match contains schema"),
+])
+def test_replicas_without_postgres_are_refused_by_the_schema(args, line):
+    stderr = refusal(*args)
+    assert "values don't meet the specifications" in stderr
+    assert line in stderr.splitlines(), stderr
+
+
+@needs_helm
+@pytest.mark.parametrize("component, args, key", [
+    ("adapter", ("--set", "adapter.replicas=2"), "adapter.journal.existingSecret"),
+    ("results", ("--set", "resultsService.replicas=2"), "resultsService.database.existingSecret"),
+])
+def test_replicas_without_postgres_fail_in_one_line_without_the_schema(component, args, key):
+    stderr = refusal(*args, "--skip-schema-validation")
+    (line,) = [ln for ln in stderr.splitlines() if ln.startswith("Error:")]
+    assert f"replicas > 1 needs {key}: a Secret holding a PostgreSQL DSN" in line, stderr
+
+
+@needs_helm
+def test_replicated_components_roll_spread_and_keep_a_disruption_budget():
+    docs = render(*REPLICATED)
+    for component, replicas, env_var, secret in (("adapter", 2, "CLARA_JOURNAL", "journal-dsn"),
+                                                 ("results", 3, "CLARA_RESULTS_DATABASE", "results-dsn")):
+        spec = deployment(docs, component)["spec"]
+        assert spec["replicas"] == replicas
+        assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+        selector = spec["selector"]["matchLabels"]
+        (term,) = spec["template"]["spec"]["affinity"]["podAntiAffinity"][
+            "preferredDuringSchedulingIgnoredDuringExecution"]
+        assert term["podAffinityTerm"] == {"topologyKey": "kubernetes.io/hostname",
+                                           "labelSelector": {"matchLabels": selector}}
+        env = {e["name"]: e for e in spec["template"]["spec"]["containers"][0]["env"]}
+        assert env[env_var] == {"name": env_var, "valueFrom": {"secretKeyRef": {"name": secret, "key": "dsn"}}}
+        (pdb,) = [p for p in by_kind(docs, "PodDisruptionBudget") if p["metadata"]["name"].endswith(component)]
+        assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": selector}}
+    results = deployment(docs, "results")["spec"]["template"]["spec"]
+    assert "--database=/var/lib/clara-results/results.db" not in results["containers"][0]["args"]
+    assert not [p for p in by_kind(docs, "PersistentVolumeClaim") if p["metadata"]["name"].endswith("-db")]
+
+
+@needs_helm
+def test_single_replica_recreates_and_has_no_disruption_budget():
+    docs = render("--set", "adapter.journal.existingSecret=journal-dsn")  # PostgreSQL, one replica
+    assert not by_kind(docs, "PodDisruptionBudget")
+    for component in ("adapter", "results"):
+        spec = deployment(docs, component)["spec"]
+        assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    env = {e["name"] for e in deployment(docs, "adapter")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "CLARA_JOURNAL" in env
+    env = {e["name"] for e in deployment(render(), "adapter")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "CLARA_JOURNAL" not in env  # SQLite under the storage root
+
+
+@needs_helm
+def test_anti_affinity_required_none_or_the_users_own():
+    required = deployment(render("--set", "adapter.podAntiAffinity=required"), "adapter")["spec"]
+    (term,) = required["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"] == required["selector"]["matchLabels"]
+    assert "affinity" not in deployment(render("--set", "resultsService.podAntiAffinity=none"),
+                                        "results")["spec"]["template"]["spec"]
+    own = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}}
+    spec = deployment(render("--set-json", f"adapter.affinity={json.dumps(own)}"), "adapter")["spec"]
+    assert spec["template"]["spec"]["affinity"] == own
+    assert "/adapter/podAntiAffinity': value must be one of" in refusal("--set", "adapter.podAntiAffinity=maybe")
+
+
+# --- destination Secrets (issue 18) ---------------------------------------------------
+
+
+@needs_helm
+def test_destination_secrets_are_mounted_where_the_export_agent_reads_them():
+    from clara_adapter.export.secrets import default_secrets_dir
+
+    docs = render("--set", "adapter.destinationSecrets={pacs-certs,pacs-token}",
+                  "--set", "adapter.persistence.mountPath=/data")
+    pod = deployment(docs, "adapter")["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for name in ("pacs-certs", "pacs-token"):
+        (mount,) = [m for m in mounts.values() if m["mountPath"].endswith(f"/{name}")]
+        assert mount["mountPath"] == str(default_secrets_dir("/data") / name) and mount["readOnly"] is True
+        assert volumes[mount["name"]]["secret"] == {"secretName": name, "defaultMode": 0o440}
+    assert pod["securityContext"]["fsGroup"] == 10001  # the group that may read 0440 files
+    assert not [m for m in render() if m["kind"] == "Deployment" and any(
+        "secret" in v for v in m["spec"]["template"]["spec"].get("volumes", []))]
+    assert "/adapter/destinationSecrets/0" in refusal("--set", "adapter.destinationSecrets={../escape}")
+
+
+def test_missing_destination_secret_names_the_values_key(tmp_path):
+    """The text that becomes the destination's CannotServe condition in a cluster."""
+    from clara_adapter.export.secrets import SecretError, SecretsDir
+
+    with pytest.raises(SecretError) as err:
+        SecretsDir(tmp_path / "secrets").path("pacs-certs", "ca.crt")
+    assert "add pacs-certs to the values list adapter.destinationSecrets" in str(err.value)

@@ -29,7 +29,9 @@ class SecretsDir:
             raise SecretError(f"Secret reference {name!r}/{key!r} is not a plain name")
         folder = self.root / name
         if not folder.is_dir():
-            raise SecretError(f"Secret {name} not found (expected the folder {folder})")
+            # The condition a user sees in a cluster: name the chart value that mounts it.
+            raise SecretError(f"Secret {name} not found (expected the folder {folder}; with the Helm chart, "
+                              f"add {name} to the values list adapter.destinationSecrets)")
         path = folder / key
         if not path.is_file():
             present = ", ".join(sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))) or "none"

@@ -97,3 +97,53 @@ affinity:
 {{ toYaml . | indent 2 }}
 {{- end }}
 {{- end -}}
+
+{{/* Replicated components (adapter, results): (dict "ctx" $ "component" "adapter" "v" $v) */}}
+{{- define "clara-dicom.strategy" -}}
+{{- if gt (int .v.replicas) 1 }}
+# Replicas share their database: the new pod is Ready before an old one goes.
+type: RollingUpdate
+rollingUpdate:
+  maxUnavailable: 0
+  maxSurge: 1
+{{- else }}
+# One replica (SQLite on a ReadWriteOnce-friendly volume): the old pod gone before the new one starts.
+type: Recreate
+{{- end }}
+{{- end -}}
+
+{{/* Pod anti-affinity by hostname, unless the values give their own affinity. */}}
+{{- define "clara-dicom.antiAffinity" -}}
+{{- if and (not .v.affinity) (ne .v.podAntiAffinity "none") }}
+{{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" (include "clara-dicom.selectorLabels" . | fromYaml)) }}
+affinity:
+  podAntiAffinity:
+    {{- if eq .v.podAntiAffinity "required" }}
+    requiredDuringSchedulingIgnoredDuringExecution:
+      - {{- toYaml $term | nindent 8 }}
+    {{- else }}
+    preferredDuringSchedulingIgnoredDuringExecution:
+      - weight: 100
+        podAffinityTerm:
+          {{- toYaml $term | nindent 10 }}
+    {{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "clara-dicom.podDisruptionBudget" -}}
+{{- if and (gt (int .v.replicas) 1) .v.podDisruptionBudget.enabled }}
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ printf "%s-%s" (include "clara-dicom.fullname" .ctx) .component }}
+  namespace: {{ .ctx.Release.Namespace }}
+  labels:
+    {{- include "clara-dicom.componentLabels" . | nindent 4 }}
+spec:
+  maxUnavailable: {{ .v.podDisruptionBudget.maxUnavailable }}
+  selector:
+    matchLabels:
+      {{- include "clara-dicom.selectorLabels" . | nindent 6 }}
+{{- end }}
+{{- end -}}
