@@ -10,6 +10,13 @@ components wrote; `helm uninstall` leaves nothing of the release but the CRDs.
 
 Pods of the chart never execute here (kwok plays the node; the PVCs stay
 Pending without a storage provisioner): the local processes play them.
+
+Replicated (issue 16): installed with 2 adapters and 2 Results Services on a real
+throw-away PostgreSQL (DSNs in Secrets), the Deployments, PodDisruptionBudgets,
+rollout strategy and anti-affinity are checked as the API server stores them; then
+two local adapter processes play the two adapter pods (the chart's token, the
+environment of the stored Deployment with its Secrets resolved, one shared folder
+as the ReadWriteMany volume) and share the PostgreSQL journal.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 from peers import Process, adapter_command, free_port, wait_for  # noqa: E402
+from postgres_server import postgres_server  # noqa: E402,F401 (fixture)
 
 CHART = REPO / "charts" / "clara-dicom"
 EXAMPLES = REPO / "examples" / "k8s"
@@ -83,7 +91,10 @@ def token_kubeconfig(cluster, namespace: str, service_account: str, path: Path) 
      "--set", "networkPolicy.dicomFrom[0].ipBlock.cidr=10.20.0.0/16"],
     ["--set", "adapter.dicom.service.type=ClusterIP", "--set", "networkPolicy.enabled=false",
      "--set", "resultsService.enabled=false", "--set", "priorityClasses.create=false"],
-], ids=["defaults", "cluster-wide-loadbalancer", "minimal"])
+    ["--set", "adapter.replicas=3", "--set", "adapter.journal.existingSecret=pg-journal",
+     "--set", "resultsService.replicas=2", "--set", "resultsService.database.existingSecret=pg",
+     "--set", "adapter.podAntiAffinity=required", "--set", "adapter.destinationSecrets={pacs-certs,pacs-token}"],
+], ids=["defaults", "cluster-wide-loadbalancer", "minimal", "replicated"])
 def test_lint_strict_and_server_dry_run(k8s_cluster, k8s_namespace, values):
     lint = helm(k8s_cluster, "lint", "--strict", str(CHART), *values)
     assert "0 chart(s) failed" in lint.stdout, lint.stdout
@@ -94,6 +105,17 @@ def test_lint_strict_and_server_dry_run(k8s_cluster, k8s_namespace, values):
     assert res.returncode == 0, res.stderr
     assert "Warning" not in res.stderr, res.stderr  # e.g. unknown fields
     assert "(server dry run)" in res.stdout
+
+
+@pytest.mark.parametrize("values, line", [
+    (["--set", "adapter.replicas=2"], "- at '/adapter/journal/existingSecret': minLength: got 0, want 1"),
+    (["--set", "resultsService.replicas=2"],
+     "- at '/resultsService/database/existingSecret': minLength: got 0, want 1"),
+])
+def test_replicas_without_postgres_fail_install(k8s_cluster, k8s_namespace, values, line):
+    res = helm(k8s_cluster, "install", RELEASE, str(CHART), "-n", k8s_namespace, *values, check=False)
+    assert res.returncode != 0 and line in res.stderr.splitlines(), res.stderr
+    assert helm(k8s_cluster, "list", "-n", k8s_namespace, "-q").stdout.strip() == ""  # nothing installed
 
 
 def test_values_typo_fails_install(k8s_cluster, k8s_namespace):
@@ -261,3 +283,127 @@ def test_install_run_with_chart_tokens_upgrade_uninstall(k8s_cluster, k8s_namesp
         assert cluster.kubectl("get", "configmap", name, "-n", ns, check=False).returncode != 0
     crds = cluster.kubectl("get", "crd", "-o", "name").stdout
     assert "pipelinejobs.dicom.clara.io" in crds and "claraaetitles.dicom.clara.io" in crds
+
+
+# --- replicas on PostgreSQL (issue 16) ------------------------------------------------
+
+REPLICATED = ["--set", "adapter.replicas=2", "--set", "adapter.journal.existingSecret=journal-dsn",
+              "--set", "resultsService.replicas=2", "--set", "resultsService.database.existingSecret=results-dsn",
+              "--set", "adapter.destinationSecrets={pacs-certs}"]
+
+
+def pod_environment(cluster, ns: str, container: dict) -> dict[str, str]:
+    """What the kubelet would give the container: values, and Secret keys resolved."""
+    import base64
+
+    env = {}
+    for var in container.get("env", []):
+        ref = (var.get("valueFrom") or {}).get("secretKeyRef")
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        elif ref:
+            data = cluster.kubectl_json("get", "secret", ref["name"], "-n", ns)["data"]
+            env[var["name"]] = base64.b64decode(data[ref["key"]]).decode()
+    return env
+
+
+def adapter_status(port: int) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/status", timeout=5) as rsp:
+        return json.loads(rsp.read())
+
+
+def test_replicated_install_on_postgres(k8s_cluster, k8s_namespace, tmp_path, postgres_server):
+    cluster, ns = k8s_cluster, k8s_namespace
+    journal_dsn = postgres_server.fresh_database(f"journal_{ns.replace('-', '_')}")
+    results_dsn = postgres_server.fresh_database(f"results_{ns.replace('-', '_')}")
+    cluster.kubectl("create", "secret", "generic", "journal-dsn", "-n", ns, f"--from-literal=dsn={journal_dsn}")
+    cluster.kubectl("create", "secret", "generic", "results-dsn", "-n", ns, f"--from-literal=dsn={results_dsn}")
+    helm(cluster, "install", RELEASE, str(CHART), "-n", ns, *REPLICATED)
+
+    # --- as the API server stores them
+    for component, env_var, secret in (("adapter", "CLARA_JOURNAL", "journal-dsn"),
+                                       ("results", "CLARA_RESULTS_DATABASE", "results-dsn")):
+        spec = cluster.kubectl_json("get", "deployment", f"{PREFIX}-{component}", "-n", ns)["spec"]
+        selector = spec["selector"]["matchLabels"]
+        assert spec["replicas"] == 2, component
+        assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+        assert spec["template"]["spec"]["affinity"]["podAntiAffinity"] == {
+            "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "podAffinityTerm": {
+                "topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": selector}}}]}
+        env = {e["name"]: e for e in spec["template"]["spec"]["containers"][0]["env"]}
+        assert env[env_var]["valueFrom"]["secretKeyRef"] == {"name": secret, "key": "dsn"}
+        pdb = cluster.kubectl_json("get", "poddisruptionbudget", f"{PREFIX}-{component}", "-n", ns)["spec"]
+        assert pdb["maxUnavailable"] == 1 and pdb["selector"] == {"matchLabels": selector}
+        # the ReplicaSet controller made two pods, which the budget selects
+        label = ",".join(f"{k}={v}" for k, v in selector.items())
+        wait_for(lambda: len(cluster.kubectl_json("get", "pods", "-n", ns, "-l", label)["items"]) == 2, 60,
+                 interval=0.5, what=f"two {component} pods")
+    pod = cluster.kubectl_json("get", "deployment", f"{PREFIX}-adapter", "-n", ns)["spec"]["template"]["spec"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"].endswith("/pacs-certs"))
+    assert mount == {"name": mount["name"], "mountPath": "/var/lib/clara-dicom/secrets/pacs-certs", "readOnly": True}
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"] == {"secretName": "pacs-certs", "defaultMode": 0o440}
+
+    # --- two local processes play the two adapter pods: the chart's token, the stored
+    # Deployment's environment (CLARA_JOURNAL from the Secret), one shared folder
+    container = pod["containers"][0]
+    env = {k: v for k, v in pod_environment(cluster, ns, container).items()
+           if not k.startswith("CLARA_RESULTS_")}  # the in-cluster Results Service URL resolves nowhere here
+    assert env["CLARA_JOURNAL"] == journal_dsn
+    base = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("KUBERNETES_", "CLARA_"))}
+    kubeconfigs = {c: token_kubeconfig(cluster, ns, f"{PREFIX}-{c}", tmp_path / f"{c}.kubeconfig")
+                   for c in ("operator", "adapter")}
+    shared = tmp_path / "payload-volume"
+    operator = Process(adapter_command("operator", "--namespace", ns, "--liveness-port", "0"),
+                       tmp_path / "operator.log", env={**base, "KUBECONFIG": str(kubeconfigs["operator"])})
+    adapters = []
+    for i in range(2):
+        dicom_port, http_port = free_port(), free_port()
+        adapters.append(Process(
+            adapter_command("adapter", "--namespace", ns, "--storage", str(shared), "--dicom-port",
+                            str(dicom_port), "--http-port", str(http_port), "--host", "127.0.0.1"),
+            tmp_path / f"adapter-{i}.log", env={**base, **env, "KUBECONFIG": str(kubeconfigs["adapter"])}))
+        adapters[-1].dicom_port, adapters[-1].http_port = dicom_port, http_port
+    try:
+        cluster.apply(EXAMPLES, namespace=ns)
+        for kind, name in (("aet", "clara"), ("jp", "by-study"), ("pipe", "liver-tumor")):
+            wait_for(lambda: ready(cluster, ns, kind, name), 60, interval=0.5, what=f"{kind}/{name} Ready")
+        # a quiet period long enough that the check on the other replica below is not a race
+        def rendered_version() -> str:
+            return json.loads(config_map_data(cluster, ns, "clara-dicom-adapter-config")["config.json"])["version"]
+
+        before = rendered_version()
+        cluster.kubectl("patch", "jp", "by-study", "-n", ns, "--type=merge", "-p", '{"spec": {"timeout": 20}}')
+        version = wait_for(lambda: (v := rendered_version()) != before and v, 30, interval=0.5,
+                           what="the configuration rendered with the new timeout")
+        for a in adapters:
+            wait_for(lambda: adapter_status(a.http_port)["configVersion"] == version, 30, interval=0.5,
+                     what="both replicas applied the configuration")
+        assert not (shared / "journal.sqlite").exists()  # the journal is PostgreSQL
+
+        send_study(adapters[0].dicom_port, tmp_path / "study")
+        # acknowledged by replica 0, held in the journal replica 1 reads as well
+        assert adapter_status(adapters[1].http_port)["instancesHeld"] == 3
+        jobs = wait_for(lambda: cluster.kubectl_json("get", "pipelinejobs", "-n", ns)["items"], 40, interval=0.5,
+                        what="a PipelineJob created by the replicas")
+        wait_for(lambda: all(adapter_status(a.http_port)["instancesHeld"] == 0 for a in adapters), 20,
+                 interval=0.5, what="the group released in the shared journal")
+        jobs = cluster.kubectl_json("get", "pipelinejobs", "-n", ns)["items"]
+        assert len(jobs) == 1, [j["metadata"]["name"] for j in jobs]
+        assert jobs[0]["spec"]["pipeline"] == "liver-tumor" and jobs[0]["spec"]["payload"]["instances"] == 3
+        assert all(a.alive() for a in adapters)
+
+        cluster.kubectl("delete", "-n", ns, "-f", str(EXAMPLES), "--wait=true", timeout=60)
+        cluster.kubectl("delete", "pipelinejobs", "--all", "-n", ns, "--wait=true", timeout=60)
+    except BaseException:
+        for proc in (operator, *adapters):
+            print(f"--- {proc.log_path.name}\n{proc.log()[-6000:]}")
+        raise
+    finally:
+        for proc in (*adapters, operator):
+            proc.stop()
+    helm(cluster, "uninstall", RELEASE, "-n", ns, "--wait")
+    wait_for(lambda: not release_leftovers(cluster, ns), 60, interval=0.5,
+             what=f"no leftovers; still: {release_leftovers(cluster, ns)}")
