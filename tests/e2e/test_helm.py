@@ -407,3 +407,128 @@ def test_replicated_install_on_postgres(k8s_cluster, k8s_namespace, tmp_path, po
     helm(cluster, "uninstall", RELEASE, "-n", ns, "--wait")
     wait_for(lambda: not release_leftovers(cluster, ns), 60, interval=0.5,
              what=f"no leftovers; still: {release_leftovers(cluster, ns)}")
+
+
+# --- destination Secrets in a real pod (issue 18) -------------------------------------
+
+# Runs in the chart's adapter container: what the export agent does before it serves a
+# TLS destination and a DICOMweb token destination (clara_adapter.export.agent
+# .destination_problems), with the Secrets as the kubelet mounted them.
+SECRETS_CHECK = """
+import json, os, sys
+from clara_dicom.models import DestinationTLS
+from clara_adapter.export.secrets import SecretsDir, default_secrets_dir
+from clara_adapter.export.tls import client_context
+root = default_secrets_dir(sys.argv[1])
+secrets = SecretsDir(root)
+client_context(DestinationTLS.model_validate({"secretRef": {"name": "pacs-certs"}}), secrets)
+files = ["pacs-certs/ca.crt", "pacs-certs/tls.crt", "pacs-certs/tls.key", "pacs-token/token"]
+out = {"uid": os.getuid(), "token": secrets.read("pacs-token", "token").decode(),
+       "files": {f: [oct(os.stat(root / f).st_mode & 0o777), os.stat(root / f).st_uid, os.stat(root / f).st_gid]
+                 for f in files}}
+try:
+    open(root / "pacs-certs" / "written-by-adapter", "w")
+    out["writable"] = True
+except OSError:
+    out["writable"] = False
+open("/dev/termination-log", "w").write(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def chart_image(real_node) -> str:
+    """The project's image (tools/image/build.sh, cached) in the real node's store."""
+    from local_setup import IN_CI
+
+    res = subprocess.run(["bash", str(REPO / "tools" / "image" / "build.sh")], capture_output=True, text=True,
+                         timeout=3000)
+    if res.returncode != 0:
+        message = f"the image did not build: {res.stderr.strip()[-2000:]}"
+        pytest.fail(message) if IN_CI else pytest.skip(message)
+    out = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
+    real_node.import_images(Path(out["archive"]))
+    return out["image"]
+
+
+@pytest.mark.realnode
+def test_destination_secrets_readable_by_the_adapter_in_a_real_pod(k8s_cluster, real_node, chart_image,
+                                                                   k8s_namespace, tmp_path):
+    """The chart's adapter pod spec (securityContext, volumes, mounts) run by a real kubelet:
+    the Secrets listed in adapter.destinationSecrets are where the export agent looks, the
+    adapter's uid reads them (a TLS context with a client certificate is built, the token
+    read), mode 0440 with group fsGroup, read-only."""
+    import real_node as rn
+    from export.tlscerts import CA
+
+    cluster, ns = k8s_cluster, k8s_namespace
+    ca = CA("e2e-pacs-ca")
+    client = ca.issue("clara-scu", client=True)
+    for name, files in (("pacs-certs", {"ca.crt": ca.pem, "tls.crt": client.cert_pem, "tls.key": client.key_pem}),
+                        ("pacs-token", {"token": b"s3cret-token"})):
+        folder = tmp_path / name
+        folder.mkdir()
+        args = []
+        for key, data in files.items():
+            (folder / key).write_bytes(data)
+            args.append(f"--from-file={key}={folder / key}")
+        cluster.kubectl("create", "secret", "generic", name, "-n", ns, *args)
+    # The payload volume: a hostPath PV behind the chart's claim (as tests/e2e/test_real_node_loop.py).
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    import os
+
+    os.chown(storage, 0, 10001)
+    storage.chmod(0o2775)
+    pv = f"payloads-{ns}"
+    cluster.apply({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+                   "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"],
+                            "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "e2e-hostpath",
+                            "hostPath": {"path": str(storage), "type": "Directory"},
+                            "claimRef": {"namespace": ns, "name": "payloads"}}})
+    cluster.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "payloads"},
+                   "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "e2e-hostpath", "volumeName": pv,
+                            "resources": {"requests": {"storage": "1Gi"}}}}, namespace=ns)
+    repo, tag = chart_image.rsplit(":", 1)
+    rendered = helm(cluster, "template", RELEASE, str(CHART), "-n", ns, "--set", f"image.repository={repo}",
+                    "--set", f"image.tag={tag}", "--set", "image.pullPolicy=Never",
+                    "--set", "adapter.persistence.existingClaim=payloads", "--set", "resultsService.enabled=false",
+                    "--set", "adapter.destinationSecrets={pacs-certs,pacs-token}").stdout
+    import yaml
+
+    (deployment,) = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Deployment"
+                     and d["metadata"]["name"] == f"{PREFIX}-adapter"]
+    spec = deployment["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    mount_path = next(m for m in container["volumeMounts"] if m["name"] == "storage")["mountPath"]
+    # The chart's pod as it is, but for its command (the check) and what a one-shot pod needs.
+    container.update(command=["python", "-c", SECRETS_CHECK], args=[mount_path])
+    for probe in ("readinessProbe", "livenessProbe"):
+        container.pop(probe)
+    spec.pop("serviceAccountName")
+    spec.update(restartPolicy="Never", automountServiceAccountToken=False, nodeSelector=rn.NODE_SELECTOR,
+                tolerations=[rn.TOLERATION])
+    spec.pop("affinity", None)
+    cluster.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "adapter-secrets"}, "spec": spec},
+                  namespace=ns)
+    try:
+        def finished() -> dict | None:
+            pod = cluster.kubectl_json("get", "pod", "adapter-secrets", "-n", ns)
+            waiting = [(c["state"].get("waiting") or {}) for c in pod["status"].get("containerStatuses") or []]
+            stuck = [w for w in waiting if w.get("reason") in ("CreateContainerConfigError", "CreateContainerError",
+                                                                 "ErrImageNeverPull")]
+            assert not stuck, stuck  # would never start: say why now
+            return pod if pod["status"].get("phase") in ("Succeeded", "Failed") else None
+
+        pod = wait_for(finished, 180, interval=0.5, what="the check pod finished on the real node")
+        term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+        logs = cluster.kubectl("logs", "adapter-secrets", "-n", ns, check=False)
+        assert term["exitCode"] == 0, (term, logs.stdout, logs.stderr)
+        seen = json.loads(term["message"])
+        assert seen["uid"] == 10001 and seen["token"] == "s3cret-token"
+        for name, (mode, uid, gid) in seen["files"].items():
+            assert (mode, uid, gid) == ("0o440", 0, 10001), name
+        assert seen["writable"] is False
+    finally:
+        cluster.kubectl("delete", "pod", "adapter-secrets", "-n", ns, "--wait=true", "--timeout=60s", check=False)
+        cluster.kubectl("delete", "pvc", "payloads", "-n", ns, "--wait=false", check=False)
+        cluster.kubectl("delete", "pv", pv, "--wait=false", check=False)
