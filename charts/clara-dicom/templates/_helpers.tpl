@@ -107,7 +107,7 @@ rollingUpdate:
   maxUnavailable: 0
   maxSurge: 1
 {{- else }}
-# One replica (SQLite on a ReadWriteOnce-friendly volume): the old pod gone before the new one starts.
+# One replica: the old pod gone before the new one starts (SQLite has one writer).
 type: Recreate
 {{- end }}
 {{- end -}}
