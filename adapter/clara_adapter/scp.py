@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -80,22 +81,43 @@ class StorageSCP:
         self._awaiting.pop(assoc, None)
         if assoc.holds_slot:
             assoc.holds_slot = False
-            self._negotiated -= 1
-            self.ingest.metrics.active.set(self._negotiated)
+            self.release_slot(assoc)
         self.association_progressed()
+
+    def release_slot(self, assoc: Association) -> None:
+        self._negotiated -= 1
+        self.ingest.metrics.active.set(self._negotiated)
 
     def association_progressed(self) -> None:
         with self._idle:
             self._idle.notify_all()
 
-    async def check_association(self, rq: AssociateRequest, address: str) -> tuple[int, int, int] | None:
-        """None to accept, else the A-ASSOCIATE-RJ (result, source, reason)."""
+    async def admit(self, assoc: Association, rq: AssociateRequest) -> tuple[Route | None, tuple[int, int, int] | None]:
+        """(route, None) with a slot claimed for ``assoc``, or (None, A-ASSOCIATE-RJ result/source/reason)."""
+        verdict = await self.check_association(rq, assoc.address)
+        if verdict is not None:
+            return None, verdict
+        return self.claim_slot(rq)
+
+    def commit(self, assoc: Association, incoming: Any) -> "concurrent.futures.Future[int]":
+        """Commit a finished instance off the event loop; the future yields its C-STORE status."""
+        return self.pool.submit(self.ingest.commit_received, assoc.route, incoming)
+
+    def check_protocol(self, rq: AssociateRequest) -> tuple[int, int, int] | None:
+        """The A-ASSOCIATE-RJ for a request we cannot speak, else None."""
         if not rq.protocol_version & 1:
             self.on_association("rejected")
             return REJECT_PROTOCOL_VERSION
         if rq.application_context != APPLICATION_CONTEXT:
             self.on_association("rejected")
             return REJECT_APPLICATION_CONTEXT
+        return None
+
+    async def check_association(self, rq: AssociateRequest, address: str) -> tuple[int, int, int] | None:
+        """None to accept, else the A-ASSOCIATE-RJ (result, source, reason)."""
+        bad = self.check_protocol(rq)
+        if bad is not None:
+            return bad
         verdict = await self.loop.run_in_executor(self.pool, self.ingest.check_association, rq.called_ae,
                                                   rq.calling_ae, address)
         if verdict is not None:
@@ -151,8 +173,9 @@ class StorageSCP:
             context.verify_mode = ssl.CERT_REQUIRED
         return context
 
-    def start(self, host: str, port: int) -> None:
-        """Bind and serve in a background thread; OSError if the port cannot be bound."""
+    def start(self, host: str, port: int, sock: "socket.socket | None" = None) -> None:
+        """Bind (or serve the listening ``sock`` already bound) in a background
+        thread; OSError if the port cannot be bound."""
         ssl_context = self._ssl_context()
         loop = self.loop = asyncio.new_event_loop()
         started = threading.Event()
@@ -161,9 +184,10 @@ class StorageSCP:
         started.wait()
 
         async def listen() -> asyncio.AbstractServer:
-            return await loop.create_server(lambda: Association(self), host, port, ssl=ssl_context,
+            where = {"sock": sock} if sock is not None else {"host": host, "port": port, "reuse_address": True}
+            return await loop.create_server(lambda: Association(self), ssl=ssl_context,
                                             ssl_handshake_timeout=self.settings.artimTimeout if ssl_context else None,
-                                            backlog=256, reuse_address=True)
+                                            backlog=256, **where)
 
         try:
             self.server = asyncio.run_coroutine_threadsafe(listen(), loop).result()

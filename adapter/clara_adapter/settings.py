@@ -34,6 +34,9 @@ class AdapterSettings(BaseModel):
                                                       "(and finish the TLS handshake) before it is closed.")
     dimseTimeout: float = Field(60, gt=0, description="Seconds to wait for DIMSE messages.")
     networkTimeout: float = Field(60, gt=0, description="Seconds of network inactivity before closing.")
+    receiveWorkers: int | None = Field(
+        None, ge=0, le=256, description="Processes receiving DICOM on the shared port, with admission and commits "
+        "in the main process (unset: one per CPU core available; 0: receive in the main process).")
     rejectUnknownSources: bool = Field(True, description="Refuse calling AE titles/hosts that are no ClaraSource.")
     tlsCertFile: str | None = Field(None, description="PEM certificate for inbound DICOM TLS.")
     tlsKeyFile: str | None = Field(None, description="PEM key for inbound DICOM TLS.")
@@ -75,6 +78,15 @@ class AdapterSettings(BaseModel):
         if bool(self.tlsCertFile) != bool(self.tlsKeyFile):
             raise ValueError("tlsCertFile and tlsKeyFile must be set together")
         return self
+
+    @property
+    def receive_workers(self) -> int:
+        if self.receiveWorkers is not None:
+            return self.receiveWorkers
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            return os.cpu_count() or 1
 
     @property
     def incoming_dir(self) -> Path:

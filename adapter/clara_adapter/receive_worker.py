@@ -1,0 +1,204 @@
+"""A receive worker process: the asyncio DICOM acceptor on a listening socket
+inherited from the coordinator (`receive_coordinator`), which owns everything
+durable.
+
+The worker does the per-byte work: PDU parsing, P-DATA reassembly, streaming
+each dataset into a temporary file in the shared incoming folder, the
+structural walk and the extraction of the grouping tags. It asks the
+coordinator, over its link (a Unix socket pair, pickled tuples), for:
+
+* admission, once per association: ``("admit", id, called, calling, address)``
+  → ``("ok", admission, route fields)`` or ``("rj", (result, source, reason))``;
+  so slot counts, AE titles and source rules stay exact across workers;
+* the commit of each instance: ``("commit", id, admission, temp name, record)``
+  → C-STORE status; the coordinator renames the file into place and commits
+  it through `Ingest.commit_instance` (group commit), and only then does the
+  worker send the C-STORE-RSP (commit, then publish).
+
+It tells the coordinator ``("closed", admission)`` when an association ends and
+``("count", metric, labels, n)`` for the counters it decides (ignored SOP
+classes, store failures, protocol rejections). The coordinator sends
+``("stop_accepting",)``, ``("abort_all",)`` and ``("exit",)``.
+
+The worker dies with the coordinator: its link reaches EOF (and PR_SET_PDEATHSIG
+covers a coordinator that vanishes without closing it). SIGTERM/SIGINT are
+ignored here: the coordinator drives the drain.
+
+Run as ``python -m clara_adapter.receive_worker LISTEN_FD LINK_FD PARENT_PID
+LOG_LEVEL LOG_FORMAT``; the settings arrive as the first message on the link.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from multiprocessing.connection import Connection
+from typing import Any
+
+from clara_adapter.dimse import OUT_OF_RESOURCES
+from clara_adapter.dul_pdu import AssociateRequest
+from clara_adapter.incoming import IncomingInstance
+from clara_adapter.ingest import Route
+from clara_adapter.scp import StorageSCP
+from clara_adapter.settings import AdapterSettings
+from clara_adapter.storage import DiskGuard, InstanceStore
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+
+
+class CoordinatorLink:
+    """The worker's end of the link: calls (answered by id) from any thread,
+    notices, and the coordinator's commands (read on the main thread)."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, concurrent.futures.Future] = {}
+
+    def send(self, message: tuple) -> None:
+        with self._send_lock:
+            self.conn.send(message)
+
+    def call(self, kind: str, *args: Any) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        call_id = next(self._ids)
+        self._pending[call_id] = future
+        self.send((kind, call_id, *args))
+        return future
+
+    def serve(self, on_command: Any) -> None:
+        """Read replies and commands until the coordinator is gone."""
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                return
+            if message[0] == "reply":
+                future = self._pending.pop(message[1], None)
+                if future is not None:
+                    future.set_result(message[2])
+            elif on_command(message) is False:
+                return
+
+
+class _Counter:
+    """A counter of the coordinator's metrics, incremented over the link."""
+
+    def __init__(self, link: CoordinatorLink, name: str, labels: tuple = ()):
+        self.link, self.name, self._labels = link, name, labels
+
+    def labels(self, *labels: str) -> "_Counter":
+        return _Counter(self.link, self.name, labels)
+
+    def inc(self, amount: float = 1) -> None:
+        self.link.send(("count", self.name, self._labels, amount))
+
+
+class RemoteMetrics:
+    def __init__(self, link: CoordinatorLink):
+        self.ignored = _Counter(link, "ignored")
+        self.store_failures = _Counter(link, "store_failures")
+
+
+class WorkerIngest:
+    """What the acceptor needs of `Ingest` in a worker: start receiving an instance."""
+
+    def __init__(self, store: InstanceStore, metrics: RemoteMetrics):
+        self.store = store
+        self.metrics = metrics
+
+    def receive_instance(self, route: Route, calling_ae: str, sop_class_uid: str, sop_instance_uid: str,
+                         transfer_syntax: str) -> IncomingInstance:
+        return IncomingInstance(self.store, self.metrics, route, calling_ae, sop_class_uid, sop_instance_uid,
+                                transfer_syntax)
+
+
+class WorkerSCP(StorageSCP):
+    """The acceptor with admission and commits done by the coordinator."""
+
+    def __init__(self, link: CoordinatorLink, store: InstanceStore, settings: AdapterSettings):
+        metrics = RemoteMetrics(link)
+        associations = _Counter(link, "associations")
+        super().__init__(WorkerIngest(store, metrics), settings,
+                         on_association=lambda result: associations.labels(result).inc())
+        self.link = link
+
+    async def admit(self, assoc: Any, rq: AssociateRequest) -> tuple[Route | None, tuple[int, int, int] | None]:
+        bad = self.check_protocol(rq)
+        if bad is not None:
+            return None, bad
+        reply = await asyncio.wrap_future(self.link.call("admit", rq.called_ae, rq.calling_ae, assoc.address))
+        if reply[0] != "ok":
+            return None, tuple(reply[1])
+        assoc.admission = reply[1]
+        return Route(processor=None, **reply[2]), None
+
+    def release_slot(self, assoc: Any) -> None:
+        self.link.send(("closed", assoc.admission))
+
+    def commit(self, assoc: Any, incoming: IncomingInstance) -> concurrent.futures.Future:
+        return self.pool.submit(self._commit, assoc.admission, incoming)
+
+    def _commit(self, admission: int, incoming: IncomingInstance) -> int:
+        try:
+            incoming.writer.close()  # fsync (if set) here; the coordinator only renames
+        except OSError as exc:
+            log.warning("instance %s: cannot close its file: %s", incoming.sop_instance_uid, exc.strerror)
+            self.ingest.metrics.store_failures.labels("write_error").inc()
+            return OUT_OF_RESOURCES
+        return self.link.call("commit", admission, incoming.writer.tmp.name, incoming.record).result()
+
+
+def _die_with_parent(parent: int) -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the link's EOF still ends us
+    if os.getppid() != parent:  # the coordinator died before prctl took effect
+        os._exit(0)
+
+
+def main(argv: list[str]) -> int:
+    listen_fd, link_fd, parent = int(argv[0]), int(argv[1]), int(argv[2])
+    _die_with_parent(parent)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from clara_dicom.logs import setup_logging
+
+    setup_logging(int(argv[3]), argv[4], "clara-dicom-receive")
+    conn = Connection(link_fd)
+    settings = AdapterSettings.model_validate(conn.recv())
+    link = CoordinatorLink(conn)
+    store = InstanceStore(settings.incoming_dir,
+                          DiskGuard(settings.incoming_dir.parent, settings.watermarkPercent,
+                                    int(settings.reserveSpaceGB * 1024**3)),
+                          fsync=settings.fsyncFiles, tmp_tag=f"w{os.getpid()}-")
+    scp = WorkerSCP(link, store, settings)
+    scp.start("", 0, sock=socket.socket(fileno=listen_fd))
+    link.send(("ready", os.getpid()))
+
+    def on_command(message: tuple) -> bool:
+        if message[0] == "stop_accepting":
+            scp.stop_accepting()
+        elif message[0] == "abort_all":
+            scp.abort_all()
+        elif message[0] == "exit":
+            return False
+        return True
+
+    link.serve(on_command)
+    os._exit(0)  # coordinator gone or told us to exit: nothing of ours is durable
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
