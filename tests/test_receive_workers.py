@@ -98,9 +98,9 @@ def test_concurrent_associations_over_workers_make_exactly_one_job(tmp_path, loc
     assert metric_value(metrics, "clara_instances_received_total", ae_title="CLARA") == len(files)
     assert metric_value(metrics, "clara_associations_total", result="accepted") == 6
     status = adapter.status()
-    assert sum(w["associationsAccepted"] for w in status["receiveWorkers"]) == 6
+    per_worker = [w["associationsAccepted"] for w in status["receiveWorkers"]]
+    assert sum(per_worker) == 6 and min(per_worker) >= 2  # handed to the least busy worker: spread
     assert status["activeAssociations"] == 0
-    print("associations per worker:", [w["associationsAccepted"] for w in status["receiveWorkers"]])
 
 
 def test_refusals_decided_by_the_coordinator_keep_their_exact_codes(tmp_path, local_adapter, ct_series):

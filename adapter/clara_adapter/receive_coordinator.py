@@ -1,8 +1,9 @@
 """The receive coordinator: the DICOM port served by several worker processes
 (`receive_worker`), with admission and commits kept in this process.
 
-This process binds the listening socket and starts ``receiveWorkers`` workers
-that inherit it (the kernel spreads connections over them). It keeps what must
+This process binds the listening socket, accepts each connection and hands it
+(SCM_RIGHTS) to the least busy of ``receiveWorkers`` worker processes, which do
+all the per-byte work. It keeps what must
 be exact or durable: association admission (AE titles, source rules, the disk
 guard, ``maxAssociations`` slots, exact A-ASSOCIATE-RJ codes), the journal, the
 processors, timers and job creation. Each instance a worker receives is renamed
@@ -58,8 +59,11 @@ class Worker:
     started: float
     slots: dict[int, Route] = field(default_factory=dict)  # admission id -> route, as accepted
     send_lock: threading.Lock = field(default_factory=threading.Lock)
+    handoff: socket.socket | None = None  # SOCK_SEQPACKET: (key, connection fd) per accepted connection
     reader: threading.Thread | None = None
     accepted: int = 0  # associations this worker was admitted for
+    idle: int = 0  # connections handed to it that have not sent an A-ASSOCIATE-RQ
+    handed: int = 0
 
     def send(self, message: tuple) -> None:
         try:
@@ -87,6 +91,11 @@ class ReceiveCoordinator:
         self._accepting = True
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
+        # never-associated connections of every worker, in accept order: (worker, key)
+        self._idle: dict[tuple[Worker, int], None] = {}
+        self._accept_thread: threading.Thread | None = None
+        self._keys = itertools.count(1)
+        self.max_awaiting = max(64, 4 * settings.maxAssociations)  # as StorageSCP, across all workers
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self, host: str, port: int) -> None:
@@ -101,6 +110,9 @@ class ReceiveCoordinator:
             raise
         self._supervisor = threading.Thread(target=self._supervise, name="receive-supervisor", daemon=True)
         self._supervisor.start()
+        self.server.settimeout(SUPERVISE_SECONDS)  # so the accept loop sees stop_accepting
+        self._accept_thread = threading.Thread(target=self._accept, name="dicom-accept", daemon=True)
+        self._accept_thread.start()
         log.info("receiving DICOM in %d worker processes (pids %s)", self.count,
                  ", ".join(str(w.proc.pid) for w in self.workers if w))
 
@@ -109,17 +121,19 @@ class ReceiveCoordinator:
 
     def _launch(self, index: int) -> Worker:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        handoff, their_handoff = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         root = logging.getLogger()
         fmt = "json" if root.handlers and type(root.handlers[0].formatter).__name__ == "JsonFormatter" else "text"
-        listen_fd = self.server.fileno()
-        cmd = [sys.executable, "-m", "clara_adapter.receive_worker", str(listen_fd), str(theirs.fileno()),
-               str(os.getpid()), str(root.getEffectiveLevel()), fmt]
+        cmd = [sys.executable, "-m", "clara_adapter.receive_worker", str(their_handoff.fileno()),
+               str(theirs.fileno()), str(os.getpid()), str(root.getEffectiveLevel()), fmt]
         try:
-            proc = subprocess.Popen(cmd, pass_fds=(listen_fd, theirs.fileno()), stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(cmd, pass_fds=(their_handoff.fileno(), theirs.fileno()),
+                                    stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
+            their_handoff.close()
         conn = Connection(mine.detach())
-        worker = Worker(index, proc, conn, time.monotonic())
+        worker = Worker(index, proc, conn, time.monotonic(), handoff=handoff)
         worker.send(self.settings.model_dump(include=set(WORKER_SETTINGS)))
         return worker
 
@@ -133,6 +147,7 @@ class ReceiveCoordinator:
             proc.kill()
             proc.wait()
             conn.close()
+            worker.handoff.close()
             raise OSError(f"receive worker did not start: {exc}") from None
         worker.reader = threading.Thread(target=self._read, args=(worker,), name=f"receive-link-{index}",
                                          daemon=True)
@@ -172,9 +187,13 @@ class ReceiveCoordinator:
     def _forget(self, worker: Worker) -> None:
         """A worker is gone: free its slots, delete its temporary files."""
         worker.conn.close()
+        worker.handoff.close()
         with self._cond:
             self._negotiated -= len(worker.slots)
             worker.slots.clear()
+            for gone in [k for k in self._idle if k[0] is worker]:
+                del self._idle[gone]
+            worker.idle = 0
             self.ingest.metrics.active.set(self._negotiated)
             self._cond.notify_all()
         prefix = f"{TMP_PREFIX}w{worker.proc.pid}-"
@@ -210,11 +229,62 @@ class ReceiveCoordinator:
                         self._negotiated -= 1
                         self.ingest.metrics.active.set(self._negotiated)
                     self._cond.notify_all()
+            elif kind == "idle_end":
+                with self._cond:
+                    if self._idle.pop((worker, message[1]), "gone") is None:
+                        worker.idle -= 1
             elif kind == "count" and message[1] in WORKER_COUNTERS:
                 if message[1] == "associations":
                     self.on_association(*message[2])
                 else:
                     getattr(self.ingest.metrics, message[1]).labels(*message[2]).inc(message[3])
+
+    def _accept(self) -> None:
+        """Accept every connection here and hand it to the least busy worker: the
+        load is spread evenly (a shared listening socket lets one busy worker
+        take most connections) and the cap on never-associated connections holds
+        across workers, oldest first."""
+        server = self.server
+        while self._accepting:
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if not self._accepting or server.fileno() < 0:
+                    return
+                log.warning("accept failed: %s", exc.strerror)  # EMFILE and the like: the peer retries
+                time.sleep(0.05)
+                continue
+            try:
+                self._hand_over(conn)
+            finally:
+                conn.close()  # the worker has its own descriptor now
+
+    def _hand_over(self, conn: socket.socket) -> None:
+        dropped = None
+        with self._cond:
+            live = [w for w in self.workers if w is not None and w.reader is not None and w.proc.poll() is None]
+            if not live:
+                log.warning("connection refused: no receive worker running")
+                return
+            worker = min(live, key=lambda w: (len(w.slots) + w.idle, w.handed))
+            key = next(self._keys)
+            worker.handed += 1
+            worker.idle += 1
+            self._idle[(worker, key)] = None
+            if len(self._idle) > self.max_awaiting:
+                dropped = next(iter(self._idle))
+                del self._idle[dropped]
+                dropped[0].idle -= 1
+        try:
+            socket.send_fds(worker.handoff, [key.to_bytes(8, "big")], [conn.fileno()])
+        except OSError:
+            with self._cond:
+                if self._idle.pop((worker, key), "gone") is None:
+                    worker.idle -= 1
+        if dropped is not None:
+            dropped[0].send(("close_idle", dropped[1]))
 
     def _reply(self, worker: Worker, call_id: int, fn: Callable[..., Any], *args: Any) -> None:
         try:
@@ -301,6 +371,8 @@ class ReceiveCoordinator:
         with self._cond:
             self._accepting = False
         self._broadcast(("stop_accepting",))
+        if self._accept_thread is not None:
+            self._accept_thread.join(5)
         if self.server is not None:
             self.server.close()
 
@@ -321,6 +393,10 @@ class ReceiveCoordinator:
     def close(self) -> None:
         """Stop the workers (after a drain or abort_all) and the commit threads."""
         self._stopping.set()
+        with self._cond:
+            self._accepting = False
+        if self._accept_thread is not None:
+            self._accept_thread.join(5)
         self._broadcast(("exit",))
         for worker in list(self.workers):
             if worker is None:

@@ -1,6 +1,7 @@
-"""A receive worker process: the asyncio DICOM acceptor on a listening socket
-inherited from the coordinator (`receive_coordinator`), which owns everything
-durable.
+"""A receive worker process: the asyncio DICOM acceptor serving connections
+the coordinator (`receive_coordinator`) accepted and handed over (the socket
+passed with SCM_RIGHTS on a SOCK_SEQPACKET pair, with a key naming it); the
+coordinator owns everything durable.
 
 The worker does the per-byte work: PDU parsing, P-DATA reassembly, streaming
 each dataset into a temporary file in the shared incoming folder, the
@@ -17,14 +18,16 @@ coordinator, over its link (a Unix socket pair, pickled tuples), for:
 
 It tells the coordinator ``("closed", admission)`` when an association ends and
 ``("count", metric, labels, n)`` for the counters it decides (ignored SOP
-classes, store failures, protocol rejections). The coordinator sends
+classes, store failures, protocol rejections), and ``("idle_end", key)`` when a
+handed-over connection sent its A-ASSOCIATE-RQ or closed. The coordinator sends
+``("close_idle", key)`` (over the cap of never-associated connections),
 ``("stop_accepting",)``, ``("abort_all",)`` and ``("exit",)``.
 
 The worker dies with the coordinator: its link reaches EOF (and PR_SET_PDEATHSIG
 covers a coordinator that vanishes without closing it). SIGTERM/SIGINT are
 ignored here: the coordinator drives the drain.
 
-Run as ``python -m clara_adapter.receive_worker LISTEN_FD LINK_FD PARENT_PID
+Run as ``python -m clara_adapter.receive_worker HANDOFF_FD LINK_FD PARENT_PID
 LOG_LEVEL LOG_FORMAT``; the settings arrive as the first message on the link.
 """
 from __future__ import annotations
@@ -43,6 +46,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from clara_adapter.dimse import OUT_OF_RESOURCES
+from clara_adapter.dul_acceptor import Association
 from clara_adapter.dul_pdu import AssociateRequest
 from clara_adapter.incoming import IncomingInstance
 from clara_adapter.ingest import Route
@@ -132,6 +136,73 @@ class WorkerSCP(StorageSCP):
         super().__init__(WorkerIngest(store, metrics), settings,
                          on_association=lambda result: associations.labels(result).inc())
         self.link = link
+        self._idle_keys: dict[Any, int] = {}  # connections without an A-ASSOCIATE-RQ -> the coordinator's key
+        self._idle_by_key: dict[int, Any] = {}
+        self._doomed: set[int] = set()  # dropped by the coordinator before we served them
+
+    # -- connections handed over by the coordinator ----------------------------------
+    # It accepts every connection, keeps the cap on never-associated ones across all
+    # workers (oldest dropped first, in accept order) and tells us which one to close.
+    def take_connections(self, handoff: socket.socket) -> None:
+        """On the event loop: serve each connection (fd + key) arriving on ``handoff``."""
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(handoff, 16, 4)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not data:  # the coordinator is gone
+                self.loop.remove_reader(handoff.fileno())
+                return
+            key = int.from_bytes(data, "big")
+            for fd in fds[1:]:
+                os.close(fd)
+            if not fds:
+                continue
+            asyncio.ensure_future(self._serve(socket.socket(fileno=fds[0]), key))
+
+    async def _serve(self, sock: socket.socket, key: int) -> None:
+        def make() -> Association:
+            assoc = Association(self)
+            self._idle_keys[assoc] = key
+            self._idle_by_key[key] = assoc
+            return assoc
+
+        try:
+            await self.serve_connection(sock, make)
+        except Exception as exc:  # TLS handshake failed or timed out (ARTIM)
+            log.info("connection closed before association: %s", exc)
+            sock.close()
+            assoc = self._idle_by_key.pop(key, None)
+            self._idle_keys.pop(assoc, None)
+            self.link.send(("idle_end", key))
+            return
+        if key in self._doomed:
+            self._doomed.discard(key)
+            self.close_idle(key)
+
+    def request_received(self, assoc: Any) -> None:
+        super().request_received(assoc)
+        self._idle_ended(assoc)
+
+    def connection_closed(self, assoc: Any) -> None:
+        super().connection_closed(assoc)
+        self._idle_ended(assoc)
+
+    def _idle_ended(self, assoc: Any) -> None:
+        key = self._idle_keys.pop(assoc, None)
+        if key is not None:
+            self._idle_by_key.pop(key, None)
+            self.link.send(("idle_end", key))
+
+    def close_idle(self, key: int) -> None:
+        """On the event loop: the coordinator's cap dropped this connection."""
+        assoc = self._idle_by_key.get(key)
+        if assoc is None:
+            self._doomed.add(key)  # not served yet
+        elif assoc in self._awaiting:
+            log.warning("connection from %s closed: more than %d connections without an A-ASSOCIATE-RQ",
+                        assoc.address, self.max_awaiting)
+            assoc.close_quietly()
 
     async def admit(self, assoc: Any, rq: AssociateRequest) -> tuple[Route | None, tuple[int, int, int] | None]:
         bad = self.check_protocol(rq)
@@ -169,7 +240,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    listen_fd, link_fd, parent = int(argv[0]), int(argv[1]), int(argv[2])
+    handoff_fd, link_fd, parent = int(argv[0]), int(argv[1]), int(argv[2])
     _die_with_parent(parent)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -184,12 +255,17 @@ def main(argv: list[str]) -> int:
                                     int(settings.reserveSpaceGB * 1024**3)),
                           fsync=settings.fsyncFiles, tmp_tag=f"w{os.getpid()}-")
     scp = WorkerSCP(link, store, settings)
-    scp.start("", 0, sock=socket.socket(fileno=listen_fd))
+    scp.start("", 0, listen=False)
+    handoff = socket.socket(fileno=handoff_fd)
+    handoff.setblocking(False)
+    scp.loop.call_soon_threadsafe(scp.loop.add_reader, handoff.fileno(), scp.take_connections, handoff)
     link.send(("ready", os.getpid()))
 
     def on_command(message: tuple) -> bool:
         if message[0] == "stop_accepting":
             scp.stop_accepting()
+        elif message[0] == "close_idle":
+            scp.loop.call_soon_threadsafe(scp.close_idle, message[1])
         elif message[0] == "abort_all":
             scp.abort_all()
         elif message[0] == "exit":

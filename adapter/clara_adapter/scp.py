@@ -47,6 +47,7 @@ class StorageSCP:
         self.settings = settings
         self.on_association = on_association or (lambda result: None)
         self.server: asyncio.AbstractServer | None = None
+        self.ssl_context: ssl.SSLContext | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(4, min(32, settings.maxAssociations + 2)), thread_name_prefix="dicom-commit")
@@ -173,28 +174,36 @@ class StorageSCP:
             context.verify_mode = ssl.CERT_REQUIRED
         return context
 
-    def start(self, host: str, port: int, sock: "socket.socket | None" = None) -> None:
-        """Bind (or serve the listening ``sock`` already bound) in a background
-        thread; OSError if the port cannot be bound."""
-        ssl_context = self._ssl_context()
+    def start(self, host: str, port: int, listen: bool = True) -> None:
+        """Bind and serve in a background thread; OSError if the port cannot be
+        bound. ``listen=False``: run the loop only, connections are handed in
+        (`serve_connection`)."""
+        ssl_context = self.ssl_context = self._ssl_context()
         loop = self.loop = asyncio.new_event_loop()
         started = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(started,), name="dicom-scp", daemon=True)
         self._thread.start()
         started.wait()
 
-        async def listen() -> asyncio.AbstractServer:
-            where = {"sock": sock} if sock is not None else {"host": host, "port": port, "reuse_address": True}
-            return await loop.create_server(lambda: Association(self), ssl=ssl_context,
+        async def listen_on() -> asyncio.AbstractServer | None:
+            if not listen:
+                return None
+            return await loop.create_server(lambda: Association(self), host, port, ssl=ssl_context,
                                             ssl_handshake_timeout=self.settings.artimTimeout if ssl_context else None,
-                                            backlog=256, **where)
+                                            backlog=256, reuse_address=True)
 
         try:
-            self.server = asyncio.run_coroutine_threadsafe(listen(), loop).result()
+            self.server = asyncio.run_coroutine_threadsafe(listen_on(), loop).result()
         except BaseException:
             self._stop_loop()
             raise
         loop.call_soon_threadsafe(loop.call_later, SWEEP_SECONDS, self._sweep)
+
+    async def serve_connection(self, sock: socket.socket, protocol_factory: Callable[[], Association]) -> None:
+        """Serve a connection accepted elsewhere (TLS handshake included)."""
+        await self.loop.connect_accepted_socket(
+            protocol_factory, sock, ssl=self.ssl_context,
+            ssl_handshake_timeout=self.settings.artimTimeout if self.ssl_context else None)
 
     def _run(self, started: threading.Event) -> None:
         asyncio.set_event_loop(self.loop)
