@@ -77,6 +77,39 @@ def acked(output: str) -> int:
     return output.count("Received Store Response (Success)")
 
 
+def open_study_association(port: int, files: list[Path], first: int):
+    """A pynetdicom SCU (calling STORESCU) that has sent and had acknowledged the
+    first ``first`` instances and holds its association open: mid-study."""
+    import pydicom
+    from pynetdicom import AE
+
+    sample = pydicom.dcmread(files[0], stop_before_pixels=True)
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(sample.SOPClassUID, sample.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CLARA")
+    assert assoc.is_established
+    for f in files[:first]:
+        assert assoc.send_c_store(pydicom.dcmread(f)).Status == 0x0000
+    return assoc
+
+
+def send_rest(assoc, files: list[Path]) -> int:
+    """Keep sending; the number acknowledged before the association died."""
+    import pydicom
+
+    done = 0
+    for f in files:
+        try:
+            status = assoc.send_c_store(pydicom.dcmread(f))
+        except (RuntimeError, ValueError):
+            break
+        if "Status" not in status or status.Status != 0x0000:
+            break
+        done += 1
+    assoc.release() if assoc.is_established else None
+    return done
+
+
 def test_concurrent_associations_over_workers_make_exactly_one_job(tmp_path, local_adapter):
     config = write_config(tmp_path / "cfg", processor="pipelines: {seg: p-seg}\ntimeout: 5")
     adapter = local_adapter(config, extra=WORKERS)
@@ -120,17 +153,12 @@ def test_worker_sigkill_mid_study_aborts_its_association_and_loses_or_duplicates
     adapter = local_adapter(config, state=state, extra=WORKERS)
     before = workers_of(adapter)
     files = write_study(tmp_path / "study", slices=60, rows=64, cols=64, patient_id="P-WKILL")
-    sender = subprocess.Popen([dcmtk("storescu"), "-v", "-aec", "CLARA", "127.0.0.1", str(adapter.dicom_port),
-                               *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=dcmtk_env())
-    wait_for(lambda: metric_value(adapter.metrics(), "clara_instances_received_total") >= 10, 60,
-             interval=0.01, what="some instances acknowledged")
+    assoc = open_study_association(adapter.dicom_port, files, 20)
     victim = serving_pid(adapter.dicom_port, before)
     assert victim is not None, "no worker holds the association"
     os.kill(victim, signal.SIGKILL)
-    out, _ = sender.communicate(timeout=60)
-    n_acked = acked(out)
-    assert 10 <= n_acked < len(files), out[-2000:]  # the association died with its worker
+    n_acked = 20 + send_rest(assoc, files[20:])
+    assert n_acked < len(files) and assoc.is_aborted  # the association died with its worker
     assert adapter.alive()
     # another worker takes its place; the coordinator kept running
     wait_for(lambda: len(workers_of(adapter)) == 2 and victim not in workers_of(adapter), 30,
@@ -155,16 +183,11 @@ def test_coordinator_sigkill_takes_the_workers_down_and_a_restart_loses_or_dupli
     adapter = local_adapter(config, state=state, extra=WORKERS)
     workers = workers_of(adapter)
     files = write_study(tmp_path / "study", slices=60, rows=64, cols=64, patient_id="P-CKILL")
-    sender = subprocess.Popen([dcmtk("storescu"), "-v", "-aec", "CLARA", "127.0.0.1", str(adapter.dicom_port),
-                               *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=dcmtk_env())
-    wait_for(lambda: metric_value(adapter.metrics(), "clara_instances_received_total") >= 10, 60,
-             interval=0.01, what="some instances acknowledged")
+    assoc = open_study_association(adapter.dicom_port, files, 20)
     os.kill(adapter.proc.pid, signal.SIGKILL)  # the coordinator alone, not its process group
     adapter.proc.wait(10)
-    out, _ = sender.communicate(timeout=60)
-    n_acked = acked(out)
-    assert 10 <= n_acked < len(files), out[-2000:]
+    n_acked = 20 + send_rest(assoc, files[20:])
+    assert n_acked < len(files) and assoc.is_aborted
     # no orphan keeps the port: every worker exits with the coordinator
     wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in workers), 15,
              what="workers gone")
@@ -191,17 +214,13 @@ def test_sigterm_drain_waits_for_an_association_in_a_worker(tmp_path, local_adap
     instance is acknowledged, and everything ends."""
     config = write_config(tmp_path / "cfg", processor="pipelines: {seg: p-seg}\ntimeout: 3600")
     adapter = local_adapter(config, extra=WORKERS)
-    files = write_study(tmp_path / "study", slices=80, rows=64, cols=64, patient_id="P-DRAIN")
-    sender = subprocess.Popen([dcmtk("storescu"), "-v", "-aec", "CLARA", "127.0.0.1", str(adapter.dicom_port),
-                               *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=dcmtk_env())
-    wait_for(lambda: metric_value(adapter.metrics(), "clara_instances_received_total") >= 5, 60,
-             interval=0.01, what="association under way")
+    files = write_study(tmp_path / "study", slices=60, rows=64, cols=64, patient_id="P-DRAIN")
     workers = workers_of(adapter)
+    assoc = open_study_association(adapter.dicom_port, files, 20)
     adapter.signal(signal.SIGTERM)  # the whole process group, as Kubernetes and Ctrl-C do
-    out, _ = sender.communicate(timeout=120)
-    assert sender.returncode == 0, out[-2000:]
-    assert acked(out) == len(files)
+    wait_for(lambda: not adapter.ready(), 15, what="adapter draining")  # the signal landed
+    assert adapter.alive()
+    assert send_rest(assoc, files[20:]) == len(files) - 20  # every instance acknowledged, then released
     assert adapter.proc.wait(60) == 0
     wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in workers), 15,
              what="workers gone")

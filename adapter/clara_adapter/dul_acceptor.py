@@ -27,8 +27,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from pynetdicom.sop_class import uid_to_service_class
-
 from clara_adapter import dimse, dul_pdu
 from clara_adapter.dul_pdu import AssociateRequest, PduError, PduStream
 
@@ -52,6 +50,8 @@ AWAITING_RQ, NEGOTIATING, ESTABLISHED, CLOSED = "awaiting-rq", "negotiating", "e
 
 
 def is_storage_like(abstract_syntax: str) -> bool:
+    from pynetdicom.sop_class import uid_to_service_class  # ~1 s to import: a receive worker warms it up
+
     return uid_to_service_class(abstract_syntax).__name__ in _STORAGE_LIKE
 
 

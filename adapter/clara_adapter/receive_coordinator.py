@@ -134,7 +134,8 @@ class ReceiveCoordinator:
             their_handoff.close()
         conn = Connection(mine.detach())
         worker = Worker(index, proc, conn, time.monotonic(), handoff=handoff)
-        worker.send(self.settings.model_dump(include=set(WORKER_SETTINGS)))
+        worker.send({**self.settings.model_dump(include=set(WORKER_SETTINGS)),
+                     "incoming_dir": str(self.settings.incoming_dir)})
         return worker
 
     def _await_ready(self, worker: Worker) -> Worker:

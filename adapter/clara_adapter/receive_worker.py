@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ctypes
+import importlib
 import itertools
 import logging
 import os
@@ -42,16 +43,17 @@ import signal
 import socket
 import sys
 import threading
+import types
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from clara_adapter.dimse import OUT_OF_RESOURCES
 from clara_adapter.dul_acceptor import Association
 from clara_adapter.dul_pdu import AssociateRequest
 from clara_adapter.incoming import IncomingInstance
-from clara_adapter.ingest import Route
+from clara_adapter.route import Route
 from clara_adapter.scp import StorageSCP
-from clara_adapter.settings import AdapterSettings
 from clara_adapter.storage import DiskGuard, InstanceStore
 
 log = logging.getLogger(__name__)
@@ -130,7 +132,7 @@ class WorkerIngest:
 class WorkerSCP(StorageSCP):
     """The acceptor with admission and commits done by the coordinator."""
 
-    def __init__(self, link: CoordinatorLink, store: InstanceStore, settings: AdapterSettings):
+    def __init__(self, link: CoordinatorLink, store: InstanceStore, settings: Any):
         metrics = RemoteMetrics(link)
         associations = _Counter(link, "associations")
         super().__init__(WorkerIngest(store, metrics), settings,
@@ -248,11 +250,12 @@ def main(argv: list[str]) -> int:
 
     setup_logging(int(argv[3]), argv[4], "clara-dicom-receive")
     conn = Connection(link_fd)
-    settings = AdapterSettings.model_validate(conn.recv())
+    # the receive settings (validated by the coordinator); not AdapterSettings: its models take a second to import
+    settings = types.SimpleNamespace(**conn.recv())
+    incoming = Path(settings.incoming_dir)
     link = CoordinatorLink(conn)
-    store = InstanceStore(settings.incoming_dir,
-                          DiskGuard(settings.incoming_dir.parent, settings.watermarkPercent,
-                                    int(settings.reserveSpaceGB * 1024**3)),
+    store = InstanceStore(incoming, DiskGuard(incoming.parent, settings.watermarkPercent,
+                                              int(settings.reserveSpaceGB * 1024**3)),
                           fsync=settings.fsyncFiles, tmp_tag=f"w{os.getpid()}-")
     scp = WorkerSCP(link, store, settings)
     scp.start("", 0, listen=False)
@@ -260,6 +263,9 @@ def main(argv: list[str]) -> int:
     handoff.setblocking(False)
     scp.loop.call_soon_threadsafe(scp.loop.add_reader, handoff.fileno(), scp.take_connections, handoff)
     link.send(("ready", os.getpid()))
+    # after "ready" (the coordinator's start-up does not wait for it), on the loop thread (pynetdicom's
+    # circular imports break when two threads import it at once); connections queue meanwhile
+    scp.loop.call_soon_threadsafe(importlib.import_module, "pynetdicom.sop_class")
 
     def on_command(message: tuple) -> bool:
         if message[0] == "stop_accepting":

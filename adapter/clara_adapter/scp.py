@@ -26,11 +26,14 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from clara_adapter.dul_acceptor import AWAITING_RQ, ESTABLISHED, NEGOTIATING, Association
 from clara_adapter.dul_pdu import APPLICATION_CONTEXT, AssociateRequest
-from clara_adapter.ingest import REJECT_BUSY, REJECT_CALLED_AE, Ingest, Route
+from clara_adapter.route import REJECT_BUSY, REJECT_CALLED_AE, Route
+
+if TYPE_CHECKING:
+    from clara_adapter.ingest import Ingest
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +182,8 @@ class StorageSCP:
         bound. ``listen=False``: run the loop only, connections are handed in
         (`serve_connection`)."""
         ssl_context = self.ssl_context = self._ssl_context()
+        if listen:
+            import pynetdicom.sop_class  # noqa: F401  (its SOP class tables, now rather than at the first association)
         loop = self.loop = asyncio.new_event_loop()
         started = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(started,), name="dicom-scp", daemon=True)
