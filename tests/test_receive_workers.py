@@ -73,6 +73,10 @@ def serving_pid(port: int, candidates: set[int]) -> int | None:
     return None
 
 
+def leftovers(state: Path) -> list[str]:
+    return [p.name for p in (state / "incoming").iterdir()]
+
+
 def acked(output: str) -> int:
     return output.count("Received Store Response (Success)")
 
@@ -171,13 +175,12 @@ def test_worker_sigkill_mid_study_aborts_its_association_and_loses_or_duplicates
     assert len(got) == len(set(got)) and got == sops(files)  # everything once
     time.sleep(timeout + 1)
     assert len(adapter.jobs()) == 1
-    leftovers = [p.name for p in (state / "incoming").iterdir()]
-    assert leftovers == []  # no partial file of the dead worker, nothing unreleased
+    assert leftovers(state) == []  # no partial file of the dead worker, nothing unreleased
 
 
 def test_coordinator_sigkill_takes_the_workers_down_and_a_restart_loses_or_duplicates_nothing(tmp_path,
                                                                                               local_adapter):
-    timeout = 15  # longer than a restart on a loaded machine
+    timeout = 30  # longer than a restart (and the resend) on a machine loaded by 5 helpers
     config = write_config(tmp_path / "cfg", processor=f"pipelines: {{seg: p-seg}}\ntimeout: {timeout}")
     state = tmp_path / "state"
     adapter = local_adapter(config, state=state, extra=WORKERS)
@@ -199,7 +202,7 @@ def test_coordinator_sigkill_takes_the_workers_down_and_a_restart_loses_or_dupli
     assert len(got) == len(set(got)) and got == sops(files)
     time.sleep(timeout + 1)
     assert len(restarted.jobs()) == 1
-    assert not [p.name for p in (state / "incoming").iterdir()]
+    assert leftovers(state) == []
 
 
 def _state(pid: int) -> str:
@@ -224,3 +227,17 @@ def test_sigterm_drain_waits_for_an_association_in_a_worker(tmp_path, local_adap
     assert adapter.proc.wait(60) == 0
     wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in workers), 15,
              what="workers gone")
+
+
+def test_default_worker_count_follows_the_cgroup_cpu_limit(tmp_path):
+    from clara_adapter.settings import usable_cores
+
+    affinity = len(os.sched_getaffinity(0))
+    limit = tmp_path / "cpu.max"
+    limit.write_text("max 100000\n")
+    assert usable_cores(limit) == affinity
+    limit.write_text("150000 100000\n")  # 1.5 CPUs: two workers can use them
+    assert usable_cores(limit) == min(affinity, 2)
+    limit.write_text("50000 100000\n")
+    assert usable_cores(limit) == 1
+    assert usable_cores(tmp_path / "missing") == affinity

@@ -297,9 +297,9 @@ class Association(asyncio.BufferedProtocol):
             # stop reading until its instances are committed, so it cannot queue unbounded work.
             self._paused = True
             self.transport.pause_reading()
-        loop = self.server.loop
-        future = self.server.commit(self, incoming)
-        future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._committed, f, command, context_id))
+        server = self.server
+        future = server.commit(self, incoming)
+        future.add_done_callback(lambda f: server.call_soon_from_any_thread(self._committed, f, command, context_id))
 
     def _committed(self, future: "concurrent.futures.Future", command: dict, context_id: int) -> None:
         self._committing -= 1

@@ -407,7 +407,7 @@ class ReceiveCoordinator:
             except subprocess.TimeoutExpired:
                 worker.proc.kill()
                 worker.proc.wait()
-            worker.conn.close()
+            self._forget(worker)  # its spare and partial files
         if self._supervisor is not None:
             self._supervisor.join(5)
         if self.server is not None:

@@ -82,19 +82,22 @@ class CoordinatorLink:
         self.send((kind, call_id, *args))
         return future
 
-    def serve(self, on_command: Any) -> None:
-        """Read replies and commands until the coordinator is gone."""
-        while True:
-            try:
+    def read_ready(self, on_command: Any) -> bool:
+        """On the event loop when the link is readable: handle every message
+        waiting (replies resolve their futures right here, no thread hand-off).
+        False once the coordinator is gone or said exit."""
+        try:
+            while self.conn.poll(0):
                 message = self.conn.recv()
-            except (EOFError, OSError):
-                return
-            if message[0] == "reply":
-                future = self._pending.pop(message[1], None)
-                if future is not None:
-                    future.set_result(message[2])
-            elif on_command(message) is False:
-                return
+                if message[0] == "reply":
+                    future = self._pending.pop(message[1], None)
+                    if future is not None:
+                        future.set_result(message[2])
+                elif on_command(message) is False:
+                    return False
+        except (EOFError, OSError):
+            return False
+        return True
 
 
 class _Counter:
@@ -220,15 +223,26 @@ class WorkerSCP(StorageSCP):
         self.link.send(("closed", assoc.admission))
 
     def commit(self, assoc: Any, incoming: IncomingInstance) -> concurrent.futures.Future:
-        return self.pool.submit(self._commit, assoc.admission, incoming)
+        if self.settings.fsyncFiles:  # fsync blocks: not on the event loop
+            return self.pool.submit(self._commit, assoc.admission, incoming)
+        try:
+            incoming.writer.close()  # cheap without fsync: one thread hand-off less per instance
+        except OSError as exc:
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            future.set_result(self._close_failed(incoming, exc))
+            return future
+        return self.link.call("commit", assoc.admission, incoming.writer.tmp.name, incoming.record)
+
+    def _close_failed(self, incoming: IncomingInstance, exc: OSError) -> int:
+        log.warning("instance %s: cannot close its file: %s", incoming.sop_instance_uid, exc.strerror)
+        self.ingest.metrics.store_failures.labels("write_error").inc()
+        return OUT_OF_RESOURCES
 
     def _commit(self, admission: int, incoming: IncomingInstance) -> int:
         try:
             incoming.writer.close()  # fsync (if set) here; the coordinator only renames
         except OSError as exc:
-            log.warning("instance %s: cannot close its file: %s", incoming.sop_instance_uid, exc.strerror)
-            self.ingest.metrics.store_failures.labels("write_error").inc()
-            return OUT_OF_RESOURCES
+            return self._close_failed(incoming, exc)
         return self.link.call("commit", admission, incoming.writer.tmp.name, incoming.record).result()
 
 
@@ -269,16 +283,23 @@ def main(argv: list[str]) -> int:
 
     def on_command(message: tuple) -> bool:
         if message[0] == "stop_accepting":
-            scp.stop_accepting()
+            scp.stop_accepting_on_loop()
         elif message[0] == "close_idle":
-            scp.loop.call_soon_threadsafe(scp.close_idle, message[1])
+            scp.close_idle(message[1])
         elif message[0] == "abort_all":
-            scp.abort_all()
+            scp.abort_all_on_loop()
         elif message[0] == "exit":
             return False
         return True
 
-    link.serve(on_command)
+    done = threading.Event()
+
+    def on_link() -> None:
+        if not link.read_ready(on_command):
+            done.set()
+
+    scp.loop.call_soon_threadsafe(scp.loop.add_reader, conn.fileno(), on_link)
+    done.wait()
     os._exit(0)  # coordinator gone or told us to exit: nothing of ours is durable
 
 

@@ -51,6 +51,7 @@ class StorageSCP:
         self.on_association = on_association or (lambda result: None)
         self.server: asyncio.AbstractServer | None = None
         self.ssl_context: ssl.SSLContext | None = None
+        self._loop_thread = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(4, min(32, settings.maxAssociations + 2)), thread_name_prefix="dicom-commit")
@@ -211,6 +212,7 @@ class StorageSCP:
             ssl_handshake_timeout=self.settings.artimTimeout if self.ssl_context else None)
 
     def _run(self, started: threading.Event) -> None:
+        self._loop_thread = threading.get_ident()
         asyncio.set_event_loop(self.loop)
         self.loop.call_soon(started.set)
         self.loop.run_forever()
@@ -228,15 +230,15 @@ class StorageSCP:
     def stop_accepting(self) -> None:
         """Close the listening socket and every connection that has not
         associated; associations in progress continue."""
-        def stop() -> None:
-            self._accepting = False
-            if self.server is not None:
-                self.server.close()
-            for assoc in list(self._connections):
-                if assoc.state == AWAITING_RQ:
-                    assoc.close_quietly()
+        self._call(self.stop_accepting_on_loop)
 
-        self._call(stop)
+    def stop_accepting_on_loop(self) -> None:
+        self._accepting = False
+        if self.server is not None:
+            self.server.close()
+        for assoc in list(self._connections):
+            if assoc.state == AWAITING_RQ:
+                assoc.close_quietly()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no negotiated association is open (or in negotiation)."""
@@ -254,11 +256,18 @@ class StorageSCP:
         return True
 
     def abort_all(self) -> None:
-        def abort() -> None:
-            for assoc in list(self._connections):
-                assoc.abort("adapter shutting down")
+        self._call(self.abort_all_on_loop)
 
-        self._call(abort)
+    def abort_all_on_loop(self) -> None:
+        for assoc in list(self._connections):
+            assoc.abort("adapter shutting down")
+
+    def call_soon_from_any_thread(self, fn: Callable[..., Any], *args: Any) -> None:
+        """``loop.call_soon`` on the loop's own thread (no self-pipe wake-up), else call_soon_threadsafe."""
+        if threading.get_ident() == self._loop_thread:
+            self.loop.call_soon(fn, *args)
+        else:
+            self.loop.call_soon_threadsafe(fn, *args)
 
     def close(self) -> None:
         """Stop the event loop and the commit threads (after a drain or abort_all)."""

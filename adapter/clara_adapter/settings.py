@@ -83,10 +83,7 @@ class AdapterSettings(BaseModel):
     def receive_workers(self) -> int:
         if self.receiveWorkers is not None:
             return self.receiveWorkers
-        try:
-            return len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            return os.cpu_count() or 1
+        return usable_cores()
 
     @property
     def incoming_dir(self) -> Path:
@@ -109,6 +106,22 @@ class AdapterSettings(BaseModel):
             except OSError as exc:
                 raise UserError(f"resultsTokenFile {self.resultsTokenFile}: {exc.strerror}") from None
         return None
+
+
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPU cores this process may use: its affinity, capped by a cgroup v2 CPU
+    limit (a pod limited to 2 CPUs on a 64-core node gets 2)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def env_name(field: str) -> str:
