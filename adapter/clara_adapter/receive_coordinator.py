@@ -123,9 +123,11 @@ class ReceiveCoordinator:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         handoff, their_handoff = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         root = logging.getLogger()
-        fmt = "json" if root.handlers and type(root.handlers[0].formatter).__name__ == "JsonFormatter" else "text"
+        formatter = root.handlers[0].formatter if root.handlers else None
+        fmt = "json" if type(formatter).__name__ == "JsonFormatter" else "text"
+        component = getattr(formatter, "component", "clara-dicom")  # workers log as their coordinator does
         cmd = [sys.executable, "-m", "clara_adapter.receive_worker", str(their_handoff.fileno()),
-               str(theirs.fileno()), str(os.getpid()), str(root.getEffectiveLevel()), fmt]
+               str(theirs.fileno()), str(os.getpid()), str(root.getEffectiveLevel()), fmt, component]
         try:
             proc = subprocess.Popen(cmd, pass_fds=(their_handoff.fileno(), theirs.fileno()),
                                     stdin=subprocess.DEVNULL)

@@ -28,7 +28,7 @@ covers a coordinator that vanishes without closing it). SIGTERM/SIGINT are
 ignored here: the coordinator drives the drain.
 
 Run as ``python -m clara_adapter.receive_worker HANDOFF_FD LINK_FD PARENT_PID
-LOG_LEVEL LOG_FORMAT``; the settings arrive as the first message on the link.
+LOG_LEVEL LOG_FORMAT COMPONENT``; the settings arrive as the first message on the link.
 """
 from __future__ import annotations
 
@@ -262,7 +262,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from clara_dicom.logs import setup_logging
 
-    setup_logging(int(argv[3]), argv[4], "clara-dicom-receive")
+    setup_logging(int(argv[3]), argv[4], argv[5])
     conn = Connection(link_fd)
     # the receive settings (validated by the coordinator); not AdapterSettings: its models take a second to import
     settings = types.SimpleNamespace(**conn.recv())
