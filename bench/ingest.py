@@ -14,6 +14,7 @@ up` with its journal and study grouping on (each repetition's group is closed
 before the next). Prints seconds, instances/s, ratios and the load average.
 
     python bench/ingest.py [--slices 300] [--small 2000] [--repeat 3] [--only ct|small]
+                           [--workers 0 --workers default]   (clara-dicom receive workers; each measured)
 """
 from __future__ import annotations
 
@@ -82,20 +83,36 @@ def send(port: int, files: list[Path], parallel: int, called: str) -> float:
     return time.perf_counter() - start
 
 
+def cpu_seconds(session: int) -> float:
+    """CPU time of every process in a receiver's session (its workers and reaped children included)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError):
+            continue
+        if int(fields[3]) == session:  # field 6 of stat: the session id
+            total += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def measure(name: str, port: int, files: list[Path], parallel: int, repeat: int, called: str,
-            after: callable = None) -> float:
-    times = []
+            after: callable = None, pid: int | None = None) -> float:
+    times, cpu = [], []
     for _ in range(repeat):
+        before = cpu_seconds(pid) if pid else 0.0
         times.append(send(port, files, parallel, called))
+        cpu.append(cpu_seconds(pid) - before if pid else 0.0)
         if after:
             after()
     best = min(times)
     print(f"  {name:<10} best {best:6.2f}s  median {statistics.median(times):6.2f}s  "
-          f"{len(files) / best:7.0f} inst/s")
+          f"{len(files) / best:7.0f} inst/s  CPU {1000 * statistics.median(cpu) / len(files):5.2f} ms/inst")
     return best
 
 
-def run_workload(name: str, files: list[Path], repeat: int, tmp: Path) -> dict[tuple[str, int], float]:
+def run_workload(name: str, files: list[Path], repeat: int, tmp: Path,
+                 workers: tuple[str, ...] | list[str] = ("default",)) -> dict[tuple[str, int], float]:
     mb = sum(f.stat().st_size for f in files) / 1e6
     print(f"workload {name}: {len(files)} instances, {mb:.0f} MB ({load()})")
     results: dict[tuple[str, int], float] = {}
@@ -103,30 +120,34 @@ def run_workload(name: str, files: list[Path], repeat: int, tmp: Path) -> dict[t
         print(f"{parallel} association(s):")
         scp = StoreSCP(tmp / f"storescp-{name}-{parallel}", fork=parallel > 1)
         try:
-            results[("storescp", parallel)] = measure("storescp", scp.port, files, parallel, repeat, "ANY")
+            results[("storescp", parallel)] = measure("storescp", scp.port, files, parallel, repeat, "ANY",
+                                                      pid=scp.proc.pid)
         finally:
             scp.stop()
         orthanc = Orthanc(tmp / f"orthanc-{name}-{parallel}")
         try:
             results[("orthanc", parallel)] = measure("orthanc", orthanc.dicom_port, files, parallel, repeat,
-                                                     "ORTHANC")
+                                                     "ORTHANC", pid=orthanc.proc.pid)
         finally:
             orthanc.stop()
-        adapter = LocalAdapter(tmp / "config.yaml", tmp / f"adapter-{name}-{parallel}",
-                               extra=["--log-level", "WARNING"])
-        try:
-            # Wait for each repetition's group to close so runs don't overlap in one group.
-            def drained() -> None:
-                wait_for(lambda: adapter.status()["instancesHeld"] == 0, 120, what="group closed")
+        for count in workers:
+            label = "clara" if count == "default" else f"clara-w{count}"
+            adapter = LocalAdapter(tmp / "config.yaml", tmp / f"adapter-{name}-{parallel}-{count}",
+                                   extra=["--log-level", "WARNING"] + ([] if count == "default" else
+                                                                       ["--receive-workers", count]))
+            try:
+                # Wait for each repetition's group to close so runs don't overlap in one group.
+                def drained() -> None:
+                    wait_for(lambda: adapter.status()["instancesHeld"] == 0, 120, what="group closed")
 
-            results[("clara", parallel)] = measure("clara", adapter.dicom_port, files, parallel, repeat,
-                                                   "CLARA", after=drained)
-        finally:
-            adapter.stop()
-        ours = results[("clara", parallel)]
-        print(f"  ratio (throughput, ours / anchor): vs storescp{' --fork' if parallel > 1 else ''} "
-              f"{results[('storescp', parallel)] / ours:.2f}x, vs Orthanc {results[('orthanc', parallel)] / ours:.2f}x"
-              f"  ({load()})")
+                results[(label, parallel)] = measure(label, adapter.dicom_port, files, parallel, repeat,
+                                                     "CLARA", after=drained, pid=adapter.proc.pid)
+            finally:
+                adapter.stop()
+            ours = results[(label, parallel)]
+            print(f"  {label}: ratio (throughput, ours / anchor): vs storescp{' --fork' if parallel > 1 else ''} "
+                  f"{results[('storescp', parallel)] / ours:.2f}x, vs Orthanc "
+                  f"{results[('orthanc', parallel)] / ours:.2f}x  ({load()})")
     return results
 
 
@@ -136,14 +157,17 @@ def main() -> int:
     ap.add_argument("--small", type=int, default=2000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", choices=("ct", "small"))
+    ap.add_argument("--workers", action="append", metavar="N|default",
+                    help="clara-dicom receive workers (repeatable: each is measured; default: one per core)")
     args = ap.parse_args()
+    workers = args.workers or ["default"]
     with tempfile.TemporaryDirectory(prefix="clara-bench-") as tmp:
         tmp = Path(tmp)
         (tmp / "config.yaml").write_text(CONFIG)
         if args.only in (None, "ct"):
-            run_workload("ct", study(args.slices), args.repeat, tmp)
+            run_workload("ct", study(args.slices), args.repeat, tmp, workers)
         if args.only in (None, "small"):
-            run_workload("small", study(args.small, 64), args.repeat, tmp)
+            run_workload("small", study(args.small, 64), args.repeat, tmp, workers)
     return 0
 
 

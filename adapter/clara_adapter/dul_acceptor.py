@@ -27,8 +27,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from pynetdicom.sop_class import uid_to_service_class
-
 from clara_adapter import dimse, dul_pdu
 from clara_adapter.dul_pdu import AssociateRequest, PduError, PduStream
 
@@ -52,6 +50,8 @@ AWAITING_RQ, NEGOTIATING, ESTABLISHED, CLOSED = "awaiting-rq", "negotiating", "e
 
 
 def is_storage_like(abstract_syntax: str) -> bool:
+    from pynetdicom.sop_class import uid_to_service_class  # ~1 s to import: a receive worker warms it up
+
     return uid_to_service_class(abstract_syntax).__name__ in _STORAGE_LIKE
 
 
@@ -89,6 +89,7 @@ class Association(asyncio.BufferedProtocol):
         self.peer_max_pdu = 0
         self.contexts: dict[int, tuple[str, str]] = {}  # id -> (abstract syntax, transfer syntax)
         self.holds_slot = False
+        self.admission: int | None = None  # the coordinator's id for it (receive workers)
         self._view = memoryview(bytearray(NEGOTIATION_BUFFER))
         max_pdu = self.settings.maxPduSize
         self.stream = PduStream(self, max_pdu or None)
@@ -189,21 +190,19 @@ class Association(asyncio.BufferedProtocol):
             raise PduError(f"unexpected PDU type {pdu_type} from a requestor", dul_pdu.ABORT_UNEXPECTED_PDU)
 
     async def _negotiate(self, rq: AssociateRequest) -> None:
-        verdict = await self.server.check_association(rq, self.address)
+        route, verdict = await self.server.admit(self, rq)
+        if route is not None:
+            if self.state == CLOSED:  # the peer left while we decided: connection_closed already ran
+                self.server.release_slot(self)
+                return
+            self.holds_slot = True  # released in connection_closed
         if self.transport is None or self.transport.is_closing():
             return
-        if verdict is not None:
+        if route is None:
             self.transport.write(dul_pdu.associate_rj(*verdict))
             self.transport.close()
             self.state = CLOSED
             return
-        route, slot = self.server.claim_slot(rq)
-        if route is None:
-            self.transport.write(dul_pdu.associate_rj(*slot))
-            self.transport.close()
-            self.state = CLOSED
-            return
-        self.holds_slot = True
         self.route = route
         self.calling_ae = rq.calling_ae
         self.peer_max_pdu = rq.max_pdu_length
@@ -298,9 +297,9 @@ class Association(asyncio.BufferedProtocol):
             # stop reading until its instances are committed, so it cannot queue unbounded work.
             self._paused = True
             self.transport.pause_reading()
-        loop = self.server.loop
-        future = self.server.pool.submit(self.server.ingest.commit_received, self.route, incoming)
-        future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._committed, f, command, context_id))
+        server = self.server
+        future = server.commit(self, incoming)
+        future.add_done_callback(lambda f: server.call_soon_from_any_thread(self._committed, f, command, context_id))
 
     def _committed(self, future: "concurrent.futures.Future", command: dict, context_id: int) -> None:
         self._committing -= 1

@@ -23,6 +23,8 @@ from clara_adapter.group_commit import GroupCommit
 from clara_adapter.journal import InstanceRecord, Journal, TransactionAborted, is_out_of_resources
 from clara_adapter.processors.base import JobProcessorBase, Outcome, ProcessorContext, delete_files
 from clara_adapter.incoming import IncomingInstance
+# Route and the A-ASSOCIATE-RJ codes live in route.py: receive workers import them without the processors.
+from clara_adapter.route import REJECT_BUSY, REJECT_CALLED_AE, REJECT_CALLING_AE, Route  # noqa: F401
 from clara_adapter.storage import InstanceStore, read_tags
 
 log = logging.getLogger(__name__)
@@ -34,30 +36,6 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
-
-# A-ASSOCIATE-RJ (result, source, reason)
-REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
-REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
-REJECT_BUSY = (0x02, 0x03, 0x02)  # transient, service provider (presentation), local limit exceeded
-
-
-@dataclass(frozen=True)
-class Route:
-    """Everything an association on one AE title needs, snapshotted at accept time."""
-
-    owner: str
-    ae_title: str
-    processor: JobProcessorBase
-    tags: frozenset[int]
-    ignored_sop_classes: frozenset[str]
-    allowed_sop_classes: frozenset[str]
-    allowed_sources: frozenset[str]
-
-    def drops(self, sop_class_uid: str) -> bool:
-        if self.allowed_sop_classes:
-            return sop_class_uid not in self.allowed_sop_classes
-        return sop_class_uid in self.ignored_sop_classes
-
 
 @dataclass
 class SourceMatcher:

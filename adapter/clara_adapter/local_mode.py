@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 def run_local(args: argparse.Namespace) -> int:
     state = Path(args.state).resolve()
     overrides = {"storageDir": str(state), "host": args.host, "dicomPort": args.dicom_port,
-                 "httpPort": args.http_port, "journal": getattr(args, "journal", None)}
+                 "httpPort": args.http_port, "journal": getattr(args, "journal", None),
+                 "receiveWorkers": getattr(args, "receive_workers", None)}
     settings = load_settings(args.settings, overrides=overrides)
     source = LocalConfigSource(args.config)
     config = source.load()  # a broken configuration at start is a one-line error

@@ -22,14 +22,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import socket
 import ssl
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from clara_adapter.dul_acceptor import AWAITING_RQ, ESTABLISHED, NEGOTIATING, Association
 from clara_adapter.dul_pdu import APPLICATION_CONTEXT, AssociateRequest
-from clara_adapter.ingest import REJECT_BUSY, REJECT_CALLED_AE, Ingest, Route
+from clara_adapter.route import REJECT_BUSY, REJECT_CALLED_AE, Route
+
+if TYPE_CHECKING:
+    from clara_adapter.ingest import Ingest
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,8 @@ class StorageSCP:
         self.settings = settings
         self.on_association = on_association or (lambda result: None)
         self.server: asyncio.AbstractServer | None = None
+        self.ssl_context: ssl.SSLContext | None = None
+        self._loop_thread = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(4, min(32, settings.maxAssociations + 2)), thread_name_prefix="dicom-commit")
@@ -80,22 +86,43 @@ class StorageSCP:
         self._awaiting.pop(assoc, None)
         if assoc.holds_slot:
             assoc.holds_slot = False
-            self._negotiated -= 1
-            self.ingest.metrics.active.set(self._negotiated)
+            self.release_slot(assoc)
         self.association_progressed()
+
+    def release_slot(self, assoc: Association) -> None:
+        self._negotiated -= 1
+        self.ingest.metrics.active.set(self._negotiated)
 
     def association_progressed(self) -> None:
         with self._idle:
             self._idle.notify_all()
 
-    async def check_association(self, rq: AssociateRequest, address: str) -> tuple[int, int, int] | None:
-        """None to accept, else the A-ASSOCIATE-RJ (result, source, reason)."""
+    async def admit(self, assoc: Association, rq: AssociateRequest) -> tuple[Route | None, tuple[int, int, int] | None]:
+        """(route, None) with a slot claimed for ``assoc``, or (None, A-ASSOCIATE-RJ result/source/reason)."""
+        verdict = await self.check_association(rq, assoc.address)
+        if verdict is not None:
+            return None, verdict
+        return self.claim_slot(rq)
+
+    def commit(self, assoc: Association, incoming: Any) -> "concurrent.futures.Future[int]":
+        """Commit a finished instance off the event loop; the future yields its C-STORE status."""
+        return self.pool.submit(self.ingest.commit_received, assoc.route, incoming)
+
+    def check_protocol(self, rq: AssociateRequest) -> tuple[int, int, int] | None:
+        """The A-ASSOCIATE-RJ for a request we cannot speak, else None."""
         if not rq.protocol_version & 1:
             self.on_association("rejected")
             return REJECT_PROTOCOL_VERSION
         if rq.application_context != APPLICATION_CONTEXT:
             self.on_association("rejected")
             return REJECT_APPLICATION_CONTEXT
+        return None
+
+    async def check_association(self, rq: AssociateRequest, address: str) -> tuple[int, int, int] | None:
+        """None to accept, else the A-ASSOCIATE-RJ (result, source, reason)."""
+        bad = self.check_protocol(rq)
+        if bad is not None:
+            return bad
         verdict = await self.loop.run_in_executor(self.pool, self.ingest.check_association, rq.called_ae,
                                                   rq.calling_ae, address)
         if verdict is not None:
@@ -151,28 +178,41 @@ class StorageSCP:
             context.verify_mode = ssl.CERT_REQUIRED
         return context
 
-    def start(self, host: str, port: int) -> None:
-        """Bind and serve in a background thread; OSError if the port cannot be bound."""
-        ssl_context = self._ssl_context()
+    def start(self, host: str, port: int, listen: bool = True) -> None:
+        """Bind and serve in a background thread; OSError if the port cannot be
+        bound. ``listen=False``: run the loop only, connections are handed in
+        (`serve_connection`)."""
+        ssl_context = self.ssl_context = self._ssl_context()
+        if listen:
+            import pynetdicom.sop_class  # noqa: F401  (its SOP class tables, now rather than at the first association)
         loop = self.loop = asyncio.new_event_loop()
         started = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(started,), name="dicom-scp", daemon=True)
         self._thread.start()
         started.wait()
 
-        async def listen() -> asyncio.AbstractServer:
+        async def listen_on() -> asyncio.AbstractServer | None:
+            if not listen:
+                return None
             return await loop.create_server(lambda: Association(self), host, port, ssl=ssl_context,
                                             ssl_handshake_timeout=self.settings.artimTimeout if ssl_context else None,
                                             backlog=256, reuse_address=True)
 
         try:
-            self.server = asyncio.run_coroutine_threadsafe(listen(), loop).result()
+            self.server = asyncio.run_coroutine_threadsafe(listen_on(), loop).result()
         except BaseException:
             self._stop_loop()
             raise
         loop.call_soon_threadsafe(loop.call_later, SWEEP_SECONDS, self._sweep)
 
+    async def serve_connection(self, sock: socket.socket, protocol_factory: Callable[[], Association]) -> None:
+        """Serve a connection accepted elsewhere (TLS handshake included)."""
+        await self.loop.connect_accepted_socket(
+            protocol_factory, sock, ssl=self.ssl_context,
+            ssl_handshake_timeout=self.settings.artimTimeout if self.ssl_context else None)
+
     def _run(self, started: threading.Event) -> None:
+        self._loop_thread = threading.get_ident()
         asyncio.set_event_loop(self.loop)
         self.loop.call_soon(started.set)
         self.loop.run_forever()
@@ -190,15 +230,15 @@ class StorageSCP:
     def stop_accepting(self) -> None:
         """Close the listening socket and every connection that has not
         associated; associations in progress continue."""
-        def stop() -> None:
-            self._accepting = False
-            if self.server is not None:
-                self.server.close()
-            for assoc in list(self._connections):
-                if assoc.state == AWAITING_RQ:
-                    assoc.close_quietly()
+        self._call(self.stop_accepting_on_loop)
 
-        self._call(stop)
+    def stop_accepting_on_loop(self) -> None:
+        self._accepting = False
+        if self.server is not None:
+            self.server.close()
+        for assoc in list(self._connections):
+            if assoc.state == AWAITING_RQ:
+                assoc.close_quietly()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no negotiated association is open (or in negotiation)."""
@@ -216,11 +256,18 @@ class StorageSCP:
         return True
 
     def abort_all(self) -> None:
-        def abort() -> None:
-            for assoc in list(self._connections):
-                assoc.abort("adapter shutting down")
+        self._call(self.abort_all_on_loop)
 
-        self._call(abort)
+    def abort_all_on_loop(self) -> None:
+        for assoc in list(self._connections):
+            assoc.abort("adapter shutting down")
+
+    def call_soon_from_any_thread(self, fn: Callable[..., Any], *args: Any) -> None:
+        """``loop.call_soon`` on the loop's own thread (no self-pipe wake-up), else call_soon_threadsafe."""
+        if threading.get_ident() == self._loop_thread:
+            self.loop.call_soon(fn, *args)
+        else:
+            self.loop.call_soon_threadsafe(fn, *args)
 
     def close(self) -> None:
         """Stop the event loop and the commit threads (after a drain or abort_all)."""

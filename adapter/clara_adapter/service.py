@@ -25,6 +25,7 @@ from clara_adapter.job_sinks import JobSink
 from clara_adapter.journal import open_journal
 from clara_adapter.metrics import AdapterMetrics
 from clara_adapter.processors.base import ProcessorContext
+from clara_adapter.receive_coordinator import ReceiveCoordinator
 from clara_adapter.scp import StorageSCP
 from clara_adapter.settings import AdapterSettings
 from clara_adapter.stow import StowService
@@ -55,7 +56,13 @@ class Adapter:
                                       max_backoff=settings.jobRetryMaxSeconds)
         self.ctx = ProcessorContext(namespace, self.journal, self.scheduler, self.submitter, self.metrics)
         self.ingest = Ingest(self.ctx, self.store, settings.rejectUnknownSources)
-        self.scp = StorageSCP(self.ingest, settings, on_association=self._count_association)
+        self.extra_status: list[Callable[[], dict[str, Any]]] = []
+        if settings.receive_workers:
+            self.scp = ReceiveCoordinator(self.ingest, settings, settings.receive_workers,
+                                          on_association=self._count_association)
+            self.extra_status.append(self.scp.status)
+        else:
+            self.scp = StorageSCP(self.ingest, settings, on_association=self._count_association)
         # Read at each scrape (housekeeping runs only every 30 s): dashboards show groups as they open.
         self.metrics.groups_open.set_function(self._open_groups)
         self.stow = StowService(self.ingest, settings.stowToken, self.metrics,
@@ -65,7 +72,6 @@ class Adapter:
         self.config_version = ""
         self.started = False
         self.stopping = threading.Event()
-        self.extra_status: list[Callable[[], dict[str, Any]]] = []
         # Local mode's PipelineJob records, purged like payloads (Kubernetes has its own retention).
         self.job_records: Path | None = getattr(sink, "folder", None)
         self.export: Any = None  # the SCU export agent, once start_export() ran

@@ -34,6 +34,9 @@ class AdapterSettings(BaseModel):
                                                       "(and finish the TLS handshake) before it is closed.")
     dimseTimeout: float = Field(60, gt=0, description="Seconds to wait for DIMSE messages.")
     networkTimeout: float = Field(60, gt=0, description="Seconds of network inactivity before closing.")
+    receiveWorkers: int | None = Field(
+        None, ge=0, le=256, description="Processes receiving DICOM on the shared port, with admission and commits "
+        "in the main process (unset: one per CPU core available; 0: receive in the main process).")
     rejectUnknownSources: bool = Field(True, description="Refuse calling AE titles/hosts that are no ClaraSource.")
     tlsCertFile: str | None = Field(None, description="PEM certificate for inbound DICOM TLS.")
     tlsKeyFile: str | None = Field(None, description="PEM key for inbound DICOM TLS.")
@@ -77,6 +80,12 @@ class AdapterSettings(BaseModel):
         return self
 
     @property
+    def receive_workers(self) -> int:
+        if self.receiveWorkers is not None:
+            return self.receiveWorkers
+        return usable_cores()
+
+    @property
     def incoming_dir(self) -> Path:
         return Path(self.storageDir) / "incoming"
 
@@ -97,6 +106,22 @@ class AdapterSettings(BaseModel):
             except OSError as exc:
                 raise UserError(f"resultsTokenFile {self.resultsTokenFile}: {exc.strerror}") from None
         return None
+
+
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPU cores this process may use: its affinity, capped by a cgroup v2 CPU
+    limit (a pod limited to 2 CPUs on a 64-core node gets 2)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def env_name(field: str) -> str:

@@ -103,11 +103,12 @@ class DiskGuard:
 class InstanceStore:
     """Writes Part 10 files into the incoming folder."""
 
-    def __init__(self, root: Path, guard: DiskGuard | None = None, fsync: bool = False):
+    def __init__(self, root: Path, guard: DiskGuard | None = None, fsync: bool = False, tmp_tag: str = ""):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.guard = guard
         self.fsync = fsync
+        self.tmp_prefix = TMP_PREFIX + tmp_tag  # a receive worker's tag: its leftovers can be found by name
 
     def open(self, header: bytes, expected_size: int = 0) -> "InstanceWriter":
         """A new temporary file with ``header`` written; raises DiskFull when the
@@ -116,7 +117,7 @@ class InstanceStore:
             problem = self.guard.check(len(header) + expected_size)
             if problem:
                 raise DiskFull(problem)
-        writer = InstanceWriter(self.root, self.fsync)
+        writer = InstanceWriter(self.root, self.fsync, self.tmp_prefix)
         try:
             writer.write(header)
         except BaseException:
@@ -171,9 +172,9 @@ class InstanceWriter:
 
     __slots__ = ("tmp", "final", "size", "_fd", "_fsync")
 
-    def __init__(self, root: Path, fsync: bool = False):
+    def __init__(self, root: Path, fsync: bool = False, tmp_prefix: str = TMP_PREFIX):
         name = uuid.uuid4().hex
-        self.tmp = root / f"{TMP_PREFIX}{name}"
+        self.tmp = root / f"{tmp_prefix}{name}"
         self.final = root / f"{name}.dcm"
         self.size = 0
         self._fsync = fsync
@@ -195,6 +196,21 @@ class InstanceWriter:
                 raise DiskFull(os.strerror(exc.errno)) from exc
             raise
         self.size += total
+
+    def close(self) -> None:
+        """fsync (if set) and close, leaving the file under its temporary name
+        (a receive worker hands it over; the coordinator renames it)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            raise ValueError("writer is closed")
+        try:
+            if self._fsync:
+                os.fsync(fd)
+        except OSError:
+            os.close(fd)
+            self._unlink()
+            raise
+        os.close(fd)
 
     def finalize(self) -> tuple[Path, int]:
         fd, self._fd = self._fd, None
