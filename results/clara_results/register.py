@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 from typing import Any
 
 from clara_dicom.errors import UserError
@@ -235,6 +234,17 @@ def _check_id(label: str, value: str, pattern: Any) -> str:
 
 
 # --------------------------------------------------------------------------- run
+#: The longest Retry-After we honour: a longer one is the service's mistake, not a plan.
+RETRY_AFTER_LIMIT = 60.0
+
+
+def _log_retry(state: Any) -> None:
+    import logging
+
+    exc = state.outcome.exception()
+    logging.getLogger(PROG).warning("%s; retrying in %g s", exc, round(state.upcoming_sleep, 1))
+
+
 def run(args: argparse.Namespace) -> int:
     # Input checks first, in the order SPEC §4 lists them; none needs the service.
     parameters = parse_data(args.data)
@@ -276,7 +286,12 @@ def run(args: argparse.Namespace) -> int:
 
     import logging
 
+    from tenacity import retry_if_exception_type
+
+    from clara_dicom.retrying import RESULTS_REGISTER, wait_retry_after
     from clara_results.client import ResultsClient, ResultsError, ResultsUnavailable
+
+    policy = RESULTS_REGISTER.with_(attempts=attempts, initial=min(wait, RESULTS_REGISTER.cap))
 
     # httpx logs every request at INFO; this command prints its own one line per task.
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -285,22 +300,19 @@ def run(args: argparse.Namespace) -> int:
     with ResultsClient(url, token, timeout=args.timeout) as client:
         for index, params in enumerate(parameters):
             key = idempotency_key(job_id, operator, agent, index)
-            delay = wait
-            for attempt in range(1, attempts + 1):
-                try:
-                    task, created = client.create_task_ex(
-                        job_id=job_id, pipeline_id=pipeline_id, payload_id=payload_id, agent=agent,
-                        uris=uris, parameters=params, operator=operator, idempotency_key=key,
-                    )
-                    break
-                except ResultsUnavailable as exc:
-                    if attempt == attempts:
-                        raise ServiceUnreachable(f"{exc} (gave up after {attempts} attempts)") from None
-                    logging.getLogger(PROG).warning("%s; retrying in %g s", exc, delay)
-                    time.sleep(delay)
-                    delay = min(delay * 2, 30.0)
-                except ResultsError as exc:
-                    raise ServiceError(str(exc)) from None
+            try:
+                for attempt in policy.retrying(retry=retry_if_exception_type(ResultsUnavailable),
+                                               wait=wait_retry_after(policy.wait(), RETRY_AFTER_LIMIT),
+                                               before_sleep=_log_retry):
+                    with attempt:
+                        task, created = client.create_task_ex(
+                            job_id=job_id, pipeline_id=pipeline_id, payload_id=payload_id, agent=agent,
+                            uris=uris, parameters=params, operator=operator, idempotency_key=key,
+                        )
+            except ResultsUnavailable as exc:
+                raise ServiceUnreachable(f"{exc} (gave up after {attempts} attempts)") from None
+            except ResultsError as exc:
+                raise ServiceError(str(exc)) from None
             created_count += created
             what = "registered" if created else "already registered"
             print(f"{what}: task {task.id} for agent {agent} (element {index}, {len(uris)} file(s))")
