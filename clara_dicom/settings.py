@@ -20,10 +20,10 @@ import contextvars
 import os
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, TypeVar
+from typing import Any, ClassVar, Literal, Mapping, TypeVar
 
 import yaml
-from pydantic import AliasChoices, AliasGenerator, ValidationError
+from pydantic import AliasChoices, AliasGenerator, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -165,30 +165,36 @@ class ComponentSettings(BaseSettings):
         hint = "" if src.startswith("environment") else f"; env {env_name(setting)}"
         return f"{setting} (from {src}{hint}): {msg}"
 
+    @staticmethod
+    def table_default(field: FieldInfo) -> str:
+        """A field's default as the settings table shows it."""
+        value = field.get_default(call_default_factory=True)
+        if value is None:
+            return "unset"
+        if isinstance(value, bool):
+            return str(value).lower()
+        if value in ("", [], {}):
+            return "empty"
+        return str(value)
+
+
+class LogSettings(ComponentSettings):
+    """Logging, common to every command (clara-dicom and register-results)."""
+
+    component: ClassVar[str] = "every command"
+    flags: ClassVar[dict[str, str]] = {"logLevel": "--log-level", "logFormat": "--log-format"}
+
+    logLevel: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Least severe level logged.")
+    logFormat: Literal["text", "json"] = Field("text", description="text lines for people, or one JSON object a "
+                                              "line for a log indexer.")
+
+    @field_validator("logLevel", "logFormat", mode="before")
     @classmethod
-    def table_rows(cls) -> list[dict[str, str]]:
-        """One row per setting for the settings table (docs/gen_reference.py)."""
-        rows = []
-        for name, field in cls.model_fields.items():
-            aliases = ENV_ALIASES.get(name, ())
-            rows.append({
-                "setting": name, "env": env_name(name), "flag": cls.flags.get(name, ""),
-                "aliases": ", ".join(f"`{n}` ({why})" for n, why in aliases),
-                "default": "" if field.is_required() else _show_default(field),
-                "description": field.description or "",
-            })
-        return rows
-
-
-def _show_default(field: FieldInfo) -> str:
-    value = field.get_default(call_default_factory=True)
-    if value is None:
-        return "unset"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if value in ("", [], {}):
-        return "empty"
-    return str(value)
+    def _any_case(cls, value: Any, info: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        return value.upper() if info.field_name == "logLevel" else value.lower()
 
 
 def read_settings_file(file: str | Path) -> dict[str, Any]:
