@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO / "e2e"))
 
 # Settings the chart sets itself (flags, Secret, PVC path): not in values.
 CHART_MANAGED = {"storageDir", "dicomPort", "httpPort", "host", "resultsUrl", "resultsToken", "resultsTokenFile",
-                 "stowToken"}
+                 "stowToken", "namespace", "configMap", "statusConfigMap"}
 
 
 def _helm() -> str | None:

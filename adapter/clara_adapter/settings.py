@@ -22,7 +22,9 @@ __all__ = ["AdapterSettings", "ENV_PREFIX", "env_name", "load_settings"]
 class AdapterSettings(ComponentSettings):
     component: ClassVar[str] = "adapter (clara-dicom up, clara-dicom adapter)"
     flags: ClassVar[dict[str, str]] = {"host": "--host", "dicomPort": "--dicom-port", "httpPort": "--http-port",
-                                       "storageDir": "--storage (adapter), --state (up)", "journal": "--journal"}
+                                       "storageDir": "--storage (adapter), --state (up)", "journal": "--journal",
+                                       "namespace": "--namespace", "configMap": "--config-map",
+                                       "statusConfigMap": "--status-config-map"}
 
     # DICOM SCP
     host: str = Field("0.0.0.0", description="Address the DICOM and HTTP ports bind to.")
@@ -39,6 +41,14 @@ class AdapterSettings(ComponentSettings):
     tlsCertFile: str | None = Field(None, description="PEM certificate for inbound DICOM TLS.")
     tlsKeyFile: str | None = Field(None, description="PEM key for inbound DICOM TLS.")
     tlsCaFile: str | None = Field(None, description="CA bundle to verify client certificates (mutual TLS).")
+
+    # Kubernetes mode (clara-dicom adapter)
+    namespace: str | None = Field(None, description="Kubernetes mode: namespace of the resources (default: the "
+                                  "pod's namespace, else default).")
+    configMap: str = Field("clara-dicom-adapter-config", min_length=1,
+                           description="Kubernetes mode: ConfigMap the operator renders for the adapter.")
+    statusConfigMap: str = Field("clara-dicom-adapter-status", min_length=1,
+                                 description="Kubernetes mode: ConfigMap where the adapter publishes appliedVersion.")
 
     # storage
     storageDir: str = Field("/var/lib/clara-dicom", description="Root of incoming files, payloads and journal.")
