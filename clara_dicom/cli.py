@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_log_options(parser: argparse.ArgumentParser) -> None:
     """--log-level and --log-format, shared by clara-dicom and register-results."""
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument("--log-level", default=None,
+                        help="DEBUG, INFO, WARNING or ERROR (default: env CLARA_LOG_LEVEL, else INFO)")
     parser.add_argument("--log-format", default=None, metavar="json|text",
                         help="text lines for people, or one JSON object a line for a log indexer "
                              "(default: env CLARA_LOG_FORMAT, else text)")
@@ -65,16 +66,14 @@ def add_log_options(parser: argparse.ArgumentParser) -> None:
 
 def configure_logging(parser: argparse.ArgumentParser, args: argparse.Namespace, component: str) -> None:
     """Set up logging from the parsed options; a bad value is a usage error (one line, exit 2)."""
-    from clara_dicom.logs import resolve_format, setup_logging
+    from clara_dicom.logs import setup_logging
+    from clara_dicom.settings import LogSettings
 
-    level = getattr(logging, str(args.log_level).upper(), None)
-    if not isinstance(level, int):
-        parser.error(f"--log-level: unknown level {args.log_level!r}")
     try:
-        fmt = resolve_format(args.log_format)
-    except ValueError as exc:
+        settings = LogSettings.load(flags={"logLevel": args.log_level, "logFormat": args.log_format})
+    except UserError as exc:
         parser.error(str(exc))
-    setup_logging(level, fmt, component)
+    setup_logging(getattr(logging, settings.logLevel), settings.logFormat, component)
 
 
 def run_command(module, args: argparse.Namespace, prog: str) -> int:

@@ -23,7 +23,8 @@ sys.path.insert(0, str(REPO / "e2e"))
 
 # Settings the chart sets itself (flags, Secret, PVC path): not in values.
 CHART_MANAGED = {"storageDir", "dicomPort", "httpPort", "host", "resultsUrl", "resultsToken", "resultsTokenFile",
-                 "stowToken", "journal"}
+                 "stowToken", "namespace", "configMap", "statusConfigMap",
+                 "journal"}
 
 
 def _helm() -> str | None:

@@ -46,3 +46,21 @@ def test_troubleshooting_explains_every_ready_false_reason():
     from_readme = set(re.findall(r"`(?:Ready|PipelinesResolved|SourcesResolved)=False` `(\w+)`", readme))
     missing = (_reasons_in_code() | from_readme) - documented
     assert not missing, f"docs/troubleshooting.md lacks: {sorted(missing)}"
+
+
+def test_settings_table_names_every_variable_the_chart_and_the_operator_set():
+    """The chart's and the pipeline contract's environment names are read by a settings
+    class, so they are all in the one table of docs/reference.md."""
+    text = (REPO / "docs" / "reference.md").read_text()
+    table = text[text.index("## Settings and environment variables"):]
+    used = set()
+    for path in (REPO / "charts" / "clara-dicom" / "templates").glob("*.yaml"):
+        used |= set(re.findall(r"name: (CLARA_[A-Z_]+)", path.read_text()))
+    jobspec = (REPO / "operator" / "clara_operator" / "jobspec.py").read_text()
+    used |= set(re.findall(r'"(CLARA_[A-Z_]+)"', jobspec)) & {"CLARA_JOB_ID", "CLARA_PIPELINE_ID", "CLARA_PAYLOAD_ID",
+                                                               "CLARA_OPERATOR", "CLARA_PAYLOAD_ROOT",
+                                                               "CLARA_INPUT_PATHS", "CLARA_RESULTS_URL",
+                                                               "CLARA_RESULTS_TOKEN"}
+    assert used, "no environment names found in the chart"
+    missing = sorted(name for name in used if f"| `{name}` |" not in table)
+    assert not missing, f"docs/reference.md settings table lacks {missing}"

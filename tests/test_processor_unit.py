@@ -16,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from clara_dicom.config import resolve
 from clara_dicom.manifests import parse_resource
 from clara_dicom.models import JobProcessorSpec
+from clara_dicom.retrying import JOB_CREATION
 from clara_dicom.synthetic import UID_ROOT, ct_slice
 
 from clara_adapter.ingest import SUCCESS, Ingest
@@ -273,7 +274,9 @@ def test_retry_with_backoff_then_success_releases_instances_once(harness):
     h.send()
     h.clock.advance(5.01)
     assert h.jobs() == [] and h.journal.count_instances() == 2  # kept while creation fails
-    h.clock.advance(0.5 + 1 + 2 + 0.01)  # backoff 0.5, 1, 2
+    h.clock.advance(0.5 + 1 + 2 - 0.01)  # backoff 0.5, 1, 2 s at least: not yet
+    assert h.jobs() == []
+    h.clock.advance(3 * JOB_CREATION.jitter + 0.02)  # and at most that much jitter more
     assert h.counts() == [2, 2]
     assert h.journal.count_instances() == 0
 

@@ -5,11 +5,15 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--namespace", help="namespace of the resources (default: the pod's namespace, else 'default')")
-    p.add_argument("--config-map", default="clara-dicom-adapter-config", metavar="NAME",
-                   help="ConfigMap the operator renders (default %(default)s)")
-    p.add_argument("--status-config-map", default="clara-dicom-adapter-status", metavar="NAME",
-                   help="ConfigMap where the applied configuration version is published (default %(default)s)")
+    # No defaults here: a flag not given leaves the environment, the settings file, then the
+    # default to decide (clara_adapter.settings.AdapterSettings; docs/reference.md).
+    p.add_argument("--namespace", help="namespace of the resources (default: the pod's namespace, else 'default'; "
+                                       "env CLARA_NAMESPACE)")
+    p.add_argument("--config-map", metavar="NAME",
+                   help="ConfigMap the operator renders (default clara-dicom-adapter-config; env CLARA_CONFIG_MAP)")
+    p.add_argument("--status-config-map", metavar="NAME",
+                   help="ConfigMap where the applied configuration version is published "
+                        "(default clara-dicom-adapter-status; env CLARA_STATUS_CONFIG_MAP)")
     p.add_argument("--storage", metavar="DIR", help="storage root: incoming files, payloads, journal")
     p.add_argument("--dicom-port", type=int, metavar="N", help="DICOM port (default 11112)")
     p.add_argument("--http-port", type=int, metavar="N", help="health/metrics port (default 8080)")
@@ -29,12 +33,14 @@ def run(args: argparse.Namespace) -> int:
     from clara_adapter.settings import load_settings
 
     log = logging.getLogger("clara_adapter")
-    namespace = args.namespace or _pod_namespace() or "default"
     settings = load_settings(args.settings, overrides={"storageDir": args.storage, "dicomPort": args.dicom_port,
                                                         "httpPort": args.http_port, "host": args.host,
-                                                        "journal": args.journal})
+                                                        "journal": args.journal, "namespace": args.namespace,
+                                                        "configMap": args.config_map,
+                                                        "statusConfigMap": args.status_config_map})
+    namespace = settings.namespace or _pod_namespace() or "default"
     Path(settings.storageDir).mkdir(parents=True, exist_ok=True)
-    bridge = KubeBridge(namespace, args.config_map, args.status_config_map,
+    bridge = KubeBridge(namespace, settings.configMap, settings.statusConfigMap,
                         Path(settings.storageDir) / "applied-config.json", args.kubeconfig)
     adapter = Adapter(settings, bridge, namespace=namespace)
     adapter.applied_listeners.append(bridge.publish)  # appliedVersion follows what is applied, in order

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from clara_dicom.config import RenderedConfig
+from clara_dicom.retrying import KUBE_WATCH
 
 from clara_adapter.k8s_client import API_TIMEOUT, KubeClient, brief
 
@@ -81,7 +82,7 @@ class ConfigWatcher:
         from kubernetes_asyncio import watch
 
         core = self.client.core
-        backoff = 0.5
+        backoff = KUBE_WATCH.backoff()
         while not self.stopping:
             try:
                 config = await self._read()
@@ -94,7 +95,7 @@ class ConfigWatcher:
                 async with w.stream(core.list_namespaced_config_map, self.namespace,
                                     field_selector=f"metadata.name={self.config_map}", resource_version=version,
                                     timeout_seconds=300, _request_timeout=330) as stream:
-                    backoff = 0.5
+                    backoff.reset()
                     async for event in stream:
                         obj = event["object"]
                         if event["type"] == "DELETED":
@@ -108,10 +109,10 @@ class ConfigWatcher:
             except Exception as exc:
                 if self.stopping:
                     return
+                delay = backoff.next()
                 log.warning("watching ConfigMap %s failed (%s); retrying in %.1fs", self.config_map, brief(exc),
-                            backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10)
+                            delay)
+                await asyncio.sleep(delay)
 
     def _deliver(self, config: RenderedConfig) -> None:
         if self._on_config is not None:

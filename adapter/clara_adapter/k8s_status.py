@@ -12,6 +12,8 @@ import threading
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
+from clara_dicom.retrying import KUBE_WRITE
+
 from clara_adapter.k8s_client import API_TIMEOUT, KubeClient, brief
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,7 @@ class VersionPublisher:
         self.what = what
         self.loop = loop
         self._write = write
-        self.max_backoff = max_backoff
+        self.policy = KUBE_WRITE.with_(initial=min(KUBE_WRITE.initial, max_backoff), cap=max_backoff)
         self._lock = threading.Lock()
         self._wanted: tuple[int, str] = (0, "")  # (order applied, version)
         self._written = 0
@@ -46,7 +48,7 @@ class VersionPublisher:
             self._task = asyncio.ensure_future(self._writer())
 
     async def _writer(self) -> None:
-        backoff = 0.5
+        backoff = self.policy.backoff()
         while not self.stopping:
             with self._lock:
                 order, version = self._wanted
@@ -58,11 +60,10 @@ class VersionPublisher:
                     self.published = version
                     log.info("published %s %s", self.what, version)
                 self._written = order
-                backoff = 0.5
+                backoff.reset()
             except Exception as exc:
                 log.warning("publishing %s failed (%s); retrying", self.what, brief(exc))
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.max_backoff)
+                await asyncio.sleep(backoff.next())
 
 
 def config_map_writer(client: KubeClient, namespace: str, name: str, identity: str

@@ -2,26 +2,30 @@
 
 Precedence, lowest first: defaults < settings file (YAML/JSON) < environment
 (``CLARA_`` + the field name in upper snake case, e.g. ``CLARA_DICOM_PORT``) <
-command-line flags.
+command-line flags. The convention and the loading are shared by every component
+(:mod:`clara_dicom.settings`).
 """
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from clara_dicom.errors import UserError
 from clara_dicom.models import AE_TITLE_PATTERN, AGENT_PATTERN
+from clara_dicom.settings import ENV_PREFIX, ComponentSettings, env_name
 
-ENV_PREFIX = "CLARA_"
+__all__ = ["AdapterSettings", "ENV_PREFIX", "env_name", "load_settings"]
 
 
-class AdapterSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class AdapterSettings(ComponentSettings):
+    component: ClassVar[str] = "adapter (clara-dicom up, clara-dicom adapter)"
+    flags: ClassVar[dict[str, str]] = {"host": "--host", "dicomPort": "--dicom-port", "httpPort": "--http-port",
+                                       "storageDir": "--storage (adapter), --state (up)", "journal": "--journal",
+                                       "namespace": "--namespace", "configMap": "--config-map",
+                                       "statusConfigMap": "--status-config-map"}
 
     # DICOM SCP
     host: str = Field("0.0.0.0", description="Address the DICOM and HTTP ports bind to.")
@@ -41,6 +45,14 @@ class AdapterSettings(BaseModel):
     tlsCertFile: str | None = Field(None, description="PEM certificate for inbound DICOM TLS.")
     tlsKeyFile: str | None = Field(None, description="PEM key for inbound DICOM TLS.")
     tlsCaFile: str | None = Field(None, description="CA bundle to verify client certificates (mutual TLS).")
+
+    # Kubernetes mode (clara-dicom adapter)
+    namespace: str | None = Field(None, description="Kubernetes mode: namespace of the resources (default: the "
+                                  "pod's namespace, else default).")
+    configMap: str = Field("clara-dicom-adapter-config", min_length=1,
+                           description="Kubernetes mode: ConfigMap the operator renders for the adapter.")
+    statusConfigMap: str = Field("clara-dicom-adapter-status", min_length=1,
+                                 description="Kubernetes mode: ConfigMap where the adapter publishes appliedVersion.")
 
     # storage
     storageDir: str = Field("/var/lib/clara-dicom", description="Root of incoming files, payloads and journal.")
@@ -124,48 +136,11 @@ def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     return cores
 
 
-def env_name(field: str) -> str:
-    return ENV_PREFIX + re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", field).upper()  # reserveSpaceGB -> RESERVE_SPACE_GB
-
 
 def load_settings(
     file: str | Path | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> AdapterSettings:
-    """Build settings from a file, the environment and explicit overrides (flags)."""
-    values: dict[str, Any] = {}
-    origin: dict[str, str] = {}
-    if file:
-        path = Path(file)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except OSError as exc:
-            raise UserError(f"settings file {path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise UserError(f"settings file {path}: invalid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"settings file {path}: expected a mapping of setting: value")
-        for key, value in data.items():
-            values[key] = value
-            origin[key] = f"settings file {path}"
-    env = os.environ if env is None else env
-    for name in AdapterSettings.model_fields:
-        var = env_name(name)
-        if var in env and env[var] != "":
-            values[name] = env[var]
-            origin[name] = f"environment variable {var}"
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            values[key] = value
-            origin[key] = "command line"
-    try:
-        return AdapterSettings.model_validate(values)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else ""
-        src = origin.get(field, "settings")
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown setting (check the spelling)"
-        raise UserError(f"{field or 'settings'} (from {src}): {msg}") from None
+    """Build settings from a file, the environment and explicit overrides (flags; None = not given)."""
+    return AdapterSettings.load(file, env=env, flags=overrides)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from clara_dicom.logs import fields, short_hash
+from clara_dicom.retrying import JOB_CREATION, Backoff
 
 from clara_adapter.job_requests import JobRequest
 from clara_adapter.job_sinks import JobSink
@@ -33,13 +34,14 @@ class _Submission:
     requests: list[JobRequest]
     on_done: Callable[[], None]
     deadline: float | None  # wall-clock group deadline (job-creation latency metric)
-    attempt: int = 0
+    backoff: Backoff
     payload_failures: int = 0
 
 
 class JobSubmitter:
     """Creates the jobs of closed groups on worker threads, retrying with
-    exponential backoff for as long as the sink fails."""
+    exponential backoff (the JOB_CREATION policy) for as long as the sink fails.
+    Retries are scheduled on the scheduler, not slept, so no worker thread waits."""
 
     def __init__(self, sink: JobSink, payloads_root: Path, scheduler: Any, journal: Any, metrics: Any = None,
                  max_backoff: float = 30.0, workers: int = 2, synchronous: bool = False,
@@ -50,7 +52,7 @@ class JobSubmitter:
         self.scheduler = scheduler
         self.journal = journal
         self.metrics = metrics
-        self.max_backoff = max_backoff
+        self.policy = JOB_CREATION.with_(initial=min(JOB_CREATION.initial, max_backoff), cap=max_backoff)
         self.max_payload_attempts = max_payload_attempts  # other I/O errors (e.g. ENOSPC on a copy) get a few tries
         self.synchronous = synchronous  # tests on the manual clock run attempts inline
         self._pool = None if synchronous else concurrent.futures.ThreadPoolExecutor(workers, "clara-submit")
@@ -61,7 +63,7 @@ class JobSubmitter:
                deadline: float | None = None) -> None:
         with self._pending_lock:
             self.pending += 1
-        self._dispatch(_Submission(group_id, requests, on_done, deadline))
+        self._dispatch(_Submission(group_id, requests, on_done, deadline, self.policy.backoff()))
 
     def _dispatch(self, sub: _Submission) -> None:
         if self._pool is None:
@@ -97,10 +99,9 @@ class JobSubmitter:
                          extra=fields("job.created" if created else "job.exists", aeTitle=req.ae_title,
                                       job=req.name, group=short_hash(req.group_value)))
         except Exception as exc:
-            delay = min(self.max_backoff, 0.5 * 2**sub.attempt)
-            sub.attempt += 1
+            delay = sub.backoff.next()
             log.warning("creating jobs of group %s failed (%s: %s); retry %d in %.1fs", sub.group_id,
-                        type(exc).__name__, exc, sub.attempt, delay)
+                        type(exc).__name__, exc, sub.backoff.failures, delay)
             if self.metrics is not None:
                 self.metrics.job_creation_failed()
             self.scheduler.call_later(delay, lambda: self._dispatch(sub))

@@ -13,70 +13,80 @@ IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # No defaults here: a flag not given leaves the environment, then the default, to decide
+    # (clara_operator.settings.OperatorSettings: defaults, limits and environment names).
     scope = parser.add_mutually_exclusive_group()
-    scope.add_argument("-n", "--namespace", help="watch this namespace (default: the current one)")
-    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
-    parser.add_argument("--config-map", default="clara-dicom-adapter-config",
-                        help="name of the rendered adapter ConfigMap (default %(default)s)")
-    parser.add_argument("--status-config-map", default="clara-dicom-adapter-status",
-                        help="ConfigMap where the adapter publishes appliedVersion (default %(default)s)")
-    parser.add_argument("--no-adapter-feedback", action="store_true",
-                        help="mark objects Ready without waiting for the adapter to apply the configuration")
-    parser.add_argument("--liveness-port", type=int, default=8081,
-                        help="port of the liveness endpoint http://127.0.0.1:PORT/healthz (0: off; default %(default)s)")
-    parser.add_argument("--liveness-host", default="127.0.0.1", help="address of the liveness endpoint")
-    parser.add_argument("--resync-seconds", type=float, default=30.0, metavar="S",
+    scope.add_argument("-n", "--namespace", help="watch this namespace (default: the current one; "
+                                                  "env CLARA_NAMESPACE)")
+    scope.add_argument("-A", "--all-namespaces", action="store_const", const=True, default=None,
+                       help="watch every namespace (env CLARA_ALL_NAMESPACES)")
+    parser.add_argument("--config-map", help="name of the rendered adapter ConfigMap "
+                                             "(default clara-dicom-adapter-config; env CLARA_CONFIG_MAP)")
+    parser.add_argument("--status-config-map",
+                        help="ConfigMap where the adapter publishes appliedVersion (default clara-dicom-adapter-status; "
+                             "env CLARA_STATUS_CONFIG_MAP)")
+    parser.add_argument("--no-adapter-feedback", dest="adapter_feedback", action="store_const", const=False,
+                        default=None, help="mark objects Ready without waiting for the adapter to apply the "
+                                           "configuration (env CLARA_ADAPTER_FEEDBACK=false)")
+    parser.add_argument("--liveness-port", metavar="PORT",
+                        help="port of the liveness endpoint http://127.0.0.1:PORT/healthz (0: off; default 8081; "
+                             "env CLARA_LIVENESS_PORT)")
+    parser.add_argument("--liveness-host", help="address of the liveness endpoint (default 127.0.0.1; "
+                                                "env CLARA_LIVENESS_HOST)")
+    parser.add_argument("--resync-seconds", metavar="S",
                         help="re-check every PipelineJob and RegisterResults against their Jobs every S seconds "
-                             "(default %(default)s)")
-    parser.add_argument("--workers", type=int, default=32, metavar="N",
-                        help="PipelineJob/RegisterResults reconciles in flight (default %(default)s)")
+                             "(default 30; env CLARA_RESYNC_SECONDS)")
+    parser.add_argument("--workers", metavar="N",
+                        help="PipelineJob/RegisterResults reconciles in flight (default 32; "
+                             "env CLARA_RECONCILE_WORKERS)")
     add_runner_arguments(parser)
 
 
 def add_runner_arguments(parser: argparse.ArgumentParser) -> None:
     """How PipelineJobs run as batch Jobs (operator/PIPELINES.md)."""
-    g = parser.add_argument_group("pipeline jobs (operator/PIPELINES.md)")
-    g.add_argument("--payload-pvc", default="clara-dicom-payloads", metavar="NAME",
+    g = parser.add_argument_group("pipeline jobs (operator/PIPELINES.md; every flag also has an environment "
+                                  "variable: docs/reference.md)")
+    g.add_argument("--payload-pvc", metavar="NAME",
                    help="PersistentVolumeClaim holding the adapter's payloads, mounted in pipeline pods "
-                        "(default %(default)s)")
-    g.add_argument("--payload-host-path", default=None, metavar="DIR",
+                        "(default clara-dicom-payloads)")
+    g.add_argument("--payload-host-path", metavar="DIR",
                    help="instead of the PVC: this node directory is the payload volume (single-node clusters)")
-    g.add_argument("--payload-root", default="/var/lib/clara-dicom", metavar="DIR",
+    g.add_argument("--payload-root", metavar="DIR",
                    help="where the adapter sees the payload volume's root; spec.payload.path lies under it "
-                        "(default %(default)s)")
-    g.add_argument("--prepare-image", default=os.environ.get("CLARA_DICOM_IMAGE", "clara-dicom:latest"),
-                   metavar="IMAGE", help="image of the init container that creates the output folders "
-                                         "(default: $CLARA_DICOM_IMAGE or clara-dicom:latest)")
-    g.add_argument("--register-image", default=None, metavar="IMAGE",
+                        "(default /var/lib/clara-dicom; env CLARA_PAYLOAD_VOLUME_ROOT)")
+    g.add_argument("--prepare-image", metavar="IMAGE",
+                   help="image of the init container that creates the output folders "
+                        "(default clara-dicom:latest; env CLARA_PREPARE_IMAGE)")
+    g.add_argument("--register-image", metavar="IMAGE",
                    help="image of RegisterResults Jobs, which run register-results (default: --prepare-image)")
-    g.add_argument("--results-url", default=os.environ.get("CLARA_RESULTS_URL"), metavar="URL",
+    g.add_argument("--results-url", metavar="URL",
                    help="CLARA_RESULTS_URL for pipeline containers (default: $CLARA_RESULTS_URL)")
-    g.add_argument("--results-token-secret", default=None, metavar="NAME",
+    g.add_argument("--results-token-secret", metavar="NAME",
                    help="Secret whose key (--results-token-key) becomes CLARA_RESULTS_TOKEN in pipeline containers")
-    g.add_argument("--results-token-key", default="token", metavar="KEY", help="key in that Secret (default token)")
-    g.add_argument("--image-pull-secret", action="append", default=[], metavar="NAME",
+    g.add_argument("--results-token-key", metavar="KEY", help="key in that Secret (default token)")
+    g.add_argument("--image-pull-secret", action="append", metavar="NAME",
                    help="imagePullSecret for pipeline pods (repeatable)")
-    g.add_argument("--toleration", action="append", default=[], type=_json_object, metavar="JSON",
+    g.add_argument("--toleration", action="append", type=_json_object, metavar="JSON",
                    help='toleration for pipeline pods, e.g. \'{"key":"nvidia.com/gpu","operator":"Exists",'
                         '"effect":"NoSchedule"}\' (repeatable)')
-    g.add_argument("--node-selector", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+    g.add_argument("--node-selector", action="append", type=_key_value, metavar="KEY=VALUE",
                    help="nodeSelector entry for pipeline pods (repeatable)")
-    g.add_argument("--pod-annotation", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+    g.add_argument("--pod-annotation", action="append", type=_key_value, metavar="KEY=VALUE",
                    help="annotation on pipeline pods, e.g. sidecar.istio.io/inject=false (repeatable)")
-    g.add_argument("--fs-group", type=int, default=None, metavar="GID",
+    g.add_argument("--fs-group", metavar="GID",
                    help="pod fsGroup, so non-root pipeline images can read the payload")
-    g.add_argument("--run-as-user", type=int, default=None, metavar="UID", help="pod runAsUser")
-    g.add_argument("--run-as-non-root", action="store_true", help="pod runAsNonRoot")
-    g.add_argument("--pipeline-service-account", default=None, metavar="NAME",
+    g.add_argument("--run-as-user", metavar="UID", help="pod runAsUser")
+    g.add_argument("--run-as-non-root", action="store_const", const=True, default=None, help="pod runAsNonRoot")
+    g.add_argument("--pipeline-service-account", metavar="NAME",
                    help="ServiceAccount of pipeline pods (default: the namespace's default; no token mounted)")
-    g.add_argument("--active-deadline-seconds", type=int, default=600, metavar="S",
-                   help="activeDeadlineSeconds of pipeline Jobs (default %(default)s)")
-    g.add_argument("--priority-class-prefix", default="clara-dicom-", metavar="PREFIX",
+    g.add_argument("--active-deadline-seconds", metavar="S",
+                   help="activeDeadlineSeconds of pipeline Jobs (default 600)")
+    g.add_argument("--priority-class-prefix", metavar="PREFIX",
                    help="PriorityClass of a job = PREFIX + priority (lower|normal|higher|immediate; "
-                        "default %(default)s)")
-    g.add_argument("--job-retention-hours", type=float, default=24.0, metavar="H",
+                        "default clara-dicom-)")
+    g.add_argument("--job-retention-hours", metavar="H",
                    help="delete finished PipelineJobs (and their Jobs and pods) after H hours (0: never; "
-                        "default %(default)s)")
+                        "default 24)")
 
 
 def _json_object(text: str) -> dict:
@@ -98,20 +108,51 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
-def runner_settings(args: argparse.Namespace) -> Any:
+def load(args: argparse.Namespace) -> Any:
+    """The operator's settings: flags > environment > defaults (OperatorSettings)."""
+    from clara_operator.settings import OperatorSettings
+
+    def pairs(values: list | None) -> dict | None:
+        return None if values is None else dict(values)
+
+    get = lambda name: getattr(args, name, None)  # noqa: E731 - parsers built by add_runner_arguments alone
+    scope: dict[str, Any] = {}
+    if get("all_namespaces"):  # a flag beats CLARA_NAMESPACE in the environment
+        scope = {"allNamespaces": True, "namespace": ""}
+    elif get("namespace"):
+        scope = {"allNamespaces": False, "namespace": get("namespace")}
+    return OperatorSettings.load(flags={
+        **scope, "configMap": get("config_map"), "statusConfigMap": get("status_config_map"),
+        "adapterFeedback": get("adapter_feedback"), "livenessPort": get("liveness_port"),
+        "livenessHost": get("liveness_host"), "resyncSeconds": get("resync_seconds"),
+        "reconcileWorkers": get("workers"), "payloadPvc": get("payload_pvc"),
+        "payloadHostPath": get("payload_host_path"), "payloadVolumeRoot": get("payload_root"),
+        "prepareImage": get("prepare_image"), "registerImage": get("register_image"),
+        "resultsUrl": get("results_url"), "resultsTokenSecret": get("results_token_secret"),
+        "resultsTokenKey": get("results_token_key"), "imagePullSecrets": get("image_pull_secret"),
+        "tolerations": get("toleration"), "nodeSelector": pairs(get("node_selector")),
+        "podAnnotations": pairs(get("pod_annotation")), "fsGroup": get("fs_group"),
+        "runAsUser": get("run_as_user"), "runAsNonRoot": get("run_as_non_root"),
+        "pipelineServiceAccount": get("pipeline_service_account"),
+        "activeDeadlineSeconds": get("active_deadline_seconds"),
+        "priorityClassPrefix": get("priority_class_prefix"), "jobRetentionHours": get("job_retention_hours")})
+
+
+def runner_settings(args: argparse.Namespace, settings: Any = None) -> Any:
     from clara_operator.jobspec import RunnerSettings
 
+    s = settings if settings is not None else load(args)
     return RunnerSettings(
-        payload_root=args.payload_root, payload_pvc=args.payload_pvc or None,
-        payload_host_path=args.payload_host_path, prepare_image=args.prepare_image,
-        register_image=args.register_image,
-        results_url=args.results_url or None, results_token_secret=args.results_token_secret,
-        results_token_key=args.results_token_key, image_pull_secrets=list(args.image_pull_secret),
-        tolerations=list(args.toleration), node_selector=dict(args.node_selector),
-        pod_annotations=dict(args.pod_annotation), fs_group=args.fs_group,
-        run_as_user=args.run_as_user, run_as_non_root=args.run_as_non_root,
-        service_account=args.pipeline_service_account, active_deadline_seconds=args.active_deadline_seconds,
-        priority_class_prefix=args.priority_class_prefix, retention_hours=args.job_retention_hours)
+        payload_root=s.payloadVolumeRoot, payload_pvc=s.payloadPvc or None,
+        payload_host_path=s.payloadHostPath, prepare_image=s.prepareImage,
+        register_image=s.registerImage,
+        results_url=s.resultsUrl or None, results_token_secret=s.resultsTokenSecret,
+        results_token_key=s.resultsTokenKey, image_pull_secrets=list(s.imagePullSecrets),
+        tolerations=list(s.tolerations), node_selector=dict(s.nodeSelector),
+        pod_annotations=dict(s.podAnnotations), fs_group=s.fsGroup,
+        run_as_user=s.runAsUser, run_as_non_root=s.runAsNonRoot,
+        service_account=s.pipelineServiceAccount, active_deadline_seconds=s.activeDeadlineSeconds,
+        priority_class_prefix=s.priorityClassPrefix, retention_hours=s.jobRetentionHours)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -172,6 +213,8 @@ async def preflight(api_client: Any) -> None:
 async def _main(args: argparse.Namespace) -> int:
     import logging
 
+    options = load(args)
+
     import kopf
 
     from clara_operator import handlers
@@ -183,29 +226,31 @@ async def _main(args: argparse.Namespace) -> int:
     from clara_operator.reconciler import Api, Options
 
     # One connection per reconcile in flight, plus the namespace reconciles.
-    api_client, current_namespace = await _api_client(pool_size=args.workers + 8)
+    api_client, current_namespace = await _api_client(pool_size=options.reconcileWorkers + 8)
     try:
         await preflight(api_client)
         settings = kopf.OperatorSettings()
         handlers.configure(settings)
         memo = kopf.Memo()
         memo.api = Api(api_client)
-        memo.options = Options(config_map=args.config_map, status_config_map=args.status_config_map,
-                               feedback=not args.no_adapter_feedback)
+        memo.options = Options(config_map=options.configMap, status_config_map=options.statusConfigMap,
+                               feedback=options.adapterFeedback)
         memo.reconcilers = {}
         from clara_operator.controller import Controller
         from clara_operator.kube import Kube
 
-        memo.controller = Controller(Kube(api_client), runner_settings(args), workers=args.workers,
-                                     namespaces=None if args.all_namespaces else [args.namespace or current_namespace],
-                                     resync_seconds=args.resync_seconds)
-        liveness = (f"http://{args.liveness_host}:{args.liveness_port}/healthz"
-                    if args.liveness_port else None)
+        namespace = options.namespace or current_namespace
+        memo.controller = Controller(Kube(api_client), runner_settings(args, options),
+                                     workers=options.reconcileWorkers,
+                                     namespaces=None if options.allNamespaces else [namespace],
+                                     resync_seconds=options.resyncSeconds)
+        liveness = (f"http://{options.livenessHost}:{options.livenessPort}/healthz"
+                    if options.livenessPort else None)
         scope: dict[str, Any]
-        if args.all_namespaces:
+        if options.allNamespaces:
             scope = {"clusterwide": True}
         else:
-            scope = {"namespaces": [args.namespace or current_namespace]}
+            scope = {"namespaces": [namespace]}
         await kopf.operator(registry=handlers.registry, settings=settings, memo=memo, standalone=True,
                             liveness_endpoint=liveness, **scope)
     finally:

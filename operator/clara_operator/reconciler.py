@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from clara_dicom.models import GROUP, VERSION
+from clara_dicom.retrying import NAMESPACE_RECONCILE, Policy
 
 from clara_operator.rendering import (
     APPLIED_VERSION_KEY,
@@ -164,11 +165,11 @@ class NamespaceReconciler:
     """Serialises and coalesces the reconciles of one namespace."""
 
     def __init__(self, namespace: str, run: Callable[[], Awaitable[Any]], debounce: float = 0.05,
-                 retry_delays: tuple[float, ...] = (0.5, 1, 2, 5, 10)) -> None:
+                 retry: Policy = NAMESPACE_RECONCILE) -> None:
         self.namespace = namespace
         self._run = run
         self._debounce = debounce
-        self._retry_delays = retry_delays
+        self._retry = retry
         self._dirty = asyncio.Event()
         self._requested = 0  # incremented by every request
         self._completed = 0  # the request counter value covered by the last successful run
@@ -189,7 +190,7 @@ class NamespaceReconciler:
             await asyncio.wait_for(self._done.wait_for(lambda: self._completed >= ticket), timeout)
 
     async def _loop(self) -> None:
-        failures = 0
+        backoff = self._retry.backoff()
         while True:
             await self._dirty.wait()
             await asyncio.sleep(self._debounce)
@@ -201,14 +202,13 @@ class NamespaceReconciler:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - retried; the API may be briefly unavailable
-                delay = self._retry_delays[min(failures, len(self._retry_delays) - 1)]
-                failures += 1
+                delay = backoff.next()
                 log.warning("namespace %s: reconcile failed (%s: %s); retrying in %.1fs", self.namespace,
                             type(exc).__name__, exc, delay)
                 await asyncio.sleep(delay)
                 self._dirty.set()
                 continue
-            failures = 0
+            backoff.reset()
             self.runs += 1
             writes = getattr(outcome, "writes", None)
             level = logging.INFO if self.runs == 1 or writes else logging.DEBUG

@@ -44,9 +44,10 @@ __all__ = [
 
 
 class ResultsError(Exception):
-    def __init__(self, message: str, status_code: int | None = None) -> None:
+    def __init__(self, message: str, status_code: int | None = None, retry_after: str | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.retry_after = retry_after  # the answer's Retry-After header (seconds), if any
 
 
 class ResultsUnavailable(ResultsError):
@@ -110,7 +111,7 @@ class ResultsClient:
         code = response.status_code
         message = f"Results Service: {message} (HTTP {code})"
         if code >= 500:
-            raise ResultsUnavailable(message, code)
+            raise ResultsUnavailable(message, code, response.headers.get("Retry-After"))
         if code == 401:
             raise ResultsAuthError(message, code)
         if code == 404:

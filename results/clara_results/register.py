@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 from typing import Any
 
 from clara_dicom.errors import UserError
@@ -54,31 +53,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{MAX_DATA_ELEMENTS} elements")
     parser.add_argument("--input", action="append", default=None, metavar="DIR",
                         help="a directory to scan (repeatable; default: CLARA_INPUT_PATHS, colon-separated)")
+    # No defaults here: a flag not given leaves the environment, then the default, to decide
+    # (clara_results.settings.RegisterSettings).
     parser.add_argument("--url", default=None, help="Results Service URL (default: CLARA_RESULTS_URL)")
     parser.add_argument("--token-file", default=None, metavar="PATH",
-                        help="file holding the bearer token (default: CLARA_RESULTS_TOKEN)")
-    parser.add_argument("--attempts", type=int, default=None, metavar="N",
+                        help="file holding the bearer token (default: CLARA_RESULTS_TOKEN_FILE, else the token "
+                             "in CLARA_RESULTS_TOKEN)")
+    parser.add_argument("--attempts", default=None, metavar="N",
                         help="tries per request while the service is unreachable (default 6; "
                              "env CLARA_RESULTS_ATTEMPTS)")
-    parser.add_argument("--retry-wait", type=float, default=None, metavar="S",
-                        help="first wait between tries, doubling up to 30 s (default 1; "
-                             "env CLARA_RESULTS_RETRY_WAIT)")
-    parser.add_argument("--timeout", type=float, default=30.0, metavar="S", help="seconds per request (default 30)")
+    parser.add_argument("--retry-wait", default=None, metavar="S",
+                        help="first wait between tries, doubling up to 30 s, longer if the service answers "
+                             "Retry-After (default 1; env CLARA_RESULTS_RETRY_WAIT)")
+    parser.add_argument("--timeout", default=None, metavar="S",
+                        help="seconds per request (default 30; env CLARA_RESULTS_TIMEOUT)")
 
 
 # --------------------------------------------------------------------------- inputs
-def _env(*names: str) -> str | None:
-    for name in names:
-        value = os.environ.get(name)
-        if value is not None and value.strip():
-            return value.strip()
-    return None
+def _required(settings: Any, setting: str, label: str) -> str:
+    from clara_dicom.settings import env_names
 
-
-def _required_env(label: str, *names: str) -> str:
-    value = _env(*names)
-    if value is None:
-        raise UserError(f"{' / '.join(names)} is not set: {label} is needed")
+    value = (getattr(settings, setting) or "").strip()
+    if not value:
+        raise UserError(f"{' / '.join(env_names(setting))} is not set: {label} is needed")
     return value
 
 
@@ -235,72 +232,85 @@ def _check_id(label: str, value: str, pattern: Any) -> str:
 
 
 # --------------------------------------------------------------------------- run
+#: The longest Retry-After we honour: a longer one is the service's mistake, not a plan.
+RETRY_AFTER_LIMIT = 60.0
+
+
+def _sleep(seconds: float) -> None:
+    """How register-results waits between tries (a test records the waits instead)."""
+    import time
+
+    time.sleep(seconds)
+
+
+def _log_retry(state: Any) -> None:
+    import logging
+
+    exc = state.outcome.exception()
+    logging.getLogger(PROG).warning("%s; retrying in %g s", exc, round(state.upcoming_sleep, 1))
+
+
 def run(args: argparse.Namespace) -> int:
     # Input checks first, in the order SPEC §4 lists them; none needs the service.
     parameters = parse_data(args.data)
     agent = check_agent(args.agent)
 
-    job_id = _check_id("job ID", _required_env("the job ID", "CLARA_JOB_ID", "NVIDIA_CLARA_JOBID"), m.ID_RE)
-    pipeline_id = _check_id(
-        "pipeline ID", _required_env("the pipeline ID", "CLARA_PIPELINE_ID", "NVIDIA_CLARA_PIPELINEID"), m.ID_RE)
-    payload_id = _check_id(
-        "payload ID", _required_env("the payload ID", "CLARA_PAYLOAD_ID", "NVIDIA_CLARA_PAYLOADID"),
-        m.PAYLOAD_ID_RE)
-    operator = _check_id("operator name", _required_env("the pipeline operator's name", "CLARA_OPERATOR"), m.ID_RE)
-    payload_root = _required_env("the job's payload directory", "CLARA_PAYLOAD_ROOT")
+    from clara_results.settings import RegisterSettings, read_token_file
+
+    settings = RegisterSettings.load(flags={
+        "resultsUrl": args.url, "resultsTokenFile": args.token_file, "resultsAttempts": args.attempts,
+        "resultsRetryWait": args.retry_wait, "resultsTimeout": args.timeout})
+    job_id = _check_id("job ID", _required(settings, "jobId", "the job ID"), m.ID_RE)
+    pipeline_id = _check_id("pipeline ID", _required(settings, "pipelineId", "the pipeline ID"), m.ID_RE)
+    payload_id = _check_id("payload ID", _required(settings, "payloadId", "the payload ID"), m.PAYLOAD_ID_RE)
+    operator = _check_id("operator name", _required(settings, "operator", "the pipeline operator's name"), m.ID_RE)
+    payload_root = _required(settings, "payloadRoot", "the job's payload directory")
 
     inputs = args.input
     if not inputs:
-        raw = _env("CLARA_INPUT_PATHS") or ""
-        inputs = [p for p in raw.split(":") if p.strip()]
+        inputs = [p for p in (settings.inputPaths or "").split(":") if p.strip()]
     if not inputs:
         raise UserError("no input directories: pass --input DIR or set CLARA_INPUT_PATHS")
     uris = scan(inputs, payload_root)
 
-    url = args.url or _required_env("the Results Service URL", "CLARA_RESULTS_URL")
+    url = _required(settings, "resultsUrl", "the Results Service URL")
     if not url.startswith(("http://", "https://")):
         raise UserError(f"Results Service URL {url[:80]!r} must start with http:// or https://")
-    if args.token_file:
-        from clara_results.cli_service import read_token
-
-        token = read_token(args.token_file)
+    if settings.resultsTokenFile:
+        token = read_token_file(settings.resultsTokenFile)
     else:
-        token = _required_env("the Results Service token", "CLARA_RESULTS_TOKEN")
-
-    attempts = args.attempts if args.attempts is not None else int(_env("CLARA_RESULTS_ATTEMPTS") or 6)
-    wait = args.retry_wait if args.retry_wait is not None else float(_env("CLARA_RESULTS_RETRY_WAIT") or 1.0)
-    if attempts < 1:
-        raise UserError("--attempts must be at least 1")
-    if not wait >= 0:
-        raise UserError("--retry-wait must not be negative")
+        token = _required(settings, "resultsToken", "the Results Service token")
+    attempts, wait = settings.resultsAttempts, settings.resultsRetryWait
 
     import logging
 
+    from tenacity import retry_if_exception_type
+
+    from clara_dicom.retrying import RESULTS_REGISTER, wait_retry_after
     from clara_results.client import ResultsClient, ResultsError, ResultsUnavailable
+
+    policy = RESULTS_REGISTER.with_(attempts=attempts, initial=min(wait, RESULTS_REGISTER.cap))
 
     # httpx logs every request at INFO; this command prints its own one line per task.
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
     created_count = 0
-    with ResultsClient(url, token, timeout=args.timeout) as client:
+    with ResultsClient(url, token, timeout=settings.resultsTimeout) as client:
         for index, params in enumerate(parameters):
             key = idempotency_key(job_id, operator, agent, index)
-            delay = wait
-            for attempt in range(1, attempts + 1):
-                try:
-                    task, created = client.create_task_ex(
-                        job_id=job_id, pipeline_id=pipeline_id, payload_id=payload_id, agent=agent,
-                        uris=uris, parameters=params, operator=operator, idempotency_key=key,
-                    )
-                    break
-                except ResultsUnavailable as exc:
-                    if attempt == attempts:
-                        raise ServiceUnreachable(f"{exc} (gave up after {attempts} attempts)") from None
-                    logging.getLogger(PROG).warning("%s; retrying in %g s", exc, delay)
-                    time.sleep(delay)
-                    delay = min(delay * 2, 30.0)
-                except ResultsError as exc:
-                    raise ServiceError(str(exc)) from None
+            try:
+                for attempt in policy.retrying(retry=retry_if_exception_type(ResultsUnavailable),
+                                               wait=wait_retry_after(policy.wait(), RETRY_AFTER_LIMIT),
+                                               sleep=lambda seconds: _sleep(seconds), before_sleep=_log_retry):
+                    with attempt:
+                        task, created = client.create_task_ex(
+                            job_id=job_id, pipeline_id=pipeline_id, payload_id=payload_id, agent=agent,
+                            uris=uris, parameters=params, operator=operator, idempotency_key=key,
+                        )
+            except ResultsUnavailable as exc:
+                raise ServiceUnreachable(f"{exc} (gave up after {attempts} attempts)") from None
+            except ResultsError as exc:
+                raise ServiceError(str(exc)) from None
             created_count += created
             what = "registered" if created else "already registered"
             print(f"{what}: task {task.id} for agent {agent} (element {index}, {len(uris)} file(s))")

@@ -180,6 +180,32 @@ def test_unreachable_results_service_is_survived(tmp_path, export_harness):
         lonely.stop(grace=1)
 
 
+def test_a_report_the_service_cannot_store_yet_is_retried(tmp_path, export_harness):
+    """The Results Service answers 503 (database away) to the agent's report once: the agent
+    reports again (RESULTS_REPORT policy) and the outcome lands; a 409 would not be retried."""
+    from clara_results.models import TaskState
+    from clara_results.store import StoreUnavailable
+
+    h = export_harness()
+    store = h.results.store
+    report_failure, refused = store.report_failure, []
+
+    def database_away_once(*args, **kwargs):
+        if not refused:
+            refused.append(args)
+            raise StoreUnavailable("connection refused")
+        return report_failure(*args, **kwargs)
+
+    store.report_failure = database_away_once
+    (h.payloads / "p1").mkdir()
+    (h.payloads / "p1" / "a.dcm").write_bytes(b"x")
+    task = h.submit("p1", ["a.dcm"], '"NoSuchDestination"')  # a permanent failure to report
+    finished = h.wait_finished(task.id)
+    assert finished.state == TaskState.FAILED and len(refused) == 1
+    assert h.metric("clara_export_results_total", "failed") == 1
+    assert h.metric("clara_export_results_total", "unreported") == 0
+
+
 def test_adapter_starts_the_agent_when_results_url_is_set(tmp_path, export_harness):
     """Kubernetes mode: resultsUrl + token file in the settings start the agent with the adapter."""
     from clara_adapter.jobs import LocalJobSink

@@ -11,14 +11,48 @@ import pytest
 from clara_dicom.cli import build_parser
 
 
-def test_arguments():
-    args = build_parser().parse_args(["operator", "-n", "imaging", "--config-map", "cfg", "--liveness-port", "0"])
-    assert (args.namespace, args.all_namespaces, args.config_map, args.liveness_port) == ("imaging", False, "cfg", 0)
-    args = build_parser().parse_args(["operator", "--all-namespaces", "--no-adapter-feedback"])
-    assert args.all_namespaces and args.no_adapter_feedback
-    assert args.config_map == "clara-dicom-adapter-config" and args.status_config_map == "clara-dicom-adapter-status"
+def test_arguments(monkeypatch):
+    from clara_operator.cli import load
+
+    for name in [k for k in os.environ if k.startswith("CLARA_")]:
+        monkeypatch.delenv(name)
+    s = load(build_parser().parse_args(["operator", "-n", "imaging", "--config-map", "cfg", "--liveness-port", "0"]))
+    assert (s.namespace, s.allNamespaces, s.configMap, s.livenessPort) == ("imaging", False, "cfg", 0)
+    s = load(build_parser().parse_args(["operator", "--all-namespaces", "--no-adapter-feedback"]))
+    assert s.allNamespaces and not s.adapterFeedback
+    assert s.configMap == "clara-dicom-adapter-config" and s.statusConfigMap == "clara-dicom-adapter-status"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["operator", "-n", "x", "-A"])
+
+
+def test_environment_sets_what_flags_do_not(monkeypatch):
+    from clara_operator.cli import load, runner_settings
+
+    monkeypatch.setenv("CLARA_NAMESPACE", "from-env")
+    monkeypatch.setenv("CLARA_RECONCILE_WORKERS", "7")
+    monkeypatch.setenv("CLARA_DICOM_IMAGE", "old-name:1")  # deprecated name of CLARA_PREPARE_IMAGE
+    monkeypatch.setenv("CLARA_NODE_SELECTOR", '{"gpu": "a100"}')
+    monkeypatch.setenv("CLARA_ADAPTER_FEEDBACK", "false")
+    s = load(build_parser().parse_args(["operator", "--workers", "9"]))
+    assert (s.namespace, s.reconcileWorkers, s.prepareImage, s.adapterFeedback) == ("from-env", 9, "old-name:1", False)
+    assert runner_settings(None, s).node_selector == {"gpu": "a100"}
+    monkeypatch.setenv("CLARA_PREPARE_IMAGE", "new-name:2")  # the conventional name wins over the old one
+    s = load(build_parser().parse_args(["operator", "-A"]))  # -A beats CLARA_NAMESPACE
+    assert s.prepareImage == "new-name:2" and s.allNamespaces and not s.namespace
+
+
+@pytest.mark.parametrize("argv, env, expected", [
+    (["--workers", "0"], {}, "reconcileWorkers (from command line --workers; env CLARA_RECONCILE_WORKERS)"),
+    ([], {"CLARA_LIVENESS_PORT": "http"}, "livenessPort (from environment variable CLARA_LIVENESS_PORT)"),
+    ([], {"CLARA_TOLERATIONS": "[1"}, "tolerations (from environment variable CLARA_TOLERATIONS): not valid JSON"),
+])
+def test_bad_settings_are_one_line_with_exit_2(argv, env, expected):
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("CLARA_")}, **env}
+    res = subprocess.run([sys.executable, "-m", "clara_dicom.cli", "operator", *argv], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines
 
 
 def _run(tmp_path, kubeconfig: dict | None):

@@ -5,6 +5,7 @@ import asyncio
 
 import pytest
 
+from clara_dicom.retrying import NAMESPACE_RECONCILE
 from clara_operator.conditions import Cond, merge, transitions
 from clara_operator.reconciler import NamespaceReconciler
 
@@ -61,7 +62,7 @@ async def test_failures_are_retried():
         if attempts < 3:
             raise RuntimeError("API briefly unavailable")
 
-    r = NamespaceReconciler("ns", run, debounce=0, retry_delays=(0.01,))
+    r = NamespaceReconciler("ns", run, debounce=0, retry=NAMESPACE_RECONCILE.with_(initial=0.01, cap=0.01))
     await r.request_and_wait(timeout=2)
     assert attempts == 3 and r.runs == 1
     await r.stop()
@@ -71,7 +72,7 @@ async def test_wait_times_out_when_it_never_succeeds():
     async def run():
         raise RuntimeError("down")
 
-    r = NamespaceReconciler("ns", run, debounce=0, retry_delays=(0.01,))
+    r = NamespaceReconciler("ns", run, debounce=0, retry=NAMESPACE_RECONCILE.with_(initial=0.01, cap=0.01))
     with pytest.raises(asyncio.TimeoutError):
         await r.request_and_wait(timeout=0.1)
     await r.stop()

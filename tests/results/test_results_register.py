@@ -266,6 +266,28 @@ def test_unreachable_service_is_retried_then_fails(job, capsys, monkeypatch):
     assert "gave up after 3 attempts" in err[-1]
 
 
+def test_a_busy_service_is_waited_for_as_long_as_it_asks(job, service, client, capsys, monkeypatch):
+    """The Results Service answers 503 with Retry-After: 5 while its database is away:
+    register-results waits those 5 s (not its own 0.05 s), then registers."""
+    from clara_results import register
+    from clara_results.store import StoreUnavailable
+
+    create, failures = service.store.create, []
+
+    def database_away_once(new):
+        if not failures:
+            failures.append(new)
+            raise StoreUnavailable("connection refused")
+        return create(new)
+
+    waits: list[float] = []
+    monkeypatch.setattr(service.store, "create", database_away_once)
+    monkeypatch.setattr(register, "_sleep", waits.append)
+    run_ok(capsys, "--agent", "ClaraSCU")
+    assert waits == [5.0] and len(failures) == 1
+    assert len(client.list_tasks()) == 1
+
+
 def test_wrong_token_is_a_one_line_failure(job, client, capsys, monkeypatch):
     monkeypatch.setenv("CLARA_RESULTS_TOKEN", "wrong")
     assert "wrong bearer token" in run_bad(capsys, "--agent", "ClaraSCU", code=1)

@@ -31,7 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from tenacity import retry_if_exception
+
 from clara_dicom.config import RenderedConfig
+from clara_dicom.retrying import RESULTS_POLL, RESULTS_REPORT
 
 from clara_adapter.export.dicomweb import StowSender
 from clara_adapter.export.lease import LeaseKeeper, report_kwargs
@@ -42,9 +45,13 @@ from clara_adapter.export.tls import client_context
 
 log = logging.getLogger(__name__)
 
-MAX_POLL_BACKOFF = 30.0
 PROBLEM_CHECK_SECONDS = 10.0  # Secrets may be fixed (or break) without a configuration change
-REPORT_ATTEMPTS = 4
+
+
+def _worth_reporting_again(exc: BaseException) -> bool:
+    """A report the service refused because the task moved on (409) or is gone (404) will
+    never be accepted; anything else (unreachable, 5xx) may be, a moment later."""
+    return type(exc).__name__ not in ("TaskConflictError", "TaskNotFoundError")
 
 
 @dataclass(frozen=True)
@@ -210,7 +217,7 @@ class ExportAgent:
 
     # -- polling --------------------------------------------------------------
     def _poll_loop(self) -> None:
-        backoff = self.settings.exportPollSeconds
+        backoff = RESULTS_POLL.with_(initial=min(self.settings.exportPollSeconds, RESULTS_POLL.cap)).backoff()
         while not self._stop.is_set():
             self.check_destinations()
             # wait for a free worker
@@ -227,13 +234,12 @@ class ExportAgent:
                 if message != self.last_poll_error:
                     log.warning("cannot lease export tasks: %s (retrying)", message)
                 self.last_poll_error = message
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, MAX_POLL_BACKOFF)
+                self._stop.wait(backoff.next())
                 continue
             if self.last_poll_error:
                 log.info("Results Service reachable again")
             self.last_poll_error = None
-            backoff = self.settings.exportPollSeconds
+            backoff.reset()
             self._release(free - len(tasks))
             for task in tasks:
                 with self._lock:
@@ -326,25 +332,21 @@ class ExportAgent:
             level = logging.INFO if outcome.retry_later else logging.WARNING
             log.log(level, "export task %s failed (%s): %s", task.id,
                     "will be retried if retries remain" if outcome.retry_later else "permanent", outcome.reason)
-        delay = 0.5
-        for attempt in range(1, REPORT_ATTEMPTS + 1):
-            try:
-                if outcome.succeeded:
-                    self.client.report_success(task.id, **report_kwargs(task))
-                else:
-                    self.client.report_failure(task.id, retry_later=outcome.retry_later, **report_kwargs(task))
-                break
-            except Exception as exc:  # noqa: BLE001
-                name = type(exc).__name__
-                if name in ("TaskConflictError", "TaskNotFoundError") or attempt == REPORT_ATTEMPTS:
-                    # The lease expired and the task moved on, or the service stays away: the
-                    # lease brings the task back to Pending, so it is exported again later.
-                    log.warning("export task %s: cannot report %s: %s", task.id, outcome.label, exc)
-                    if self.metrics is not None:
-                        self.metrics.exports.labels("unreported").inc()
-                    return
-                time.sleep(delay)
-                delay *= 2
+        try:
+            for attempt in RESULTS_REPORT.retrying(retry=retry_if_exception(_worth_reporting_again)):
+                with attempt:
+                    if outcome.succeeded:
+                        self.client.report_success(task.id, **report_kwargs(task))
+                    else:
+                        self.client.report_failure(task.id, retry_later=outcome.retry_later,
+                                                   **report_kwargs(task))
+        except Exception as exc:  # noqa: BLE001
+            # The lease expired and the task moved on, or the service stays away: the
+            # lease brings the task back to Pending, so it is exported again later.
+            log.warning("export task %s: cannot report %s: %s", task.id, outcome.label, exc)
+            if self.metrics is not None:
+                self.metrics.exports.labels("unreported").inc()
+            return
         with self._lock:
             self.counts[outcome.label] += 1
         if self.metrics is not None:
