@@ -114,6 +114,8 @@ def test_rendered_defaults(service_type):
         spec = dep["spec"]
         assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate", name
         pod = spec["template"]["spec"]
+        # a Service named like a setting (e.g. "clara-results") must not inject CLARA_RESULTS_PORT=tcp://…
+        assert pod["enableServiceLinks"] is False, name
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
         for c in pod["containers"]:
             sc = c["securityContext"]
