@@ -134,7 +134,8 @@ class Controller:
         """Add every key whose stored state disagrees with the world; how many."""
         added = 0
         for ns in self.namespaces or [None]:
-            for pj_ns, name in await self.runner.out_of_step(ns):
+            watched = bool(self.job_watches) and all(w.listed.is_set() for w in self.job_watches)
+            for pj_ns, name in await self.runner.out_of_step(ns, watched_jobs=watched):
                 self.queue.add((PIPELINEJOB, pj_ns, name))
                 added += 1
             for rr in await self.kube.list(REGISTERRESULTS, ns):

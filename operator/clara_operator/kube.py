@@ -9,13 +9,14 @@ one huge response."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 from clara_dicom.models import GROUP, VERSION
 
 MERGE = "application/merge-patch+json"
 PIPELINEJOBS = "pipelinejobs"
 LIST_PAGE = 500
+Keep = Callable[[dict[str, Any]], dict[str, Any]]
 CLARAPIPELINES = "clarapipelines"
 REGISTERRESULTS = "registerresults"
 
@@ -56,20 +57,22 @@ class Kube:
             raise self.ApiException(http_resp=RESTResponse(resp, data))
         return json.loads(data)
 
-    async def _paged(self, call: Any, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    async def _paged(self, call: Any, *args: Any, keep: Keep | None = None, **kwargs: Any) -> list[dict[str, Any]]:
+        """Every item, page by page; ``keep`` trims each one as its page arrives."""
         items: list[dict[str, Any]] = []
         token = None
         while True:
             page = await self.read_json(call, *args, limit=LIST_PAGE, **({"_continue": token} if token else {}), **kwargs)
-            items.extend(page.get("items") or [])
+            items.extend(page.get("items") or [] if keep is None else map(keep, page.get("items") or []))
             token = (page.get("metadata") or {}).get("continue")
             if not token:
                 return items
 
-    async def list(self, plural: str, namespace: str | None) -> list[dict[str, Any]]:
+    async def list(self, plural: str, namespace: str | None, keep: Keep | None = None) -> list[dict[str, Any]]:
         if namespace is None:
-            return await self._paged(self.custom.list_cluster_custom_object, GROUP, VERSION, plural)
-        return await self._paged(self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, plural)
+            return await self._paged(self.custom.list_cluster_custom_object, GROUP, VERSION, plural, keep=keep)
+        return await self._paged(self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, plural,
+                                 keep=keep)
 
     async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]
                            ) -> dict[str, Any] | None:
@@ -85,10 +88,10 @@ class Kube:
     async def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         return await self._get(self.read_json, self.batch.read_namespaced_job, name, namespace)
 
-    async def list_jobs(self, namespace: str | None, selector: str) -> list[dict[str, Any]]:
+    async def list_jobs(self, namespace: str | None, selector: str, keep: Keep | None = None) -> list[dict[str, Any]]:
         if namespace is None:
-            return await self._paged(self.batch.list_job_for_all_namespaces, label_selector=selector)
-        return await self._paged(self.batch.list_namespaced_job, namespace, label_selector=selector)
+            return await self._paged(self.batch.list_job_for_all_namespaces, label_selector=selector, keep=keep)
+        return await self._paged(self.batch.list_namespaced_job, namespace, label_selector=selector, keep=keep)
 
     async def create_job(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
         """Create the Job; None if one of that name exists (the names are deterministic)."""

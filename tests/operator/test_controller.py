@@ -134,8 +134,8 @@ class FakeKube:
     async def get(self, plural, ns, name):
         return copy.deepcopy(self.objects.get((plural, name)))
 
-    async def list(self, plural, ns):
-        return [copy.deepcopy(b) for (p, _), b in self.objects.items() if p == plural]
+    async def list(self, plural, ns, keep=None):
+        return [(keep or (lambda x: x))(copy.deepcopy(b)) for (p, _), b in self.objects.items() if p == plural]
 
     async def patch_status(self, plural, ns, name, status):
         body = self.objects.get((plural, name))
@@ -148,8 +148,8 @@ class FakeKube:
     async def get_job(self, ns, name):
         return copy.deepcopy(self.jobs.get(name))
 
-    async def list_jobs(self, ns, selector):
-        return [copy.deepcopy(j) for j in self.jobs.values()]
+    async def list_jobs(self, ns, selector, keep=None):
+        return [(keep or (lambda x: x))(copy.deepcopy(j)) for j in self.jobs.values()]
 
     async def create_job(self, manifest):
         if self.refuse is not None:
@@ -441,3 +441,20 @@ def test_seen_drops_managed_fields_and_a_relist_replaces_the_jobs_of_its_namespa
     assert set(seen.jobs) == {("n", "kept"), ("n", "new"), ("m", "other")}
     seen.replace_jobs(None, [])
     assert seen.jobs == {}
+
+
+def test_the_resync_compares_with_the_watched_jobs_once_the_watch_has_listed():
+    from clara_operator.seen import trim_job
+
+    kube, runner, name, _ = setup()
+    asyncio.run(runner.reconcile("imaging", name))  # creates the Job: Pending, JobCreated
+    job_key = next(iter(kube.jobs))
+    complete(kube, job_key)  # the world: Complete; not yet seen by the watch
+    assert asyncio.run(runner.out_of_step("imaging")) == [("imaging", name)]  # listed: out of step
+    kube.jobs[job_key]["status"] = {"active": 1}
+    asyncio.run(runner.reconcile("imaging", name))  # Running now
+    runner.seen.job(trim_job(copy.deepcopy(kube.jobs[job_key])))  # the watch's view: running
+    complete(kube, job_key)
+    assert asyncio.run(runner.out_of_step("imaging", watched_jobs=True)) == []  # the watch saw no change yet
+    runner.seen.job({**kube.jobs[job_key], "metadata": {**kube.jobs[job_key]["metadata"], "resourceVersion": "99"}})
+    assert asyncio.run(runner.out_of_step("imaging", watched_jobs=True)) == [("imaging", name)]
