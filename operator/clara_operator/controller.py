@@ -175,6 +175,7 @@ class Controller:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        self.job_watches = []
         await self.queue.stop()
 
     def stats(self) -> dict[str, int]:

@@ -186,6 +186,7 @@ class Runner:
                 raise Retry(f"Job {manifest['metadata']['name']} exists and vanished", delay=1)
         else:
             self.jobs_created += 1
+            self.seen.job(job)  # until its watch event arrives: no GET when the key comes back first
             log.info("PipelineJob %s/%s: created Job %s (pipeline %s, priority %s)", ns, name,
                      job["metadata"]["name"], spec.get("pipeline"), spec.get("priority"))
         return job
