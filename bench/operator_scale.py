@@ -382,8 +382,9 @@ def main() -> int:
             finish = max(pj_done.values()) if pj_done else float("nan")
             follow = [pj_done[n] - job_done[n] for n in names if n in pj_done and n in job_done]
             run = [job_done[n] - job_added[n] for n in names if n in job_done and n in job_added]
+            partial = "" if len(pj_done) == args.jobs else "   PARTIAL: not every PipelineJob succeeded"
             print(f"last Job finished -> all PipelineJobs Succeeded: {finish - last_done:.1f}s   (target <= 10 s); "
-                  f"{len(pj_done)}/{args.jobs} Succeeded")
+                  f"{len(pj_done)}/{args.jobs} Succeeded{partial}")
             print(f"  Job Complete -> PipelineJob Succeeded: p50 {statistics.median(follow):.2f}s, "
                   f"p95 {pct(follow, 0.95):.2f}s (the operator following)")
             print(f"  Job created -> Job Complete: p50 {statistics.median(run):.1f}s, p95 {pct(run, 0.95):.1f}s, "
