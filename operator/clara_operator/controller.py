@@ -4,6 +4,9 @@ periodic resync add keys to a work queue (workqueue.py); its workers reconcile t
 with backoff. Nothing is decided in an event handler, so a missed or failed event
 costs at most one resync interval, and a refused create is retried until it works.
 
+The pipeline Jobs are watched by jobwatch.JobWatch (not kopf: see there why); every
+other kind through kopf's handlers (handlers.py).
+
 Keys: (``PipelineJob``, ns, name), (``RegisterResults``, ns, name) and
 (``ClaraPipeline``, ns, pipeline ID) — the last re-checks what waits for a pipeline.
 """
@@ -13,7 +16,8 @@ import asyncio
 import logging
 from typing import Any
 
-from clara_operator.jobspec import RunnerSettings, owner_of, pipeline_id_of
+from clara_operator.jobspec import COMPONENT_PIPELINE, LABEL_COMPONENT, RunnerSettings, owner_of, pipeline_id_of
+from clara_operator.jobwatch import JobWatch
 from clara_operator.kube import PIPELINEJOBS, REGISTERRESULTS, Kube
 from clara_operator.pipelinejobs import OPEN_STATES, RESULTS_CONDITION, Runner, condition
 from clara_operator.registerjob import ANNOTATION_REGISTERRESULTS
@@ -46,6 +50,7 @@ class Controller:
         self.queue = WorkQueue(self.reconcile, workers=workers, backoff=backoff)
         self.resync_seconds = resync_seconds
         self._tasks: list[asyncio.Task] = []
+        self.job_watches: list[JobWatch] = []
         self.resyncs = 0
 
     # ---- triggers (kopf event handlers call these; they only add keys)
@@ -55,7 +60,9 @@ class Controller:
             self.runner.forget(meta.get("namespace"), meta.get("name"))
         elif not self.runner.is_own_write(body):
             self.runner.seen.pipelinejob(body)
-            self.queue.add((PIPELINEJOB, meta["namespace"], meta["name"]))
+            # No Job yet: ahead of the status updates of running ones (p95 created → Job during a burst).
+            waits_for_job = not (body.get("status") or {}).get("jobName")
+            self.queue.add((PIPELINEJOB, meta["namespace"], meta["name"]), first=waits_for_job)
 
     def job_event(self, body: dict[str, Any], deleted: bool = False) -> None:
         meta = body.get("metadata") or {}
@@ -66,6 +73,15 @@ class Controller:
         ref = owner_of(body)
         if ref is not None:
             self.queue.add((PIPELINEJOB, meta["namespace"], ref["name"]))
+
+    def jobs_listed(self, namespace: str | None, jobs: list[dict[str, Any]]) -> None:
+        """A (re)list of the pipeline Jobs: what is kept is replaced (a Job deleted while the
+        watch was away is forgotten) and every owner is looked at again."""
+        self.runner.seen.replace_jobs(namespace, jobs)
+        for job in jobs:
+            ref = owner_of(job)
+            if ref is not None:
+                self.queue.add((PIPELINEJOB, job["metadata"]["namespace"], ref["name"]))
 
     def register_job_event(self, body: dict[str, Any]) -> None:
         meta = body.get("metadata") or {}
@@ -118,7 +134,8 @@ class Controller:
         """Add every key whose stored state disagrees with the world; how many."""
         added = 0
         for ns in self.namespaces or [None]:
-            for pj_ns, name in await self.runner.out_of_step(ns):
+            watched = bool(self.job_watches) and all(w.listed.is_set() for w in self.job_watches)
+            for pj_ns, name in await self.runner.out_of_step(ns, watched_jobs=watched):
                 self.queue.add((PIPELINEJOB, pj_ns, name))
                 added += 1
             for rr in await self.kube.list(REGISTERRESULTS, ns):
@@ -145,6 +162,10 @@ class Controller:
         if self._tasks:
             return
         self.queue.start()
+        for ns in self.namespaces or [None]:
+            watch = JobWatch(self.kube, ns, f"{LABEL_COMPONENT}={COMPONENT_PIPELINE}", self.job_event, self.jobs_listed)
+            self.job_watches.append(watch)
+            self._tasks.append(asyncio.create_task(watch.run(), name=f"jobwatch-{ns or 'all'}"))
         self._tasks.append(asyncio.create_task(self._resync_forever(), name="resync"))
         if self.runner.settings.retention_hours > 0:
             self._tasks.append(asyncio.create_task(self.runner.sweep_forever(), name="pipelinejob-retention"))
@@ -154,11 +175,13 @@ class Controller:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        self.job_watches = []
         await self.queue.stop()
 
     def stats(self) -> dict[str, int]:
         return {"queued": len(self.queue.schedule), "reconciles": self.queue.reconciles,
                 "retries": self.queue.retries, "resyncs": self.resyncs,
+                "jobEvents": sum(w.events for w in self.job_watches),
                 "jobsCreated": self.runner.jobs_created, "registerJobsCreated": self.registrar.jobs_created}
 
 

@@ -10,8 +10,9 @@ this module never touches kopf's default registry).
   adapter configuration no longer contains the object;
 * events on the adapter's ConfigMaps (the rendered one, and the status one the
   adapter publishes its applied version in) re-run the reconcile too;
-* events of PipelineJobs, their batch Jobs, RegisterResults, register Jobs and
-  ClaraPipelines only add keys to the controller's work queue (``controller.py``):
+* events of PipelineJobs, RegisterResults, register Jobs and ClaraPipelines only add
+  keys to the controller's work queue (``controller.py``; the pipeline Jobs are
+  watched by the controller itself, jobwatch.py):
   the reconciles, retries and the periodic resync happen there (see
   operator/PIPELINES.md, operator/REGISTER.md).
 """
@@ -26,7 +27,7 @@ import kopf
 from clara_dicom.models import GROUP, VERSION
 
 from clara_operator.events import post_event
-from clara_operator.jobspec import COMPONENT_PIPELINE, LABEL_COMPONENT
+from clara_operator.jobspec import LABEL_COMPONENT
 from clara_operator.reconciler import Api, NamespaceReconciler, Options, reconcile_once
 from clara_operator.registerjob import COMPONENT_REGISTER
 from clara_operator.rendering import CONFIG_KINDS, DOMAIN
@@ -41,12 +42,25 @@ FINALIZER = f"{DOMAIN}/finalizer"
 DELETE_WAIT_SECONDS = 15.0
 
 
+class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
+    """kopf's diff base, computed for every watch event of every kind, without its deep copy of
+    the whole body: kopf copies status and metadata only to drop them (labels and annotations
+    aside). At 1,000 PipelineJobs that copy was 11 % of the operator's CPU. Same essence."""
+
+    def build(self, *, body: Any, extra_fields: Any = None) -> Any:
+        if extra_fields:  # a handler follows some status or metadata field: kopf's own way
+            return super().build(body=body, extra_fields=extra_fields)
+        meta = body.get("metadata") or {}
+        lean = {k: v for k, v in body.items() if k not in ("metadata", "status")}
+        lean["metadata"] = {k: meta[k] for k in ("labels", "annotations") if k in meta}
+        return super().build(body=kopf.Body(lean), extra_fields=None)
+
+
 def configure(settings: kopf.OperatorSettings) -> None:
     """Project-domain persistence, our own Event identity, quiet kopf Events."""
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=DOMAIN)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=DOMAIN, key="last-handled-configuration")
+    settings.persistence.diffbase_storage = LeanDiffBaseStorage(prefix=DOMAIN, key="last-handled-configuration")
     settings.posting.enabled = True
     settings.posting.level = logging.WARNING  # kopf's own "handler succeeded" chatter stays in the log
     settings.posting.reporting_component = "clara-dicom-operator"
@@ -75,8 +89,6 @@ def _register() -> None:
         kopf.on.event(GROUP, VERSION, cls.PLURAL, id="mark-dirty", registry=registry)(on_object_event)
         kopf.on.delete(GROUP, VERSION, cls.PLURAL, id="finalize", registry=registry)(on_object_delete)
     kopf.on.event(GROUP, VERSION, "pipelinejobs", id="pipelinejob", registry=registry)(on_pipelinejob_event)
-    kopf.on.event("batch", "v1", "jobs", id="pipeline-job", labels={LABEL_COMPONENT: COMPONENT_PIPELINE},
-                  registry=registry)(on_pipeline_job_event)
     kopf.on.event(GROUP, VERSION, "registerresults", id="registerresults", registry=registry)(
         on_registerresults_event)
     kopf.on.event("batch", "v1", "jobs", id="register-job", labels={LABEL_COMPONENT: COMPONENT_REGISTER},
@@ -98,11 +110,6 @@ def _controller(memo: Any) -> Any:
 async def on_pipelinejob_event(event: dict[str, Any], body: Any, memo: Any, **_: Any) -> None:
     if (controller := _controller(memo)) is not None:
         controller.pipelinejob_event(dict(body), deleted=event.get("type") == "DELETED")
-
-
-async def on_pipeline_job_event(event: dict[str, Any], body: Any, memo: Any, **_: Any) -> None:
-    if (controller := _controller(memo)) is not None:
-        controller.job_event(dict(body), deleted=event.get("type") == "DELETED")
 
 
 async def on_registerresults_event(event: dict[str, Any], body: Any, memo: Any, **_: Any) -> None:

@@ -1,7 +1,8 @@
 """The latest watched state of PipelineJobs and their Jobs (what an informer keeps), so a
 reconcile triggered by a watch event reads the object from that event instead of
 asking the API again. A miss falls back to the API; only the newest resourceVersion
-is kept; Jobs are kept trimmed (name, owner, status) — small at thousands of jobs.
+is kept; Jobs are kept trimmed (name, owner, status) and PipelineJobs without their
+managedFields (half of a PipelineJob's bytes, never read) — small at thousands of jobs.
 """
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ def trim_job(job: dict[str, Any]) -> dict[str, Any]:
             "status": job.get("status") or {}}
 
 
+def trim_pipelinejob(body: dict[str, Any]) -> dict[str, Any]:
+    meta = body.get("metadata") or {}
+    if "managedFields" not in meta:
+        return body
+    return {**body, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+
+
 class Seen:
     def __init__(self) -> None:
         self.pipelinejobs: dict[Key, dict[str, Any]] = {}
@@ -40,7 +48,7 @@ class Seen:
         store[key] = body
 
     def pipelinejob(self, body: dict[str, Any]) -> None:
-        self._put(self.pipelinejobs, body)
+        self._put(self.pipelinejobs, trim_pipelinejob(body))
 
     def job(self, body: dict[str, Any]) -> None:
         self._put(self.jobs, trim_job(body))
@@ -57,6 +65,13 @@ class Seen:
 
     def forget_pipelinejob(self, namespace: str, name: str) -> None:
         self.pipelinejobs.pop((namespace, name), None)
+
+    def replace_jobs(self, namespace: str | None, jobs: list[dict[str, Any]]) -> None:
+        """Exactly these Jobs now (a relist of ``namespace``; None: of every namespace)."""
+        for key in [k for k in self.jobs if namespace is None or k[0] == namespace]:
+            del self.jobs[key]
+        for job in jobs:
+            self.job(job)
 
     def forget_job(self, namespace: str, name: str) -> None:
         self.jobs.pop((namespace, name), None)

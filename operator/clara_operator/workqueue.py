@@ -53,44 +53,57 @@ class Schedule:
 
     def __init__(self, backoff: Backoff = Backoff()) -> None:
         self.backoff = backoff
-        self._heap: list[tuple[float, int, Key]] = []
-        self._due: dict[Key, float] = {}
+        self._heaps: dict[bool, list[tuple[float, int, Key]]] = {True: [], False: []}  # lane "first" → heap
+        self._due: dict[Key, tuple[float, bool]] = {}  # key → (due, in the first lane)
         self._seq = itertools.count()
         self._active: set[Key] = set()
         self._again: dict[Key, float] = {}  # added while active: due then
+        self._again_first: set[Key] = set()
         self.failures: dict[Key, int] = {}
 
     def __len__(self) -> int:
         return len(self._due)
 
-    def add(self, key: Key, now: float, delay: float = 0.0) -> None:
+    def add(self, key: Key, now: float, delay: float = 0.0, first: bool = False) -> None:
+        """Due after ``delay``; ``first``: ahead of every ordinary key that is due too (a new
+        PipelineJob waiting for its Job goes before status updates of running ones)."""
         due = now + max(0.0, delay)
         if key in self._active:
             self._again[key] = min(due, self._again.get(key, due))
+            if first:
+                self._again_first.add(key)
             return
         current = self._due.get(key)
-        if current is not None and current <= due:
-            return  # already due as early
-        self._due[key] = due
-        heapq.heappush(self._heap, (due, next(self._seq), key))
+        if current is not None and current[0] <= due and (current[1] or not first):
+            return  # already due as early (and in a lane as fast)
+        entry = (min(due, current[0]) if current is not None else due, first or bool(current and current[1]))
+        self._due[key] = entry
+        heapq.heappush(self._heaps[entry[1]], (entry[0], next(self._seq), key))
 
-    def next_due(self) -> float | None:
-        while self._heap:
-            due, _, key = self._heap[0]
-            if self._due.get(key) == due:
+    def _head(self, lane: bool) -> float | None:
+        heap = self._heaps[lane]
+        while heap:
+            due, _, key = heap[0]
+            if self._due.get(key) == (due, lane):
                 return due
-            heapq.heappop(self._heap)  # superseded by an earlier add
+            heapq.heappop(heap)  # superseded by an earlier add or another lane
         return None
 
+    def next_due(self) -> float | None:
+        dues = [d for d in (self._head(True), self._head(False)) if d is not None]
+        return min(dues) if dues else None
+
     def pop(self, now: float) -> Key | None:
-        """The earliest key due by ``now`` (now being reconciled), or None."""
-        due = self.next_due()
-        if due is None or due > now:
-            return None
-        _, _, key = heapq.heappop(self._heap)
-        del self._due[key]
-        self._active.add(key)
-        return key
+        """A key due by ``now`` (now being reconciled), the first lane's before the other's,
+        each lane earliest first; or None."""
+        for lane in (True, False):
+            due = self._head(lane)
+            if due is not None and due <= now:
+                _, _, key = heapq.heappop(self._heaps[lane])
+                del self._due[key]
+                self._active.add(key)
+                return key
+        return None
 
     def done(self, key: Key, now: float, failed: bool, delay: float | None = None) -> float | None:
         """A reconcile of ``key`` ended; returns the delay of its retry, if it failed."""
@@ -103,8 +116,10 @@ class Schedule:
         else:
             self.failures.pop(key, None)
         again = self._again.pop(key, None)
+        first = key in self._again_first
+        self._again_first.discard(key)
         if again is not None:
-            self.add(key, now, max(0.0, again - now))
+            self.add(key, now, max(0.0, again - now), first=first)
         return retry
 
 
@@ -123,8 +138,8 @@ class WorkQueue:
         self.reconciles = 0
         self.retries = 0
 
-    def add(self, key: Key, delay: float = 0.0) -> None:
-        self.schedule.add(key, self._clock(), delay)
+    def add(self, key: Key, delay: float = 0.0, first: bool = False) -> None:
+        self.schedule.add(key, self._clock(), delay, first=first)
         self._wake.set()
 
     def start(self) -> None:

@@ -68,6 +68,25 @@ def test_a_key_added_while_it_runs_runs_once_more_and_never_twice_at_once():
     assert s.pop(0.4) == "k" and s.pop(0.4) is None
 
 
+def test_first_lane_keys_go_before_ordinary_keys_due_earlier():
+    s = Schedule()
+    s.add("running-1", now=0)
+    s.add("running-2", now=0)
+    s.add("new-1", now=1, first=True)
+    s.add("later", now=1, delay=5, first=True)  # first, but not due yet
+    assert s.pop(1) == "new-1"
+    assert s.pop(1) == "running-1" and s.pop(1) == "running-2" and s.pop(1) is None
+    s.add("k", now=2)
+    s.add("k", now=2, delay=3, first=True)  # moves to the first lane, keeps its earlier due time
+    s.add("o", now=1.5)
+    assert s.pop(2) == "k" and s.pop(2) == "o" and len(s) == 1
+    s.add("k", now=2, first=True)  # while it runs: runs once more afterwards, still first
+    s.add("p", now=2)
+    s.done("k", 2, failed=False)
+    assert s.pop(2) == "k" and s.pop(2) == "p"
+    assert s.next_due() == 6 and s.pop(6) == "later" and s.next_due() is None
+
+
 # --------------------------------------------------------------------------- refusals
 
 
@@ -115,8 +134,8 @@ class FakeKube:
     async def get(self, plural, ns, name):
         return copy.deepcopy(self.objects.get((plural, name)))
 
-    async def list(self, plural, ns):
-        return [copy.deepcopy(b) for (p, _), b in self.objects.items() if p == plural]
+    async def list(self, plural, ns, keep=None):
+        return [(keep or (lambda x: x))(copy.deepcopy(b)) for (p, _), b in self.objects.items() if p == plural]
 
     async def patch_status(self, plural, ns, name, status):
         body = self.objects.get((plural, name))
@@ -129,8 +148,8 @@ class FakeKube:
     async def get_job(self, ns, name):
         return copy.deepcopy(self.jobs.get(name))
 
-    async def list_jobs(self, ns, selector):
-        return [copy.deepcopy(j) for j in self.jobs.values()]
+    async def list_jobs(self, ns, selector, keep=None):
+        return [(keep or (lambda x: x))(copy.deepcopy(j)) for j in self.jobs.values()]
 
     async def create_job(self, manifest):
         if self.refuse is not None:
@@ -361,3 +380,81 @@ def test_no_import_cycles_between_the_operator_modules():
     assert not ours("pipelinejobs") & {"registerresults", "handlers", "controller"}
     assert not ours("registerresults") & {"pipelinejobs", "handlers", "controller"}
     assert "handlers" not in ours("controller")
+
+
+# --------------------------------------------------------------------------- scale: lean watch, lean kopf
+
+
+def test_job_watch_relists_on_410_and_resumes_from_the_newest_version():
+    from clara_operator.jobwatch import Gone, JobWatch
+
+    got = []
+    watch = JobWatch(kube=None, namespace="n", selector="x=y", on_event=lambda b, d: got.append((b, d)),
+                     on_list=lambda ns, jobs: None)
+    watch._event({"type": "MODIFIED", "object": {"metadata": {"name": "a", "resourceVersion": "5"}}})
+    watch._event({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "9"}}})
+    assert watch.version == "9" and len(got) == 1 and watch.events == 1
+    watch._event({"type": "DELETED", "object": {"metadata": {"name": "a", "resourceVersion": "10"}}})
+    assert got[-1][1] is True
+    with pytest.raises(Gone):
+        watch._event({"type": "ERROR", "object": {"kind": "Status", "code": 410, "message": "too old"}})
+    with pytest.raises(RuntimeError):
+        watch._event({"type": "ERROR", "object": {"kind": "Status", "code": 500, "message": "boom"}})
+
+
+def test_lean_diff_base_is_kopfs_essence():
+    import kopf
+
+    from clara_operator.handlers import LeanDiffBaseStorage
+
+    lean = LeanDiffBaseStorage(prefix="dicom.clara.io", key="last-handled-configuration")
+    kopfs = kopf.AnnotationsDiffBaseStorage(prefix="dicom.clara.io", key="last-handled-configuration")
+    bodies = [
+        {"apiVersion": "dicom.clara.io/v1alpha1", "kind": "ClaraAETitle",
+         "metadata": {"name": "a", "namespace": "n", "uid": "u", "resourceVersion": "3", "generation": 2,
+                      "labels": {"x": "1"}, "managedFields": [{"manager": "kubectl"}],
+                      "annotations": {"note": "kept", "kubectl.kubernetes.io/last-applied-configuration": "{}",
+                                      "dicom.clara.io/last-handled-configuration": "{}"},
+                      "finalizers": ["dicom.clara.io/finalizer"]},
+         "spec": {"aeTitle": "CT", "processors": [{"name": "p", "timeout": 5}]}, "status": {"ready": True}},
+        {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"}, "spec": {}, "status": {"active": 1}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "annotations": {}}, "data": {"a": "b"}},
+    ]
+    for body in bodies:
+        assert lean.build(body=kopf.Body(body)) == kopfs.build(body=kopf.Body(body))
+    assert lean.build(body=kopf.Body(bodies[1]), extra_fields=["status.active"]) == \
+        kopfs.build(body=kopf.Body(bodies[1]), extra_fields=["status.active"])
+
+
+def test_seen_drops_managed_fields_and_a_relist_replaces_the_jobs_of_its_namespace():
+    from clara_operator.seen import Seen
+
+    seen = Seen()
+    seen.pipelinejob({"metadata": {"namespace": "n", "name": "a", "resourceVersion": "1",
+                                   "managedFields": [{"manager": "x"}]}, "spec": {"pipeline": "p"}})
+    assert seen.pipelinejobs[("n", "a")] == {"metadata": {"namespace": "n", "name": "a", "resourceVersion": "1"},
+                                             "spec": {"pipeline": "p"}}
+    for ns, name in (("n", "gone"), ("n", "kept"), ("m", "other")):
+        seen.job({"metadata": {"namespace": ns, "name": name}})
+    seen.replace_jobs("n", [{"metadata": {"namespace": "n", "name": "kept"}}, {"metadata": {"namespace": "n",
+                                                                                          "name": "new"}}])
+    assert set(seen.jobs) == {("n", "kept"), ("n", "new"), ("m", "other")}
+    seen.replace_jobs(None, [])
+    assert seen.jobs == {}
+
+
+def test_the_resync_compares_with_the_watched_jobs_once_the_watch_has_listed():
+    from clara_operator.seen import trim_job
+
+    kube, runner, name, _ = setup()
+    asyncio.run(runner.reconcile("imaging", name))  # creates the Job: Pending, JobCreated
+    job_key = next(iter(kube.jobs))
+    complete(kube, job_key)  # the world: Complete; not yet seen by the watch
+    assert asyncio.run(runner.out_of_step("imaging")) == [("imaging", name)]  # listed: out of step
+    kube.jobs[job_key]["status"] = {"active": 1}
+    asyncio.run(runner.reconcile("imaging", name))  # Running now
+    runner.seen.job(trim_job(copy.deepcopy(kube.jobs[job_key])))  # the watch's view: running
+    complete(kube, job_key)
+    assert asyncio.run(runner.out_of_step("imaging", watched_jobs=True)) == []  # the watch saw no change yet
+    runner.seen.job({**kube.jobs[job_key], "metadata": {**kube.jobs[job_key]["metadata"], "resourceVersion": "99"}})
+    assert asyncio.run(runner.out_of_step("imaging", watched_jobs=True)) == [("imaging", name)]
