@@ -8,15 +8,27 @@ lock, so adapters starting together on an empty database do not race.
 Durability of a commit is the server's (``synchronous_commit``); an
 unreachable database surfaces as ``psycopg.OperationalError``, which the
 commit path answers with 0xA700 (out of resources, retry later).
+
+Several adapter processes (replicas) may share the journal (``shared``): groups
+then live in the database only. An instance joins its group with one upsert
+on the partial unique index "one open group per (owner, value)", which also
+locks the group row until the instance's transaction commits; due groups are
+closed with ``UPDATE … WHERE state='open' AND last_ack + timeout <= now …
+FOR UPDATE SKIP LOCKED … RETURNING``, so exactly one replica closes each;
+times are the database's clock, so replicas' clocks need not agree. Each
+replica heartbeats in ``replicas``; a closed group whose closer stopped
+heartbeating is taken over by another (shared_groups.py drives all this).
 """
 from __future__ import annotations
 
+import json
 import re
 import time
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from clara_adapter.journal import SCHEMA, JournalBase
+from clara_adapter.journal import SCHEMA, GroupRecord, JournalBase, _group
 
 PG_SCHEMA_NAME = "clara_adapter"
 _SCHEMA_LOCK_KEY = 0x434C4152  # "CLAR": advisory lock id for schema creation
@@ -29,13 +41,33 @@ def _pg_schema(sqlite_schema: str) -> str:
     return re.sub(r"\bINTEGER\b", "BIGINT", ddl)
 
 
+# Added to the common schema for replicas; run under the same advisory lock, so
+# processes starting together on an old or empty database migrate it once.
+SHARED_SCHEMA = """
+ALTER TABLE groups ADD COLUMN IF NOT EXISTS timeout DOUBLE PRECISION;
+ALTER TABLE groups ADD COLUMN IF NOT EXISTS closed_by TEXT;
+UPDATE groups SET timeout = (settings::json -> 'spec' ->> 'timeout')::double precision WHERE timeout IS NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS groups_one_open ON groups(owner, group_value) WHERE state = 'open';
+CREATE TABLE IF NOT EXISTS replicas (id TEXT PRIMARY KEY, seen_at DOUBLE PRECISION NOT NULL)
+"""
+
+_GROUP_COLUMNS = "id, owner, ae_title, processor, group_value, settings, state, opened_at, last_ack, closed_at"
+# The database's clock, unless a test gave the journal its own (one ``?`` argument).
+_NOW = "COALESCE(?::double precision, extract(epoch from clock_timestamp())::double precision)"
+
+
 def redacted(dsn: str) -> str:
     """The DSN without its password, for logs."""
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
 
 
 class PostgresJournal(JournalBase):
-    def __init__(self, dsn: str, root: str | Path, max_connections: int = 4, timeout: float = 5.0):
+    shared = True
+
+    def __init__(self, dsn: str, root: str | Path, max_connections: int = 4, timeout: float = 5.0,
+                 clock: Callable[[], float] | None = None):
+        """``clock``: wall-clock seconds used instead of the database's clock
+        (tests on a controllable clock); None in production."""
         import psycopg
         from psycopg_pool import ConnectionPool
 
@@ -43,6 +75,8 @@ class PostgresJournal(JournalBase):
 
         self.dsn = dsn
         self.path = redacted(dsn)
+        self.clock = clock
+        self.replica = uuid.uuid4().hex[:12]  # this process, for closes and heartbeats
         self._setup(Path(root))
         self._probed_at, self._reachable = float("-inf"), True
         self._conn: Any = None  # the connection of the open transaction
@@ -57,10 +91,82 @@ class PostgresJournal(JournalBase):
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
                 conn.execute(f"CREATE SCHEMA IF NOT EXISTS {PG_SCHEMA_NAME}")
-                for statement in _pg_schema(SCHEMA).split(";"):
+                for statement in (_pg_schema(SCHEMA) + ";" + SHARED_SCHEMA).split(";"):
                     if statement.strip():
                         conn.execute(statement)
         self._load_epoch()
+
+    # -- groups shared by replicas (database clock) ----------------------------
+    def _now_arg(self) -> float | None:
+        return self.clock() if self.clock is not None else None
+
+    def db_now(self) -> float:
+        return float(self._query(f"SELECT {_NOW}", (self._now_arg(),))[0][0])
+
+    def join_group(self, owner: str, ae_title: str, processor: str, value: str, settings: dict,
+                   timeout: float) -> tuple[int, bool]:
+        """The open group of (owner, value), opened now if there is none: (id, opened).
+        Locks the group row until this transaction ends, so a replica closing it
+        waits for (or skips) this instance, and duplicates are checked race-free."""
+        rows = self._exec(
+            "INSERT INTO groups (owner, ae_title, processor, group_value, settings, state, opened_at, last_ack, "
+            f"timeout) SELECT ?,?,?,?,?,'open',t,t,? FROM (SELECT {_NOW} AS t) now "
+            "ON CONFLICT (owner, group_value) WHERE state = 'open' DO UPDATE SET state = groups.state "
+            "RETURNING id, (xmax = 0)",
+            (owner, ae_title, processor, value, json.dumps(settings, sort_keys=True), float(timeout),
+             self._now_arg()),
+        )
+        return int(rows[0][0]), bool(rows[0][1])
+
+    def touch_group_now(self, group_id: int) -> None:
+        """The group's quiet period restarts now (database clock)."""
+        self._exec(f"UPDATE groups SET last_ack = GREATEST(last_ack, {_NOW}) WHERE id=?",
+                   (self._now_arg(), group_id))
+
+    def close_due_groups(self, limit: int = 100) -> list[GroupRecord]:
+        """Close the open groups whose quiet period has ended, of any owner; each
+        group is returned to exactly one caller among all replicas. Groups locked
+        by an instance joining them right now are skipped (not due any more)."""
+        now = self._now_arg()
+        rows = self._exec(
+            f"UPDATE groups SET state = 'closed', closed_at = {_NOW}, closed_by = ? "
+            "WHERE state = 'open' AND id IN (SELECT id FROM groups WHERE state = 'open' "
+            f"AND last_ack + timeout <= {_NOW} ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED) "
+            f"RETURNING {_GROUP_COLUMNS}",
+            (now, self.replica, now, limit),
+        )
+        return [_group(r) for r in sorted(rows)]
+
+    def next_due_in(self) -> float | None:
+        """Seconds until the next open group (of any replica) falls due; None if none is open."""
+        rows = self._query(f"SELECT min(last_ack + timeout) - {_NOW} FROM groups WHERE state = 'open'",
+                           (self._now_arg(),))
+        return None if rows[0][0] is None else float(rows[0][0])
+
+    def heartbeat(self) -> None:
+        self._exec(f"INSERT INTO replicas (id, seen_at) VALUES (?, {_NOW}) "
+                   "ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at", (self.replica, self._now_arg()))
+
+    def take_orphaned_groups(self, dead_after: float, limit: int = 100) -> list[GroupRecord]:
+        """Closed groups whose closer has not heartbeaten for ``dead_after``
+        seconds (it died while creating their jobs): now this replica's."""
+        now = self._now_arg()
+        rows = self._exec(
+            "UPDATE groups SET closed_by = ? WHERE id IN (SELECT g.id FROM groups g "
+            "LEFT JOIN replicas r ON r.id = g.closed_by WHERE g.state = 'closed' "
+            "AND g.closed_by IS DISTINCT FROM ? "
+            f"AND (r.seen_at IS NULL OR r.seen_at < {_NOW} - ?) ORDER BY g.id LIMIT ? FOR UPDATE OF g SKIP LOCKED) "
+            f"RETURNING {_GROUP_COLUMNS}",
+            (self.replica, self.replica, now, float(dead_after), limit),
+        )
+        return [_group(r) for r in sorted(rows)]
+
+    def forget_replica(self) -> None:
+        """A clean stop: this replica's closed groups may be taken over at once."""
+        self._exec("DELETE FROM replicas WHERE id=?", (self.replica,))
+
+    def count_open_groups(self) -> int:
+        return int(self._query("SELECT count(*) FROM groups WHERE state = 'open'")[0][0])
 
     PROBE_SECONDS = 1.0
 
