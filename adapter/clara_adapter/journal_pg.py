@@ -10,13 +10,16 @@ unreachable database surfaces as ``psycopg.OperationalError``, which the
 commit path answers with 0xA700 (out of resources, retry later).
 
 Several adapter processes (replicas) may share the journal (``shared``): groups
-then live in the database only. An instance joins its group with one upsert
-on the partial unique index "one open group per (owner, value)", which also
-locks the group row until the instance's transaction commits; due groups are
-closed with ``UPDATE … WHERE state='open' AND last_ack + timeout <= now …
-FOR UPDATE SKIP LOCKED … RETURNING``, so exactly one replica closes each;
-times are the database's clock, so replicas' clocks need not agree. Each
-replica heartbeats in ``replicas``; a closed group whose closer stopped
+then live in the database only, on the database's clock (replicas' clocks need
+not agree). An instance joins the open group of its key under a KEY SHARE lock
+on the group row (joiners do not wait for each other; one partial unique index
+allows one open group per key) and is inserted with ``ON CONFLICT (group_id,
+sop_instance_uid) DO NOTHING``, which is the duplicate rule, atomic across
+replicas. A group is due ``timeout`` after its newest member's ``acked_at``.
+Closing locks due groups ``FOR UPDATE SKIP LOCKED`` (a group being joined right
+now is skipped), then re-checks them with a fresh snapshot and marks them
+closed, so exactly one replica closes each, and never while an instance joins.
+Each replica heartbeats in ``replicas``; a closed group whose closer stopped
 heartbeating is taken over by another (shared_groups.py drives all this).
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from clara_adapter.journal import SCHEMA, GroupRecord, JournalBase, _group
+from clara_adapter.journal import _INSTANCE_COLUMNS, SCHEMA, GroupRecord, InstanceRecord, JournalBase, _group
 
 PG_SCHEMA_NAME = "clara_adapter"
 _SCHEMA_LOCK_KEY = 0x434C4152  # "CLAR": advisory lock id for schema creation
@@ -48,10 +51,16 @@ ALTER TABLE groups ADD COLUMN IF NOT EXISTS timeout DOUBLE PRECISION;
 ALTER TABLE groups ADD COLUMN IF NOT EXISTS closed_by TEXT;
 UPDATE groups SET timeout = (settings::json -> 'spec' ->> 'timeout')::double precision WHERE timeout IS NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS groups_one_open ON groups(owner, group_value) WHERE state = 'open';
+CREATE UNIQUE INDEX IF NOT EXISTS instances_one_per_group ON instances(group_id, sop_instance_uid)
+  WHERE group_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS instances_by_group_ack ON instances(group_id, acked_at);
 CREATE TABLE IF NOT EXISTS replicas (id TEXT PRIMARY KEY, seen_at DOUBLE PRECISION NOT NULL)
 """
 
 _GROUP_COLUMNS = "id, owner, ae_title, processor, group_value, settings, state, opened_at, last_ack, closed_at"
+# When an open group falls due: its newest member's acknowledgement (the open time if it has none) + timeout.
+_DUE = ("COALESCE((SELECT max(i.acked_at) FROM instances i WHERE i.group_id = groups.id), groups.last_ack) "
+        "+ groups.timeout")
 # The database's clock, unless a test gave the journal its own (one ``?`` argument).
 _NOW = "COALESCE(?::double precision, extract(epoch from clock_timestamp())::double precision)"
 
@@ -106,40 +115,68 @@ class PostgresJournal(JournalBase):
     def join_group(self, owner: str, ae_title: str, processor: str, value: str, settings: dict,
                    timeout: float) -> tuple[int, bool]:
         """The open group of (owner, value), opened now if there is none: (id, opened).
-        Locks the group row until this transaction ends, so a replica closing it
-        waits for (or skips) this instance, and duplicates are checked race-free."""
-        rows = self._exec(
-            "INSERT INTO groups (owner, ae_title, processor, group_value, settings, state, opened_at, last_ack, "
-            f"timeout) SELECT ?,?,?,?,?,'open',t,t,? FROM (SELECT {_NOW} AS t) now "
-            "ON CONFLICT (owner, group_value) WHERE state = 'open' DO UPDATE SET state = groups.state "
-            "RETURNING id, (xmax = 0)",
-            (owner, ae_title, processor, value, json.dumps(settings, sort_keys=True), float(timeout),
-             self._now_arg()),
-        )
-        return int(rows[0][0]), bool(rows[0][1])
+        Holds a KEY SHARE lock on the group row until this transaction ends: other
+        joiners go on, a closer skips the group (or this waits for its close to
+        commit, and then opens a new group)."""
+        for _ in range(5):
+            rows = self._query("SELECT id FROM groups WHERE owner=? AND group_value=? AND state='open' "
+                               "FOR KEY SHARE", (owner, value))
+            if rows:
+                return int(rows[0][0]), False
+            rows = self._query(
+                "INSERT INTO groups (owner, ae_title, processor, group_value, settings, state, opened_at, last_ack, "
+                f"timeout) SELECT ?,?,?,?,?,'open',t,t,? FROM (SELECT {_NOW} AS t) now "
+                "ON CONFLICT (owner, group_value) WHERE state = 'open' DO NOTHING RETURNING id",
+                (owner, ae_title, processor, value, json.dumps(settings, sort_keys=True), float(timeout),
+                 self._now_arg()),
+            )
+            if rows:
+                return int(rows[0][0]), True
+            # another replica opened it in a transaction that has committed since: join that one
+        raise RuntimeError(f"could not join or open a group of {owner}")  # not expected: the loop converges
 
-    def touch_group_now(self, group_id: int) -> None:
-        """The group's quiet period restarts now (database clock)."""
-        self._exec(f"UPDATE groups SET last_ack = GREATEST(last_ack, {_NOW}) WHERE id=?",
-                   (self._now_arg(), group_id))
+    def add_member(self, rec: InstanceRecord) -> int | None:
+        """Journal ``rec`` in its group, acknowledged now (database clock); None if the
+        group already holds its SOP Instance UID (a duplicate, from any replica)."""
+        rows = self._query(
+            f"INSERT INTO instances ({_INSTANCE_COLUMNS.removeprefix('id, ')}) "
+            f"VALUES (?,?,?,?,?,?,?,?,?,?,?,{_NOW},?) "
+            "ON CONFLICT (group_id, sop_instance_uid) WHERE group_id IS NOT NULL DO NOTHING RETURNING id, acked_at",
+            (rec.owner, rec.ae_title, rec.calling_ae, rec.sop_instance_uid, rec.sop_class_uid, rec.transfer_syntax,
+             rec.study_uid, rec.series_uid, rec.group_value, self._rel(rec.path), rec.size, self._now_arg(),
+             rec.group_id),
+        )
+        if not rows:
+            return None
+        rec.id, rec.acked_at = int(rows[0][0]), float(rows[0][1])
+        return rec.id
+
+    def refresh_member(self, instance_id: int, size: int) -> None:
+        """An overwritten member: new size, acknowledged now (its group's quiet period restarts)."""
+        self._exec(f"UPDATE instances SET size=?, acked_at={_NOW} WHERE id=?", (size, self._now_arg(), instance_id))
 
     def close_due_groups(self, limit: int = 100) -> list[GroupRecord]:
         """Close the open groups whose quiet period has ended, of any owner; each
-        group is returned to exactly one caller among all replicas. Groups locked
-        by an instance joining them right now are skipped (not due any more)."""
-        now = self._now_arg()
-        rows = self._exec(
-            f"UPDATE groups SET state = 'closed', closed_at = {_NOW}, closed_by = ? "
-            "WHERE state = 'open' AND id IN (SELECT id FROM groups WHERE state = 'open' "
-            f"AND last_ack + timeout <= {_NOW} ORDER BY id LIMIT ? FOR UPDATE SKIP LOCKED) "
-            f"RETURNING {_GROUP_COLUMNS}",
-            (now, self.replica, now, limit),
-        )
+        group is returned to exactly one caller among all replicas. A group an
+        instance is joining right now is skipped (it is not due any more)."""
+        with self.atomic():
+            now = self._now_arg()
+            locked = [r[0] for r in self._execute(
+                f"SELECT id FROM groups WHERE state = 'open' AND {_DUE} <= {_NOW} ORDER BY id LIMIT ? "
+                "FOR UPDATE SKIP LOCKED", (now, limit))]
+            if not locked:
+                return []
+            # Locked now, so no instance can join: check again with a snapshot taken after the locks.
+            rows = self._execute(
+                f"UPDATE groups SET state = 'closed', closed_at = {_NOW}, closed_by = ?, last_ack = {_DUE} - timeout "
+                f"WHERE id = ANY(?) AND state = 'open' AND {_DUE} <= {_NOW} RETURNING {_GROUP_COLUMNS}",
+                (now, self.replica, locked, now),
+            )
         return [_group(r) for r in sorted(rows)]
 
     def next_due_in(self) -> float | None:
         """Seconds until the next open group (of any replica) falls due; None if none is open."""
-        rows = self._query(f"SELECT min(last_ack + timeout) - {_NOW} FROM groups WHERE state = 'open'",
+        rows = self._query(f"SELECT min({_DUE}) - {_NOW} FROM groups WHERE state = 'open'",
                            (self._now_arg(),))
         return None if rows[0][0] is None else float(rows[0][0])
 

@@ -105,27 +105,23 @@ class AETitleJobProcessor(JobProcessorBase):
         return Outcome.KEEP
 
     def _join_shared(self, inst: InstanceRecord, tx: Transaction, value: str) -> Outcome:
-        """The same rules on the database's groups: join (or open) atomically; a
-        duplicate neither joins nor extends the quiet period (unless overwriting)."""
+        """The same rules on the database's groups: join (or open) the group and
+        journal the instance in it atomically; a duplicate neither joins nor
+        extends the quiet period (unless overwriting, which replaces the file)."""
         journal, spec = tx.journal, self.spec
         settings = {"spec": spec.model_dump(mode="json"), "processor": self.processor_name, "aeTitle": self.ae_title}
-        group_id, opened = journal.join_group(self.owner, self.ae_title, self.processor_name, value, settings,
-                                              spec.timeout)
-        if not opened:
+        group_id, _ = journal.join_group(self.owner, self.ae_title, self.processor_name, value, settings,
+                                         spec.timeout)
+        inst.group_id, inst.group_value = group_id, value
+        if journal.add_member(inst) is not None:
+            return Outcome.KEEP  # journaled here (inst.id is set): the adapter does not add it again
+        inst.group_id = None
+        if self.overwrite_same_instance:
             old = journal.group_member(group_id, inst.sop_instance_uid)
-            if old is not None:
-                if not self.overwrite_same_instance:
-                    return Outcome.DUPLICATE
-                old.size, old.acked_at = inst.size, tx.now
-                journal.update_instance(old)
-                journal.touch_group_now(group_id)
-                new_path, old_path = inst.path, old.path
-                tx.after_commit(lambda: os.replace(new_path, old_path))
-                return Outcome.DUPLICATE
-            journal.touch_group_now(group_id)
-        inst.group_id = group_id
-        inst.group_value = value
-        return Outcome.KEEP
+            journal.refresh_member(old.id, inst.size)
+            new_path, old_path = inst.path, old.path
+            tx.after_commit(lambda: os.replace(new_path, old_path))
+        return Outcome.DUPLICATE
 
     def submit_closed(self, record: GroupRecord) -> None:
         """A group this replica closed (or took over from a dead one): create its jobs."""
