@@ -226,3 +226,144 @@ def test_closed_group_of_a_dead_closer_is_taken_over_after_its_heartbeat_stops(r
 
 def test_sqlite_journal_is_not_shared():
     assert Journal.shared is False and PostgresJournal.shared is True
+
+
+def test_concurrent_joins_duplicates_and_closes_lose_and_repeat_nothing(tmp_path, postgres_server):
+    """Real threads, real races: three replicas receive one study's instances (with
+    duplicates sent to other replicas, and pauses about as long as the quiet period so
+    groups close just as instances join them) while their closers poll. The journal runs on a
+    clock 10x faster than real time, so the 5 s minimum quiet period is 0.5 s here."""
+    import random
+    import threading
+    import time
+
+    from clara_adapter.timers import ThreadScheduler
+
+    dsn = postgres_server.fresh_database("races")
+    t0 = time.time()
+    fast = lambda: t0 + (time.time() - t0) * 10  # noqa: E731
+    sink = CountingSink()
+    processor = {"pipelines": {"seg": "p1"}, "timeout": 5}
+    group = []
+    for _ in range(3):
+        sched = ThreadScheduler(name="test-closer")
+        journal = PostgresJournal(dsn, root=tmp_path, clock=fast)
+        metrics = AdapterMetrics()
+        sub = JobSubmitter(sink, tmp_path / "payloads", sched, journal, metrics, synchronous=True)
+        ingest = Ingest(ProcessorContext("default", journal, sched, sub, metrics), InstanceStore(tmp_path / "incoming"))
+        ingest.apply_config(resolve(manifests(processor)).config)
+        closer = SharedGroupCloser(ingest, sched, poll=0.02)
+        closer.start()
+        group.append((ingest, closer, sched, journal, metrics))
+    rng = random.Random(16)
+    phases = []  # per phase: a pause first (about the quiet period), then (replica, sop) to send at once
+    sent: list[str] = []
+    for _ in range(9):
+        items = []
+        for i in range(9):
+            if sent and rng.random() < 0.2:
+                sop = rng.choice(sent[-10:])  # a duplicate, most likely in the open group
+            else:
+                sop = generate_uid(prefix=UID_ROOT)
+                sent.append(sop)
+            items.append((i % 3, sop))
+        phases.append((rng.uniform(0.48, 0.52), items))  # the group falls due just as the next phase joins
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(3)
+
+    def sender(lane: int) -> None:
+        h = Harness.__new__(Harness)
+        for pause, items in phases:
+            barrier.wait()
+            time.sleep(pause)
+            for replica, sop in items[lane::3]:
+                h.ingest = group[(replica + lane) % 3][0]
+                try:
+                    assert h.send(study="1.1", sop=sop) == SUCCESS
+                except BaseException as exc:
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=sender, args=(lane,)) for lane in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    plan = [item for _, items in phases for item in items]
+    try:
+        assert errors == []
+        deadline = time.monotonic() + 30
+        while group[0][3].count_instances() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert group[0][3].count_instances() == 0  # every group closed and released
+        kept = sum(m.instances.labels("CLARA")._value.get() for *_, m in group)
+        dropped = sum(m.ignored.labels("CLARA", "duplicate")._value.get() for *_, m in group)
+        assert kept + dropped == len(plan)
+        assert len(sink.created) == len(set(sink.created)) == len(sink.jobs)  # each job created once
+        assert sum(r.closed for _, r, *_ in group) == len(sink.jobs)  # each group closed once
+        members = [p.stem for j in sink.jobs.values() for p in __import__("pathlib").Path(
+            j["spec"]["payload"]["path"], "input").rglob("*.dcm")]
+        assert len(members) == kept  # every kept instance in exactly one job
+        for j in sink.jobs.values():  # a job never holds a SOP Instance UID twice
+            sops = [p.stem for p in __import__("pathlib").Path(j["spec"]["payload"]["path"], "input").rglob("*.dcm")]
+            assert len(sops) == len(set(sops)) == j["spec"]["payload"]["instances"]
+        assert len(sink.jobs) >= 3  # the pauses closed groups while the study went on
+    finally:
+        for _, closer, sched, journal, _ in group:
+            closer.stop()
+            sched.stop()
+            journal.close()
+
+
+class FlakyJournal:
+    """Logic-only stand-in for the closer's journal calls (the real ones are tested above)."""
+
+    def __init__(self):
+        self.down = False
+        self.takeover_asked_at: list[float] = []
+        self.clock = None
+
+    def _check(self):
+        if self.down:
+            raise ConnectionError("database unreachable")
+
+    def heartbeat(self):
+        self._check()
+
+    def close_due_groups(self):
+        self._check()
+        return []
+
+    def take_orphaned_groups(self, dead_after):
+        self._check()
+        self.takeover_asked_at.append(self.clock.mono())
+        return []
+
+    def next_due_in(self):
+        self._check()
+        return None
+
+
+def test_no_takeover_until_this_replica_has_heartbeaten_for_dead_after_since_an_outage():
+    """After a database outage every replica's heartbeat is stale: the live ones must
+    renew theirs before anyone takes their groups over."""
+    clock = ManualScheduler()
+    journal = FlakyJournal()
+    journal.clock = clock
+    ingest = type("FakeIngest", (), {"journal": journal})()
+    closer = SharedGroupCloser(ingest, clock, poll=0.25, dead_after=10)
+    start = clock.mono()
+    closer.start()
+    clock.advance(9.9)
+    assert journal.takeover_asked_at == []  # not heartbeating for 10 s yet
+    clock.advance(0.2)
+    assert journal.takeover_asked_at and journal.takeover_asked_at[0] - start == pytest.approx(10, abs=0.26)
+    journal.down = True
+    clock.advance(20)
+    outage_end = clock.mono()
+    journal.down = False
+    journal.takeover_asked_at.clear()
+    clock.advance(9.7)
+    assert journal.takeover_asked_at == []
+    clock.advance(0.6)
+    assert journal.takeover_asked_at and journal.takeover_asked_at[0] - outage_end >= 10
+    closer.stop()
