@@ -44,18 +44,11 @@ from test_processor_unit import (  # noqa: E402,F401
 
 
 class SharedHarness(Harness):
-    """test_processor_unit's harness on a PostgreSQL journal with a closer on the manual clock."""
+    """test_processor_unit's harness on a PostgreSQL journal (Harness then runs a
+    SharedGroupCloser on its manual clock, which is also the journal's clock)."""
 
     def __init__(self, tmp, processor, aet=None, sink=None, dsn=""):
-        clock = ManualScheduler()
-        journal = PostgresJournal(dsn, root=tmp, clock=clock.now)
-        super().__init__(tmp, processor, aet, sink, journal=journal)
-        # Harness made its own clock: use the one the journal reads.
-        self.clock = clock
-        self.submitter.scheduler = clock
-        self.ctx.scheduler = clock
-        self.closer = SharedGroupCloser(self.ingest, clock)
-        self.closer.start()
+        super().__init__(tmp, processor, aet, sink, journal=PostgresJournal(dsn, root=tmp))
 
 
 @pytest.fixture

@@ -109,6 +109,9 @@ class AETitleJobProcessor(JobProcessorBase):
         journal the instance in it atomically; a duplicate neither joins nor
         extends the quiet period (unless overwriting, which replaces the file)."""
         journal, spec = tx.journal, self.spec
+        inst.group_value = value
+        if journal.add_to_open_group(inst) is not None:
+            return Outcome.KEEP  # joined the open group (inst.id and group_id set): one round trip
         settings = {"spec": spec.model_dump(mode="json"), "processor": self.processor_name, "aeTitle": self.ae_title}
         group_id, _ = journal.join_group(self.owner, self.ae_title, self.processor_name, value, settings,
                                          spec.timeout)
