@@ -144,3 +144,21 @@ def test_journals_opening_together_on_an_empty_database_agree(tmp_path, postgres
     finally:
         for journal in opened:
             journal.close()
+
+
+def test_a_replica_starting_while_others_write_neither_waits_nor_deadlocks(tmp_path, postgres_server):
+    """Opening a journal on an existing schema takes no table lock: replicas that are
+    committing instances (here: a transaction held open) do not stall a new one."""
+    import threading
+
+    dsn = postgres_server.fresh_database("late")
+    writer = open_journal(dsn, tmp_path)
+    opened: list = []
+    with writer.atomic():
+        writer.open_group("clara", "CLARA", "proc", "1.1", {"spec": {"timeout": 5}}, 0.0)  # locks held till the end
+        thread = threading.Thread(target=lambda: opened.append(open_journal(dsn, tmp_path)))
+        thread.start()
+        thread.join(20)
+        assert opened, "a new journal waited for another replica's open transaction"
+    opened[0].close()
+    writer.close()

@@ -44,6 +44,7 @@ def _pg_schema(sqlite_schema: str) -> str:
     return re.sub(r"\bINTEGER\b", "BIGINT", ddl)
 
 
+SCHEMA_VERSION = 2  # 1: the single-replica journal; 2: groups shared by replicas
 # Added to the common schema for replicas; run under the same advisory lock, so
 # processes starting together on an old or empty database migrate it once.
 SHARED_SCHEMA = """
@@ -97,14 +98,27 @@ class PostgresJournal(JournalBase):
             kwargs={"autocommit": True, "options": f"-c search_path={PG_SCHEMA_NAME}", "connect_timeout": 5},
         )
         self._pool.open(wait=True, timeout=timeout)
+        self._create_or_migrate_schema()
+        self._load_epoch()
+
+    def _create_or_migrate_schema(self) -> None:
+        """Once per schema version, under an advisory lock: replicas starting together
+        create it once. DDL runs only when the recorded version is older, because
+        even ``ALTER TABLE … IF NOT EXISTS`` takes an exclusive table lock, which
+        would stall (or deadlock with) the replicas already writing."""
         with self._pool.connection() as conn:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+                if conn.execute(f"SELECT to_regclass('{PG_SCHEMA_NAME}.meta')").fetchone()[0] is not None:
+                    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                    if row is not None and int(row[0]) >= SCHEMA_VERSION:
+                        return
                 conn.execute(f"CREATE SCHEMA IF NOT EXISTS {PG_SCHEMA_NAME}")
                 for statement in (_pg_schema(SCHEMA) + ";" + SHARED_SCHEMA).split(";"):
                     if statement.strip():
                         conn.execute(statement)
-        self._load_epoch()
+                conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
+                             "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),))
 
     # -- groups shared by replicas (database clock) ----------------------------
     def _now_arg(self) -> float | None:
