@@ -31,12 +31,13 @@ def load() -> str:
     return "load average %.2f %.2f %.2f" % os.getloadavg()
 
 
-def writer(dsn: str, root: str, study: str, n: int, batch: int, start, results) -> None:
+def writer(dsn: str, root: str, study: str, n: int, batch: int, ready, start, results) -> None:
     from clara_adapter.journal import InstanceRecord
     from clara_adapter.journal_pg import PostgresJournal
 
     journal = PostgresJournal(dsn, root=root)
     settings = {"spec": {"timeout": 3600}, "processor": "bench", "aeTitle": "CLARA"}
+    ready.put(os.getpid())
     start.wait()
     t0 = time.perf_counter()
     commits = 0
@@ -57,13 +58,14 @@ def writer(dsn: str, root: str, study: str, n: int, batch: int, start, results) 
 
 def run(dsn: str, writers: int, total: int, batch: int, same_study: bool, root: str) -> tuple[float, float]:
     ctx = mp.get_context("spawn")
-    start, results = ctx.Event(), ctx.Queue()
+    ready, start, results = ctx.Queue(), ctx.Event(), ctx.Queue()
     per = total // writers
-    procs = [ctx.Process(target=writer, args=(dsn, root, "1.9" if same_study else f"1.9.{w}", per, batch, start,
-                                              results)) for w in range(writers)]
+    procs = [ctx.Process(target=writer, args=(dsn, root, "1.9" if same_study else f"1.9.{w}", per, batch, ready,
+                                              start, results)) for w in range(writers)]
     for p in procs:
         p.start()
-    time.sleep(1.0 + 0.3 * writers)  # let every writer connect before the clock starts
+    for _ in procs:  # every writer connected before the clock starts
+        ready.get(timeout=300)
     t0 = time.perf_counter()
     start.set()
     got = [results.get(timeout=600) for _ in procs]

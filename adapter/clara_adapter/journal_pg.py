@@ -124,9 +124,6 @@ class PostgresJournal(JournalBase):
     def _now_arg(self) -> float | None:
         return self.clock() if self.clock is not None else None
 
-    def db_now(self) -> float:
-        return float(self._query(f"SELECT {_NOW}", (self._now_arg(),))[0][0])
-
     def join_group(self, owner: str, ae_title: str, processor: str, value: str, settings: dict,
                    timeout: float) -> tuple[int, bool]:
         """The open group of (owner, value), opened now if there is none: (id, opened).
