@@ -15,6 +15,15 @@ before the next). Prints seconds, instances/s, ratios and the load average.
 
     python bench/ingest.py [--slices 300] [--small 2000] [--repeat 3] [--only ct|small]
                            [--workers 0 --workers default]   (clara-dicom receive workers; each measured)
+
+Replicas (issue 16): ``--replicas N --journal postgresql`` runs, in the same
+run, one `up` on the SQLite journal (the anchor), one on a PostgreSQL journal
+and N sharing that PostgreSQL journal and one state folder, each fed the same
+instances over ``--associations`` parallel associations spread round-robin
+over the replicas; prints instances/s, the database's transactions/s and the
+ratios PostgreSQL/SQLite and N replicas/one replica.
+
+    python bench/ingest.py --replicas 2 --journal postgresql [--only ct|small] [--associations 4]
 """
 from __future__ import annotations
 
@@ -151,6 +160,79 @@ def run_workload(name: str, files: list[Path], repeat: int, tmp: Path,
     return results
 
 
+def send_spread(ports: list[int], files: list[Path], parallel: int, called: str) -> float:
+    """``parallel`` associations at once, spread round-robin over ``ports``."""
+    chunks = [files[i::parallel] for i in range(parallel)]
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen([dcmtk("storescu"), "-aec", called, "127.0.0.1", str(ports[i % len(ports)]),
+                          *map(str, chunk)], env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for i, chunk in enumerate(chunks)
+    ]
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+    return time.perf_counter() - start
+
+
+def _server_commits(dsn: str) -> int:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return int(conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+                   .fetchone()[0])
+
+
+def measure_replicas(label: str, n: int, journal: str | None, files: list[Path], parallel: int, repeat: int,
+                     state: Path) -> float:
+    """Best seconds for ``files`` over ``n`` replicas; prints instances/s (and server commits/s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    extra = ["--log-level", "WARNING"] + (["--journal", journal] if journal else [])
+    with ThreadPoolExecutor(n) as pool:  # started together, as replicas of one Deployment would
+        adapters = list(pool.map(lambda _: LocalAdapter(state / "config.yaml", state / "shared", extra=extra),
+                                 range(n)))
+    try:
+        times, rates = [], []
+        for _ in range(repeat):
+            before = _server_commits(journal) if journal else 0
+            took = send_spread([a.dicom_port for a in adapters], files, parallel, "CLARA")
+            if journal:
+                rates.append((_server_commits(journal) - before) / took)
+            times.append(took)
+            wait_for(lambda: adapters[0].status()["instancesHeld"] == 0, 120, what="groups closed")
+        best = min(times)
+        commits = f"  server {max(rates):6.0f} transactions/s" if rates else ""
+        print(f"  {label:<22} best {best:6.2f}s  median {statistics.median(times):6.2f}s  "
+              f"{len(files) / best:7.0f} inst/s{commits}  ({load()})")
+        return best
+    finally:
+        for a in adapters:
+            a.stop()
+
+
+def run_replicas(name: str, files: list[Path], replicas: int, parallel: int, repeat: int, tmp: Path) -> None:
+    from postgres_server import running
+
+    mb = sum(f.stat().st_size for f in files) / 1e6
+    print(f"workload {name}: {len(files)} instances, {mb:.0f} MB, {parallel} associations ({load()})")
+    with running() as pg:
+        (tmp / f"{name}-sqlite").mkdir()
+        (tmp / f"{name}-sqlite" / "config.yaml").write_text(CONFIG)
+        sqlite = measure_replicas("1 replica, SQLite", 1, None, files, parallel, repeat, tmp / f"{name}-sqlite")
+        results = {}
+        for n in sorted({1, replicas}):
+            state = tmp / f"{name}-pg-{n}"
+            state.mkdir()
+            (state / "config.yaml").write_text(CONFIG)
+            dsn = pg.fresh_database(f"bench_{name}_{n}")
+            results[n] = measure_replicas(f"{n} replica(s), PostgreSQL", n, dsn, files, parallel, repeat, state)
+    print(f"  ratio (throughput): PostgreSQL/SQLite, 1 replica {sqlite / results[1]:.2f}x"
+          + (f"; {replicas} replicas / 1 replica {results[1] / results[replicas]:.2f}x" if replicas > 1 else "")
+          + f"  ({load()})")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=300)
@@ -159,8 +241,21 @@ def main() -> int:
     ap.add_argument("--only", choices=("ct", "small"))
     ap.add_argument("--workers", action="append", metavar="N|default",
                     help="clara-dicom receive workers (repeatable: each is measured; default: one per core)")
+    ap.add_argument("--replicas", type=int, default=0, metavar="N",
+                    help="compare N `up` replicas on a shared journal with one (needs --journal postgresql)")
+    ap.add_argument("--journal", choices=("postgresql",), help="the shared journal of --replicas")
+    ap.add_argument("--associations", type=int, default=4, help="parallel associations with --replicas (default 4)")
     args = ap.parse_args()
     workers = args.workers or ["default"]
+    if args.replicas:
+        if args.journal != "postgresql":
+            ap.error("--replicas needs --journal postgresql (replicas share a PostgreSQL journal)")
+        with tempfile.TemporaryDirectory(prefix="clara-bench-") as tmp:
+            if args.only in (None, "ct"):
+                run_replicas("ct", study(args.slices), args.replicas, args.associations, args.repeat, Path(tmp))
+            if args.only in (None, "small"):
+                run_replicas("small", study(args.small, 64), args.replicas, args.associations, args.repeat, Path(tmp))
+        return 0
     with tempfile.TemporaryDirectory(prefix="clara-bench-") as tmp:
         tmp = Path(tmp)
         (tmp / "config.yaml").write_text(CONFIG)

@@ -12,50 +12,54 @@ from clara_dicom.synthetic import write_study
 
 from clara_adapter.ingest import OUT_OF_RESOURCES, SUCCESS, Ingest
 from clara_adapter.journal import open_journal
+from clara_adapter.journal_pg import PostgresJournal
 from clara_adapter.metrics import AdapterMetrics
 from clara_adapter.processors.base import ProcessorContext
+from clara_adapter.shared_groups import SharedGroupCloser
 from clara_adapter.storage import InstanceStore
 from clara_adapter.submitter import JobSubmitter
 from local_setup import write_config
 from peers import adapter_command, storescu, wait_for
 from postgres_server import own_postgres_server, postgres_server  # noqa: F401 (fixtures)
-from test_processor_unit import Harness, manifests
+from test_processor_unit import manifests
+from test_shared_groups import SharedHarness
 
 pytestmark = pytest.mark.postgres
 
 
 def test_open_groups_resume_from_a_postgres_journal_after_a_crash(tmp_path, postgres_server):
     dsn = postgres_server.fresh_database("resume")
-    h = Harness(tmp_path, {"pipelines": {"a": "p1"}, "timeout": 10}, journal=open_journal(dsn, tmp_path))
+    h = SharedHarness(tmp_path, {"pipelines": {"a": "p1"}, "timeout": 10}, dsn=dsn)
     h.send(study="1.1")
     h.clock.advance(4)
     h.send(study="1.1")
     h.send(study="1.2")
-    for proc in h.ingest.processors.values():  # the old process is gone: its timers must do nothing
-        proc.open_groups.clear()
-    journal2 = open_journal(dsn, tmp_path)
+    h.closer.stop()  # the old process is gone: nothing of it runs any more
+    h.journal._pool.close()
+    journal2 = PostgresJournal(dsn, root=tmp_path, clock=h.clock.now)
     assert journal2.epoch == h.journal.epoch
     sub2 = JobSubmitter(h.sink, tmp_path / "payloads", h.clock, journal2, synchronous=True)
     ingest2 = Ingest(ProcessorContext("default", journal2, h.clock, sub2, AdapterMetrics()),
                      InstanceStore(tmp_path / "incoming"))
-    assert ingest2.recover() == 3
+    ingest2.recover()
     ingest2.apply_config(resolve(manifests({"pipelines": {"a": "p1"}, "timeout": 10})).config)
+    closer2 = SharedGroupCloser(ingest2, h.clock)
+    closer2.start()
+    assert journal2.count_instances() == 3 and ingest2.open_groups() == 2
     h.clock.advance(9.99)
     assert h.counts() == []
     h.clock.advance(0.02)
     assert h.counts() == [1, 2]
     assert journal2.count_instances() == 0
+    closer2.stop()
     journal2.close()
-    h.journal.close()
 
 
 def test_database_unreachable_answers_a700_and_loses_nothing_acknowledged(tmp_path, own_postgres_server):
     pg = own_postgres_server
-    h = Harness(tmp_path, {"pipelines": {"a": "p1"}, "timeout": 30}, journal=open_journal(pg.dsn, tmp_path))
+    h = SharedHarness(tmp_path, {"pipelines": {"a": "p1"}, "timeout": 30}, dsn=pg.dsn)
     acked = [h.send(study="1.1", sop=f"1.2.9.{i}") for i in range(3)]
     assert acked == [SUCCESS] * 3
-    proc = h.ingest.processors["clara"]
-    members = set(proc.open_groups["1.1"].members)
     h.ingest.reject_unknown_sources = False  # this harness declares no ClaraSource
     assert h.ingest.check_association("CLARA", "STORESCU", "127.0.0.1") is None
     pg.halt()
@@ -64,10 +68,10 @@ def test_database_unreachable_answers_a700_and_loses_nothing_acknowledged(tmp_pa
         assert h.ingest.check_association("CLARA", "STORESCU", "127.0.0.1")[0] == (0x02, 0x03, 0x02)  # transient
         refused = [h.send(study="1.1", sop=f"1.2.8.{i}") for i in range(2)]
         assert refused == [OUT_OF_RESOURCES] * 2
-        assert set(proc.open_groups["1.1"].members) == members  # memory untouched
         assert len(list((tmp_path / "incoming").glob("*.dcm"))) == 3  # the refused files are gone
     finally:
         pg.launch()
+    assert h.journal.count_instances() == 3  # every acknowledged instance, nothing of the refused ones
     h.clock.advance(10)
 
     def accepted() -> bool:
@@ -76,9 +80,12 @@ def test_database_unreachable_answers_a700_and_loses_nothing_acknowledged(tmp_pa
 
     wait_for(accepted, 20, interval=0.2, what="associations accepted again")
     assert h.send(study="1.1", sop="1.2.7.0") == SUCCESS  # the pool reconnects
-    h.clock.advance(30.01)
+    h.clock.advance(29.99)
+    assert h.jobs() == []  # the quiet period runs from the last acknowledged instance
+    h.clock.advance(0.02)
     (job,) = h.jobs()
     assert job["spec"]["payload"]["instances"] == 4
+    h.closer.stop()
     h.journal.close()
 
 
@@ -137,3 +144,21 @@ def test_journals_opening_together_on_an_empty_database_agree(tmp_path, postgres
     finally:
         for journal in opened:
             journal.close()
+
+
+def test_a_replica_starting_while_others_write_neither_waits_nor_deadlocks(tmp_path, postgres_server):
+    """Opening a journal on an existing schema takes no table lock: replicas that are
+    committing instances (here: a transaction held open) do not stall a new one."""
+    import threading
+
+    dsn = postgres_server.fresh_database("late")
+    writer = open_journal(dsn, tmp_path)
+    opened: list = []
+    with writer.atomic():
+        writer.open_group("clara", "CLARA", "proc", "1.1", {"spec": {"timeout": 5}}, 0.0)  # locks held till the end
+        thread = threading.Thread(target=lambda: opened.append(open_journal(dsn, tmp_path)))
+        thread.start()
+        thread.join(20)
+        assert opened, "a new journal waited for another replica's open transaction"
+    opened[0].close()
+    writer.close()

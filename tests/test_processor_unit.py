@@ -77,6 +77,13 @@ class Harness:
         self.store = InstanceStore(tmp / "incoming", fsync=fsync)
         self.ingest = Ingest(self.ctx, self.store)
         self.configure(processor, aet)
+        self.closer = None
+        if self.journal.shared:  # PostgreSQL: groups are closed from the database, on the test's clock
+            from clara_adapter.shared_groups import SharedGroupCloser
+
+            self.journal.clock = self.clock.now
+            self.closer = SharedGroupCloser(self.ingest, self.clock)
+            self.closer.start()
 
     def configure(self, processor: dict, aet: dict | None = None) -> None:
         self.ingest.apply_config(resolve(manifests(processor, aet)).config)

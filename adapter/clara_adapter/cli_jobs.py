@@ -8,7 +8,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="jobs_command", metavar="ACTION")
     sub.required = True
     lst = sub.add_parser("list", help="list PipelineJobs")
-    lst.add_argument("--state", default="state", metavar="DIR", help="state folder of `clara-dicom up` (default ./state)")
+    lst.add_argument("--state", default="state", metavar="DIR", help="state folder of `clara-dicom up` (default ./state); "
+                     "replicas sharing it list each other's jobs")
     lst.add_argument("-o", "--output", choices=("table", "json"), default="table", help="table (default) or json")
 
 

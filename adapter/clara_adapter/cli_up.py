@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--settings", metavar="FILE", help="adapter settings file (YAML)")
     p.add_argument("--journal", metavar="DSN",
-                   help="journal: a postgresql:// DSN, or a SQLite file (default: STATE/journal.sqlite)")
+                   help="journal: a postgresql:// DSN, or a SQLite file (default: STATE/journal.sqlite); "
+                        "several `up` processes on one DSN and one --state act as one adapter (docs/scaling.md)")
 
 
 def run(args: argparse.Namespace) -> int:

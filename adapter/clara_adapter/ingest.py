@@ -110,7 +110,9 @@ class Ingest:
             if proc is None:
                 continue  # keep its instances: they are offered once the plug-in is installed
             proc.retire()  # until the configuration names it again
-            instances = self.journal.instances(owner=owner)
+            # On a shared journal a replica-safe processor's work is in the database, not offered again.
+            shared = self.journal.shared and proc.replica_safe
+            instances = [] if shared else self.journal.instances(owner=owner)
             for inst in instances:
                 inst.tags = self._read_tags(inst, proc.tags_needed())
             with self.ctx.lock:
@@ -285,4 +287,9 @@ class Ingest:
         return PROCESSING_FAILURE
 
     def open_groups(self) -> int:
+        if self.journal.shared:  # the groups of every replica, in the database
+            try:
+                return self.journal.count_open_groups()
+            except Exception:  # database out of reach: reported by /health/ready, not by a failed scrape
+                return 0
         return sum(len(getattr(p, "open_groups", ())) for p in self.processors.values())

@@ -204,7 +204,13 @@ class JournalBase:
     placeholders, ``RETURNING``, ``ON CONFLICT``). A back-end supplies the
     connection primitives: ``_execute``, ``_executemany``, ``_begin``,
     ``_commit``, ``_rollback_raw`` and ``close``. Every call runs under one
-    re-entrant lock; a transaction spans ``atomic()``."""
+    re-entrant lock; a transaction spans ``atomic()``.
+
+    ``shared``: several adapter processes (replicas) may use this journal at
+    once; groups then live in the database alone (see journal_pg.py and
+    shared_groups.py) instead of in one process's memory and timers."""
+
+    shared = False
 
     def _setup(self, root: Path) -> None:
         self.root = root

@@ -8,15 +8,30 @@ lock, so adapters starting together on an empty database do not race.
 Durability of a commit is the server's (``synchronous_commit``); an
 unreachable database surfaces as ``psycopg.OperationalError``, which the
 commit path answers with 0xA700 (out of resources, retry later).
+
+Several adapter processes (replicas) may share the journal (``shared``): groups
+then live in the database only, on the database's clock (replicas' clocks need
+not agree). An instance joins the open group of its key under a KEY SHARE lock
+on the group row (joiners do not wait for each other; one partial unique index
+allows one open group per key) and is inserted with ``ON CONFLICT (group_id,
+sop_instance_uid) DO NOTHING``, which is the duplicate rule, atomic across
+replicas. A group is due ``timeout`` after its newest member's ``acked_at``.
+Closing locks due groups ``FOR UPDATE SKIP LOCKED`` (a group being joined right
+now is skipped), then re-checks them with a fresh snapshot and marks them
+closed, so exactly one replica closes each, and never while an instance joins.
+Each replica heartbeats in ``replicas``; a closed group whose closer stopped
+heartbeating is taken over by another (shared_groups.py drives all this).
 """
 from __future__ import annotations
 
+import json
 import re
 import time
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from clara_adapter.journal import SCHEMA, JournalBase
+from clara_adapter.journal import _INSTANCE_COLUMNS, SCHEMA, GroupRecord, InstanceRecord, JournalBase, _group
 
 PG_SCHEMA_NAME = "clara_adapter"
 _SCHEMA_LOCK_KEY = 0x434C4152  # "CLAR": advisory lock id for schema creation
@@ -29,13 +44,40 @@ def _pg_schema(sqlite_schema: str) -> str:
     return re.sub(r"\bINTEGER\b", "BIGINT", ddl)
 
 
+SCHEMA_VERSION = 2  # 1: the single-replica journal; 2: groups shared by replicas
+# Added to the common schema for replicas; run under the same advisory lock, so
+# processes starting together on an old or empty database migrate it once.
+SHARED_SCHEMA = """
+ALTER TABLE groups ADD COLUMN IF NOT EXISTS timeout DOUBLE PRECISION;
+ALTER TABLE groups ADD COLUMN IF NOT EXISTS closed_by TEXT;
+UPDATE groups SET timeout = (settings::json -> 'spec' ->> 'timeout')::double precision WHERE timeout IS NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS groups_one_open ON groups(owner, group_value) WHERE state = 'open';
+CREATE UNIQUE INDEX IF NOT EXISTS instances_one_per_group ON instances(group_id, sop_instance_uid)
+  WHERE group_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS instances_by_group_ack ON instances(group_id, acked_at);
+CREATE TABLE IF NOT EXISTS replicas (id TEXT PRIMARY KEY, seen_at DOUBLE PRECISION NOT NULL)
+"""
+
+_GROUP_COLUMNS = "id, owner, ae_title, processor, group_value, settings, state, opened_at, last_ack, closed_at"
+# When an open group falls due: its newest member's acknowledgement (the open time if it has none) + timeout.
+_DUE = ("COALESCE((SELECT max(i.acked_at) FROM instances i WHERE i.group_id = groups.id), groups.last_ack) "
+        "+ groups.timeout")
+# The database's clock, unless a test gave the journal its own (one ``?`` argument).
+_NOW = "COALESCE(?::double precision, extract(epoch from clock_timestamp())::double precision)"
+
+
 def redacted(dsn: str) -> str:
     """The DSN without its password, for logs."""
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
 
 
 class PostgresJournal(JournalBase):
-    def __init__(self, dsn: str, root: str | Path, max_connections: int = 4, timeout: float = 5.0):
+    shared = True
+
+    def __init__(self, dsn: str, root: str | Path, max_connections: int = 4, timeout: float = 5.0,
+                 clock: Callable[[], float] | None = None):
+        """``clock``: wall-clock seconds used instead of the database's clock
+        (tests on a controllable clock); None in production."""
         import psycopg
         from psycopg_pool import ConnectionPool
 
@@ -43,9 +85,12 @@ class PostgresJournal(JournalBase):
 
         self.dsn = dsn
         self.path = redacted(dsn)
+        self.clock = clock
+        self.replica = uuid.uuid4().hex[:12]  # this process, for closes and heartbeats
         self._setup(Path(root))
         self._probed_at, self._reachable = float("-inf"), True
         self._conn: Any = None  # the connection of the open transaction
+        self._deferred: list[str] = []  # transaction control not sent yet (see _flush)
         self._conn_cm: Any = None
         self._pool = ConnectionPool(
             dsn, min_size=1, max_size=max_connections, timeout=timeout, open=False, name="clara-journal",
@@ -53,14 +98,143 @@ class PostgresJournal(JournalBase):
             kwargs={"autocommit": True, "options": f"-c search_path={PG_SCHEMA_NAME}", "connect_timeout": 5},
         )
         self._pool.open(wait=True, timeout=timeout)
+        self._create_or_migrate_schema()
+        self._load_epoch()
+
+    def _create_or_migrate_schema(self) -> None:
+        """Once per schema version, under an advisory lock: replicas starting together
+        create it once. DDL runs only when the recorded version is older, because
+        even ``ALTER TABLE … IF NOT EXISTS`` takes an exclusive table lock, which
+        would stall (or deadlock with) the replicas already writing."""
         with self._pool.connection() as conn:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+                if conn.execute(f"SELECT to_regclass('{PG_SCHEMA_NAME}.meta')").fetchone()[0] is not None:
+                    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                    if row is not None and int(row[0]) >= SCHEMA_VERSION:
+                        return
                 conn.execute(f"CREATE SCHEMA IF NOT EXISTS {PG_SCHEMA_NAME}")
-                for statement in _pg_schema(SCHEMA).split(";"):
+                for statement in (_pg_schema(SCHEMA) + ";" + SHARED_SCHEMA).split(";"):
                     if statement.strip():
                         conn.execute(statement)
-        self._load_epoch()
+                conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
+                             "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),))
+
+    # -- groups shared by replicas (database clock) ----------------------------
+    def _now_arg(self) -> float | None:
+        return self.clock() if self.clock is not None else None
+
+    def join_group(self, owner: str, ae_title: str, processor: str, value: str, settings: dict,
+                   timeout: float) -> tuple[int, bool]:
+        """The open group of (owner, value), opened now if there is none: (id, opened).
+        Holds a KEY SHARE lock on the group row until this transaction ends: other
+        joiners go on, a closer skips the group (or this waits for its close to
+        commit, and then opens a new group)."""
+        for _ in range(5):
+            rows = self._query("SELECT id FROM groups WHERE owner=? AND group_value=? AND state='open' "
+                               "FOR KEY SHARE", (owner, value))
+            if rows:
+                return int(rows[0][0]), False
+            rows = self._query(
+                "INSERT INTO groups (owner, ae_title, processor, group_value, settings, state, opened_at, last_ack, "
+                f"timeout) SELECT ?,?,?,?,?,'open',t,t,? FROM (SELECT {_NOW} AS t) now "
+                "ON CONFLICT (owner, group_value) WHERE state = 'open' DO NOTHING RETURNING id",
+                (owner, ae_title, processor, value, json.dumps(settings, sort_keys=True), float(timeout),
+                 self._now_arg()),
+            )
+            if rows:
+                return int(rows[0][0]), True
+            # another replica opened it in a transaction that has committed since: join that one
+        raise RuntimeError(f"could not join or open a group of {owner}")  # not expected: the loop converges
+
+    def add_to_open_group(self, rec: InstanceRecord) -> int | None:
+        """The common case in one round trip: journal ``rec`` in the open group of
+        (rec.owner, rec.group_value), under the same KEY SHARE lock as ``join_group``.
+        None when there is no open group or the instance is a duplicate in it."""
+        rows = self._query(
+            "WITH g AS (SELECT id FROM groups WHERE owner=? AND group_value=? AND state='open' FOR KEY SHARE) "
+            f"INSERT INTO instances ({_INSTANCE_COLUMNS.removeprefix('id, ')}) "
+            f"SELECT ?,?,?,?,?,?,?,?,?,?,?,{_NOW},g.id FROM g "
+            "ON CONFLICT (group_id, sop_instance_uid) WHERE group_id IS NOT NULL DO NOTHING "
+            "RETURNING id, acked_at, group_id",
+            (rec.owner, rec.group_value, rec.owner, rec.ae_title, rec.calling_ae, rec.sop_instance_uid,
+             rec.sop_class_uid, rec.transfer_syntax, rec.study_uid, rec.series_uid, rec.group_value,
+             self._rel(rec.path), rec.size, self._now_arg()),
+        )
+        if not rows:
+            return None
+        rec.id, rec.acked_at, rec.group_id = int(rows[0][0]), float(rows[0][1]), int(rows[0][2])
+        return rec.id
+
+    def add_member(self, rec: InstanceRecord) -> int | None:
+        """Journal ``rec`` in its group, acknowledged now (database clock); None if the
+        group already holds its SOP Instance UID (a duplicate, from any replica)."""
+        rows = self._query(
+            f"INSERT INTO instances ({_INSTANCE_COLUMNS.removeprefix('id, ')}) "
+            f"VALUES (?,?,?,?,?,?,?,?,?,?,?,{_NOW},?) "
+            "ON CONFLICT (group_id, sop_instance_uid) WHERE group_id IS NOT NULL DO NOTHING RETURNING id, acked_at",
+            (rec.owner, rec.ae_title, rec.calling_ae, rec.sop_instance_uid, rec.sop_class_uid, rec.transfer_syntax,
+             rec.study_uid, rec.series_uid, rec.group_value, self._rel(rec.path), rec.size, self._now_arg(),
+             rec.group_id),
+        )
+        if not rows:
+            return None
+        rec.id, rec.acked_at = int(rows[0][0]), float(rows[0][1])
+        return rec.id
+
+    def refresh_member(self, instance_id: int, size: int) -> None:
+        """An overwritten member: new size, acknowledged now (its group's quiet period restarts)."""
+        self._exec(f"UPDATE instances SET size=?, acked_at={_NOW} WHERE id=?", (size, self._now_arg(), instance_id))
+
+    def close_due_groups(self, limit: int = 100) -> list[GroupRecord]:
+        """Close the open groups whose quiet period has ended, of any owner; each
+        group is returned to exactly one caller among all replicas. A group an
+        instance is joining right now is skipped (it is not due any more)."""
+        with self.atomic():
+            now = self._now_arg()
+            locked = [r[0] for r in self._execute(
+                f"SELECT id FROM groups WHERE state = 'open' AND {_DUE} <= {_NOW} ORDER BY id LIMIT ? "
+                "FOR UPDATE SKIP LOCKED", (now, limit))]
+            if not locked:
+                return []
+            # Locked now, so no instance can join: check again with a snapshot taken after the locks.
+            rows = self._execute(
+                f"UPDATE groups SET state = 'closed', closed_at = {_NOW}, closed_by = ?, last_ack = {_DUE} - timeout "
+                f"WHERE id = ANY(?) AND state = 'open' AND {_DUE} <= {_NOW} RETURNING {_GROUP_COLUMNS}",
+                (now, self.replica, locked, now),
+            )
+        return [_group(r) for r in sorted(rows)]
+
+    def next_due_in(self) -> float | None:
+        """Seconds until the next open group (of any replica) falls due; None if none is open."""
+        rows = self._query(f"SELECT min({_DUE}) - {_NOW} FROM groups WHERE state = 'open'",
+                           (self._now_arg(),))
+        return None if rows[0][0] is None else float(rows[0][0])
+
+    def heartbeat(self) -> None:
+        self._exec(f"INSERT INTO replicas (id, seen_at) VALUES (?, {_NOW}) "
+                   "ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at", (self.replica, self._now_arg()))
+
+    def take_orphaned_groups(self, dead_after: float, limit: int = 100) -> list[GroupRecord]:
+        """Closed groups whose closer has not heartbeaten for ``dead_after``
+        seconds (it died while creating their jobs): now this replica's."""
+        now = self._now_arg()
+        rows = self._exec(
+            "UPDATE groups SET closed_by = ? WHERE id IN (SELECT g.id FROM groups g "
+            "LEFT JOIN replicas r ON r.id = g.closed_by WHERE g.state = 'closed' "
+            "AND g.closed_by IS DISTINCT FROM ? "
+            f"AND (r.seen_at IS NULL OR r.seen_at < {_NOW} - ?) ORDER BY g.id LIMIT ? FOR UPDATE OF g SKIP LOCKED) "
+            f"RETURNING {_GROUP_COLUMNS}",
+            (self.replica, self.replica, now, float(dead_after), limit),
+        )
+        return [_group(r) for r in sorted(rows)]
+
+    def forget_replica(self) -> None:
+        """A clean stop: this replica's closed groups may be taken over at once."""
+        self._exec("DELETE FROM replicas WHERE id=?", (self.replica,))
+
+    def count_open_groups(self) -> int:
+        return int(self._query("SELECT count(*) FROM groups WHERE state = 'open'")[0][0])
 
     PROBE_SECONDS = 1.0
 
@@ -82,8 +256,28 @@ class PostgresJournal(JournalBase):
     def _sql(sql: str) -> str:
         return sql.replace("?", "%s")  # our SQL has no literal '?'
 
+    # Transaction control without parameters (BEGIN, SAVEPOINT, RELEASE SAVEPOINT) is
+    # held back and sent with the next statement that needs the server, in one
+    # round trip: the group commit's per-instance savepoints would otherwise cost two
+    # round trips each. COMMIT makes pending RELEASEs moot; an unsent BEGIN means an
+    # empty transaction, with nothing to commit or roll back.
+    _CONTROL = ("BEGIN", "SAVEPOINT ", "RELEASE SAVEPOINT ")
+
+    def _flush(self, then: str | None = None) -> None:
+        statements = self._deferred + ([then] if then else [])
+        self._deferred = []
+        if statements:
+            self._conn.execute("; ".join(statements))  # no parameters: one simple query
+
     def _execute(self, sql: str, args: tuple = ()) -> list[tuple]:
         if self._conn is not None:
+            if not args and sql.startswith(self._CONTROL):
+                self._deferred.append(sql)
+                return []
+            if not args and sql.startswith("ROLLBACK TO SAVEPOINT "):
+                self._flush(sql)
+                return []
+            self._flush()
             cur = self._conn.execute(self._sql(sql), args or None)
             return cur.fetchall() if cur.description else []
         with self._pool.connection() as conn:
@@ -92,6 +286,7 @@ class PostgresJournal(JournalBase):
 
     def _executemany(self, sql: str, rows: list[tuple]) -> None:
         if self._conn is not None:
+            self._flush()
             self._conn.cursor().executemany(self._sql(sql), rows)
             return
         with self._pool.connection() as conn:
@@ -100,21 +295,23 @@ class PostgresJournal(JournalBase):
     def _begin(self) -> None:
         self._conn_cm = self._pool.connection()
         self._conn = self._conn_cm.__enter__()
-        try:
-            self._conn.execute("BEGIN")
-        except BaseException:
-            self._release()
-            raise
+        self._deferred = ["BEGIN"]
 
     def _commit(self) -> None:
-        self._conn.execute("COMMIT")
+        began = "BEGIN" not in self._deferred
+        self._deferred = []
+        if began:
+            self._conn.execute("COMMIT")
         self._release()
 
     def _rollback_raw(self) -> None:
         if self._conn is None:
             return
+        began = "BEGIN" not in self._deferred
+        self._deferred = []
         try:
-            self._conn.execute("ROLLBACK")
+            if began:
+                self._conn.execute("ROLLBACK")
         finally:
             self._release()
 

@@ -13,7 +13,7 @@ after our reply.
 
 A worker that dies loses only what it had not been answered for: its
 associations end (the sender resends), their slots are released, its
-temporary files (named ``.tmp-w<pid>-…``) are deleted and a new worker takes
+temporary files (named ``.tmp-w<coordinator id>-<pid>-…``) are deleted and a new worker takes
 its place. Workers end with this process (their link reaches EOF).
 
 Same interface as `scp.StorageSCP`, which `Adapter` uses when ``receiveWorkers`` is 0.
@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -96,6 +97,9 @@ class ReceiveCoordinator:
         self._accept_thread: threading.Thread | None = None
         self._keys = itertools.count(1)
         self.max_awaiting = max(64, 4 * settings.maxAssociations)  # as StorageSCP, across all workers
+        # in workers' temp-file names: replicas share the volume and pids repeat across pods,
+        # so a dead worker's leftovers are found by this coordinator's id and the worker's pid
+        self.tmp_id = uuid.uuid4().hex[:8]
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self, host: str, port: int) -> None:
@@ -137,7 +141,8 @@ class ReceiveCoordinator:
         conn = Connection(mine.detach())
         worker = Worker(index, proc, conn, time.monotonic(), handoff=handoff)
         worker.send({**self.settings.model_dump(include=set(WORKER_SETTINGS)),
-                     "incoming_dir": str(self.settings.incoming_dir)})
+                     "incoming_dir": str(self.settings.incoming_dir),
+                     "tmp_tag": f"w{self.tmp_id}-{worker.proc.pid}-"})
         return worker
 
     def _await_ready(self, worker: Worker) -> Worker:
@@ -199,7 +204,7 @@ class ReceiveCoordinator:
             worker.idle = 0
             self.ingest.metrics.active.set(self._negotiated)
             self._cond.notify_all()
-        prefix = f"{TMP_PREFIX}w{worker.proc.pid}-"
+        prefix = f"{TMP_PREFIX}w{self.tmp_id}-{worker.proc.pid}-"
         root = self.ingest.store.root
         removed = 0
         for entry in os.scandir(root):

@@ -270,7 +270,7 @@ def main(argv: list[str]) -> int:
     link = CoordinatorLink(conn)
     store = InstanceStore(incoming, DiskGuard(incoming.parent, settings.watermarkPercent,
                                               int(settings.reserveSpaceGB * 1024**3)),
-                          fsync=settings.fsyncFiles, tmp_tag=f"w{os.getpid()}-")
+                          fsync=settings.fsyncFiles, tmp_tag=settings.tmp_tag)
     scp = WorkerSCP(link, store, settings)
     scp.start("", 0, listen=False)
     handoff = socket.socket(fileno=handoff_fd)

@@ -36,6 +36,7 @@ from clara_adapter.timers import ThreadScheduler
 log = logging.getLogger(__name__)
 
 HOUSEKEEPING_SECONDS = 30.0
+SHARED_SWEEP_MIN_AGE = 600.0
 
 
 class Adapter:
@@ -75,6 +76,7 @@ class Adapter:
         # Local mode's PipelineJob records, purged like payloads (Kubernetes has its own retention).
         self.job_records: Path | None = getattr(sink, "folder", None)
         self.export: Any = None  # the SCU export agent, once start_export() ran
+        self.closer: Any = None  # SharedGroupCloser, on a journal replicas share
         self.housekeeper = Housekeeper(HOUSEKEEPING_SECONDS, self._housekeeping)
         # Configuration: applied one at a time, in the order offered; before start() has
         # recovered the journal only the newest offer is kept (applied by start()).
@@ -120,7 +122,8 @@ class Adapter:
     # -- lifecycle ------------------------------------------------------------
     def start(self, config: RenderedConfig | None = None) -> None:
         kept = self.journal.instance_paths()
-        swept = self.store.sweep(kept)
+        # Replicas share the incoming folder: spare what another one is receiving now.
+        swept = self.store.sweep(kept, min_age=SHARED_SWEEP_MIN_AGE if self.journal.shared else 0.0)
         if swept:
             log.info("removed %d unacknowledged or temporary files from a previous run", swept)
         recovered = self.ingest.recover()
@@ -132,6 +135,11 @@ class Adapter:
             self._offered = None
             if newest is not None:
                 self._apply(newest)
+        if self.journal.shared:  # groups of every replica, closed by the database's clock
+            from clara_adapter.shared_groups import SharedGroupCloser
+
+            self.closer = SharedGroupCloser(self.ingest, ThreadScheduler(name="clara-closer"))
+            self.closer.start()
         s = self.settings
         try:
             self.scp.start(s.host, s.dicomPort)
@@ -219,8 +227,16 @@ class Adapter:
         if self.http is not None:
             self.http.stop()
         self.housekeeper.stop()
+        if self.closer is not None:
+            self.closer.stop()
+            self.closer.scheduler.stop()
         self.scheduler.stop()
         self.submitter.stop()
+        if self.closer is not None:
+            try:  # what this replica left unsubmitted may be taken over at once
+                self.journal.forget_replica()
+            except Exception as exc:
+                log.warning("could not sign this replica off the journal: %s", exc)
         self.journal.close()
         log.info("stopped; open groups resume from the journal at the next start")
 

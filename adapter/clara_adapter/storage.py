@@ -18,6 +18,7 @@ import errno
 import os
 import shutil
 import struct
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,9 +145,11 @@ class InstanceStore:
         finally:
             os.close(fd)
 
-    def sweep(self, keep: "set[Path] | set[str]") -> int:
+    def sweep(self, keep: "set[Path] | set[str]", min_age: float = 0.0) -> int:
         """Delete temporary files and files no journal record refers to
         (written but never acknowledged before a crash). Returns how many.
+        ``min_age``: spare files modified less than this many seconds ago (replicas
+        sharing the folder are writing them, or committing them right now).
 
         Compared by file name (unique: a random hex per instance), never by the
         full path: the root may be spelled differently from run to run
@@ -154,10 +157,16 @@ class InstanceStore:
         a stray one."""
         keep_names = {Path(p).name for p in keep}
         removed = 0
+        newest = time.time() - min_age
         for entry in os.scandir(self.root):
             if entry.is_file(follow_symlinks=False) and (entry.name.startswith(TMP_PREFIX)
                                                          or entry.name not in keep_names):
-                os.unlink(entry.path)
+                try:
+                    if min_age and entry.stat(follow_symlinks=False).st_mtime > newest:
+                        continue
+                    os.unlink(entry.path)
+                except FileNotFoundError:  # another replica committed-and-released or swept it
+                    continue
                 removed += 1
         return removed
 

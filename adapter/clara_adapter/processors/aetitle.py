@@ -6,6 +6,11 @@ the close is journaled before its jobs are created, so a later instance with
 the same key starts a new group. Each group keeps the settings it opened with.
 ``open_groups`` is published state: it changes only after the journal commit
 that records the change (see processors/base.py).
+
+On a journal shared by several replicas (``journal.shared``) the groups live in
+the database alone: an instance joins its group there (``join_group``), no
+process keeps members or timers, and any replica's ``SharedGroupCloser``
+closes a due group and hands it to ``submit_closed``.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ class OpenGroup:
 
 class AETitleJobProcessor(JobProcessorBase):
     type_name = "aetitle"
+    replica_safe = True  # on a shared journal, groups are the database's (see module docstring)
     CLOSE_RETRY_SECONDS = 1.0
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -69,6 +75,8 @@ class AETitleJobProcessor(JobProcessorBase):
                      self.processor_name, format_tag(self.spec.group_tag))
             return Outcome.IGNORE
         journal, now, mono = tx.journal, tx.now, tx.mono
+        if journal.shared:
+            return self._join_shared(inst, tx, value)
         group = self.open_groups.get(value)
         group_id = group.record.id if group is not None else tx.pending.get((self, value))
         if group_id is None:
@@ -95,6 +103,34 @@ class AETitleJobProcessor(JobProcessorBase):
         inst.group_value = value
         tx.after_commit(lambda: self._publish_member(value, inst))
         return Outcome.KEEP
+
+    def _join_shared(self, inst: InstanceRecord, tx: Transaction, value: str) -> Outcome:
+        """The same rules on the database's groups: join (or open) the group and
+        journal the instance in it atomically; a duplicate neither joins nor
+        extends the quiet period (unless overwriting, which replaces the file)."""
+        journal, spec = tx.journal, self.spec
+        inst.group_value = value
+        if journal.add_to_open_group(inst) is not None:
+            return Outcome.KEEP  # joined the open group (inst.id and group_id set): one round trip
+        settings = {"spec": spec.model_dump(mode="json"), "processor": self.processor_name, "aeTitle": self.ae_title}
+        group_id, _ = journal.join_group(self.owner, self.ae_title, self.processor_name, value, settings,
+                                         spec.timeout)
+        inst.group_id, inst.group_value = group_id, value
+        if journal.add_member(inst) is not None:
+            return Outcome.KEEP  # journaled here (inst.id is set): the adapter does not add it again
+        inst.group_id = None
+        if self.overwrite_same_instance:
+            old = journal.group_member(group_id, inst.sop_instance_uid)
+            journal.refresh_member(old.id, inst.size)
+            new_path, old_path = inst.path, old.path
+            tx.after_commit(lambda: os.replace(new_path, old_path))
+        return Outcome.DUPLICATE
+
+    def submit_closed(self, record: GroupRecord) -> None:
+        """A group this replica closed (or took over from a dead one): create its jobs."""
+        spec = JobProcessorSpec.model_validate(record.settings["spec"])
+        members = self.ctx.journal.instances(group_id=record.id)
+        self._submit(record, spec, members, record.last_ack + spec.timeout)
 
     def _publish_open(self, record: GroupRecord, spec: JobProcessorSpec, mono: float) -> None:
         group = OpenGroup(record=record, spec=spec, last_ack_mono=mono)
@@ -176,6 +212,8 @@ class AETitleJobProcessor(JobProcessorBase):
 
     # -- restart --------------------------------------------------------------
     def recover(self, groups: list[GroupRecord], instances: list[InstanceRecord]) -> None:
+        if self.ctx.journal.shared:
+            return  # the groups are the database's: SharedGroupCloser closes and takes them over
         by_group: dict[int, list[InstanceRecord]] = {}
         for inst in instances:
             by_group.setdefault(inst.group_id or -1, []).append(inst)

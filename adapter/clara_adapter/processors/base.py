@@ -39,6 +39,11 @@ Contract — commit, then publish:
   tx)`` for each, in one transaction (the instance then already has an ``id``,
   and its ``tags`` hold the values the plug-in asked for through
   ``tags_needed``); an instance it no longer KEEPs is released, row and file.
+* Replicas: on a journal several adapter processes share (``journal.shared``,
+  PostgreSQL), memory is per process. A plug-in that keeps its state in the
+  journal sets ``replica_safe = True`` (the AE Title processor does); otherwise
+  every starting replica is offered every held instance of the owner, which
+  suits only a single replica.
 """
 from __future__ import annotations
 
@@ -86,6 +91,7 @@ class ProcessorContext:
 
 class JobProcessorBase:
     type_name: ClassVar[str] = ""
+    replica_safe: ClassVar[bool] = False  # see "Replicas" in the module docstring
 
     def __init__(self, ctx: ProcessorContext, owner: str, ae_title: str, processor_name: str,
                  spec: JobProcessorSpec, overwrite_same_instance: bool = False):
