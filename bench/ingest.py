@@ -14,7 +14,7 @@ up` with its journal and study grouping on (each repetition's group is closed
 before the next). Prints seconds, instances/s, ratios and the load average.
 
     python bench/ingest.py [--slices 300] [--small 2000] [--repeat 3] [--only ct|small]
-                           [--workers 0 --workers default]   (clara-dicom receive workers; each measured)
+                           [--workers 0 --workers 2]   (clara-dicom receive workers; each measured)
 
 Replicas (issue 16): ``--replicas N --journal postgresql`` runs, in the same
 run, one `up` on the SQLite journal (the anchor), one on a PostgreSQL journal
@@ -240,7 +240,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", choices=("ct", "small"))
     ap.add_argument("--workers", action="append", metavar="N|default",
-                    help="clara-dicom receive workers (repeatable: each is measured; default: one per core)")
+                    help="clara-dicom receive workers (repeatable: each is measured; default: the adapter's default, 0)")
     ap.add_argument("--replicas", type=int, default=0, metavar="N",
                     help="compare N `up` replicas on a shared journal with one (needs --journal postgresql)")
     ap.add_argument("--journal", choices=("postgresql",), help="the shared journal of --replicas")

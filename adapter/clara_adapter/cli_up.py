@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results-port", type=int, metavar="N",
                    help="Results Service port (default: HTTP port + 1; 0 disables the Results Service)")
     p.add_argument("--receive-workers", type=int, metavar="N",
-                   help="processes receiving DICOM (default: one per CPU core; 0: in the main process)")
+                   help="processes receiving DICOM (default 0: in the main process)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--settings", metavar="FILE", help="adapter settings file (YAML)")
     p.add_argument("--journal", metavar="DSN",

@@ -39,8 +39,9 @@ class AdapterSettings(ComponentSettings):
     dimseTimeout: float = Field(60, gt=0, description="Seconds to wait for DIMSE messages.")
     networkTimeout: float = Field(60, gt=0, description="Seconds of network inactivity before closing.")
     receiveWorkers: int | None = Field(
-        None, ge=0, le=256, description="Processes receiving DICOM on the shared port, with admission and commits "
-        "in the main process (unset: one per CPU core available; 0: receive in the main process).")
+        # 0 by default: on 2 cores the coordinator hop costs more than the parallel parsing gains (bench/ingest.py)
+        0, ge=0, le=256, description="Processes receiving DICOM on the shared port, with admission and commits "
+        "in the main process (0, the default: receive in the main process; null: one per CPU core available).")
     rejectUnknownSources: bool = Field(True, description="Refuse calling AE titles/hosts that are no ClaraSource.")
     tlsCertFile: str | None = Field(None, description="PEM certificate for inbound DICOM TLS.")
     tlsKeyFile: str | None = Field(None, description="PEM key for inbound DICOM TLS.")
