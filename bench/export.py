@@ -59,17 +59,22 @@ def cpu_seconds(who: int) -> float:
 CPU: dict[str, list[float]] = {"storescu": [], "agent": []}
 
 
-def run_storescu(tmp: Path, files: list[Path], run: int) -> float:
+def run_storescu(tmp: Path, files: list[Path], run: int, tasks: int = 1) -> float:
+    """The anchor: as many storescu processes (associations) as the agent has tasks, each its share."""
     orthanc = Orthanc(tmp / f"orthanc-storescu-{run}")
     try:
         cpu = cpu_seconds(resource.RUSAGE_CHILDREN)  # Orthanc is waited for only later, at stop()
         start = time.perf_counter()
-        proc = subprocess.run([dcmtk("storescu"), "-aec", "ORTHANC", "127.0.0.1", str(orthanc.dicom_port),
-                               *map(str, files)], env=dcmtk_env(), capture_output=True, text=True)
+        procs = [subprocess.Popen([dcmtk("storescu"), "-aec", "ORTHANC", "127.0.0.1", str(orthanc.dicom_port),
+                                   *map(str, files[i::tasks])], env=dcmtk_env(), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+                 for i in range(tasks)]
+        errors = [p.communicate()[1] for p in procs]
         seconds = time.perf_counter() - start
         CPU["storescu"].append(cpu_seconds(resource.RUSAGE_CHILDREN) - cpu)
-        if proc.returncode != 0:
-            raise RuntimeError(f"storescu failed: {proc.stderr[-500:]}")
+        for p, err in zip(procs, errors):
+            if p.returncode != 0:
+                raise RuntimeError(f"storescu failed: {err[-500:]}")
         assert orthanc.count_instances() == len(files), "Orthanc is missing instances"
         return seconds
     finally:
@@ -127,7 +132,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--tasks", type=int, default=1, help="split the study over N tasks (N parallel associations)")
+    ap.add_argument("--tasks", type=int, default=1, help="split the study over N tasks (N parallel associations; the anchor runs N storescu)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.ERROR)
@@ -144,7 +149,7 @@ def main() -> int:
             order = ("storescu", "agent") if run % 2 == 0 else ("agent", "storescu")
             for who in order:
                 if who == "storescu":
-                    theirs.append(run_storescu(tmp, files, run))
+                    theirs.append(run_storescu(tmp, files, run, args.tasks))
                     print(f"  run {run + 1}: storescu -> Orthanc {theirs[-1]:6.2f}s "
                           f"({len(files) / theirs[-1]:5.1f} inst/s), cpu {CPU['storescu'][-1]:.2f}s")
                 else:
