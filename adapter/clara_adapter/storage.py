@@ -222,14 +222,7 @@ class InstanceWriter:
         os.close(fd)
 
     def finalize(self) -> tuple[Path, int]:
-        fd, self._fd = self._fd, None
-        if fd is None:
-            raise ValueError("writer is closed")
-        try:
-            if self._fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        self.close()
         try:
             os.rename(self.tmp, self.final)
         except OSError:
