@@ -9,6 +9,8 @@ import argparse
 import os
 from typing import Any
 
+from clara_dicom import DEFAULT_IMAGE
+
 IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
@@ -56,7 +58,7 @@ def add_runner_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default /var/lib/clara-dicom; env CLARA_PAYLOAD_VOLUME_ROOT)")
     g.add_argument("--prepare-image", metavar="IMAGE",
                    help="image of the init container that creates the output folders "
-                        "(default clara-dicom:latest; env CLARA_PREPARE_IMAGE)")
+                        f"(default {DEFAULT_IMAGE}; env CLARA_PREPARE_IMAGE)")
     g.add_argument("--register-image", metavar="IMAGE",
                    help="image of RegisterResults Jobs, which run register-results (default: --prepare-image)")
     g.add_argument("--results-url", metavar="URL",

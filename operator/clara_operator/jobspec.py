@@ -28,6 +28,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from clara_dicom import DEFAULT_IMAGE
 from clara_dicom.manifests import describe_validation_error
 from clara_dicom.models import API_VERSION, GROUP, ClaraPipelineSpec, PipelineDefinition, PipelineOperator
 
@@ -84,7 +85,7 @@ class RunnerSettings:
     payload_pvc: str | None = "clara-dicom-payloads"
     payload_host_path: str | None = None  # instead of the PVC: this node directory is the volume root
     pod_payload_root: str = "/payload"  # CLARA_PAYLOAD_ROOT inside the pod
-    prepare_image: str = "clara-dicom:latest"
+    prepare_image: str = DEFAULT_IMAGE
     register_image: str | None = None  # RegisterResults Jobs (registerjob.py); None: prepare_image
     results_url: str | None = None
     results_token_secret: str | None = None

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 
+from clara_dicom import DEFAULT_IMAGE
 from clara_dicom.settings import ComponentSettings
 
 
@@ -47,7 +48,7 @@ class OperatorSettings(ComponentSettings):
                                         "volume (single-node clusters).")
     payloadVolumeRoot: str = Field("/var/lib/clara-dicom", min_length=1, description="Where the adapter sees the "
                                    "payload volume's root; spec.payload.path lies under it.")
-    prepareImage: str = Field("clara-dicom:latest", min_length=1, description="Image of the init container that "
+    prepareImage: str = Field(DEFAULT_IMAGE, min_length=1, description="Image of the init container that "
                               "creates the output folders.")
     registerImage: str | None = Field(None, description="Image of RegisterResults Jobs, which run register-results "
                                       "(default: prepareImage).")
