@@ -153,3 +153,5 @@ KUBE_WATCH = Policy("kube-watch", initial=0.5, cap=10.0, jitter=0.5)
 KUBE_WRITE = Policy("kube-write", initial=0.5, cap=10.0, jitter=0.5)
 #: The operator's reconcile of one namespace's configuration objects.
 NAMESPACE_RECONCILE = Policy("namespace-reconcile", initial=0.5, cap=10.0, jitter=0.5)
+#: The operator's watch of pipeline Jobs (a short cap: Job completions wait on it).
+JOB_WATCH = Policy("job-watch", initial=0.5, cap=5.0, jitter=0.5)

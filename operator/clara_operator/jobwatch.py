@@ -21,10 +21,11 @@ import json
 import logging
 from typing import Any, Callable
 
+from clara_dicom.retrying import JOB_WATCH
+
 log = logging.getLogger("clara_operator.jobwatch")
 
 WATCH_SECONDS = 270  # server-side timeout of one watch request (as kopf's settings.watching)
-RETRY_SECONDS = (0.5, 1.0, 2.0, 5.0)
 
 
 class Gone(Exception):
@@ -53,22 +54,21 @@ class JobWatch:
         return batch.list_namespaced_job, (self.namespace,)
 
     async def run(self) -> None:
-        failures = 0
+        backoff = JOB_WATCH.backoff()
         while True:
             try:
                 if self.version is None:
                     await self._list()
                 await self._watch()
-                failures = 0
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except Gone:
                 log.info("Jobs%s: resourceVersion expired; listing again", _where(self.namespace))
                 self.version = None
             except Exception as exc:  # noqa: BLE001 - the API may be away: resume when it is back
-                delay = RETRY_SECONDS[min(failures, len(RETRY_SECONDS) - 1)]
-                failures += 1
-                level = logging.WARNING if failures in (1, 10) else logging.DEBUG
+                delay = backoff.next()
+                level = logging.WARNING if backoff.failures in (1, 10) else logging.DEBUG
                 log.log(level, "Jobs%s: watch failed (%s); again in %.1fs", _where(self.namespace),
                         str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__, delay)
                 await asyncio.sleep(delay)
