@@ -100,6 +100,12 @@ class ExportHarness:
     def metric(self, name: str, outcome: str) -> float:
         return metric_value(self.metrics.render().decode(), name, outcome=outcome)
 
+    def wait_metric(self, name: str, outcome: str, value: float, timeout: float = 10) -> None:
+        """The agent counts a report once the service has answered it: just after the
+        task's new state is visible to us, so wait for the count rather than read it."""
+        wait_for(lambda: self.metric(name, outcome) == value, timeout,
+                 what=f"{name}{{outcome={outcome}}} == {value}")
+
     def stop(self) -> None:
         self.agent.stop(grace=5)
         self.client.close()

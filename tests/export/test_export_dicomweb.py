@@ -66,7 +66,7 @@ def test_unreachable_dicomweb_destination_is_retried(export_harness):
     write_series(h.payloads / "p1" / "out", 2)
     task = h.wait_finished(h.submit_folder("p1", "gone").id)
     assert task.state == TaskState.FAILED and task.retries == 2
-    assert h.metric("clara_export_results_total", "retry") == 2
+    h.wait_metric("clara_export_results_total", "retry", 2)
 
 
 def test_refused_token_and_wrong_path_fail_permanently_and_say_why(export_harness, orthanc_web, caplog):

@@ -114,8 +114,8 @@ def test_orthanc_down_retries_then_fails(tmp_path, export_harness, orthanc):
     write_series(h.payloads / "p1" / "out", 3)
     task = h.wait_finished(h.submit_folder("p1", "Orthanc").id)
     assert task.state == TaskState.FAILED and task.retries == 3
-    assert h.metric("clara_export_results_total", "retry") == 3
-    assert h.metric("clara_export_results_total", "failed") == 0
+    h.wait_metric("clara_export_results_total", "retry", 3)
+    h.wait_metric("clara_export_results_total", "failed", 0)
 
 
 @pytest.mark.orthanc
@@ -133,7 +133,7 @@ def test_orthanc_restarted_before_the_last_retry_gets_the_files_once(tmp_path, e
     assert task.state == TaskState.SUCCEEDED and 1 <= task.retries < 10
     assert pacs.sop_instance_uids() == sop_uids(files)
     assert h.metric("clara_export_files_total", "sent") == 4  # delivered once
-    assert h.metric("clara_export_results_total", "succeeded") == 1
+    h.wait_metric("clara_export_results_total", "succeeded", 1)
 
 
 def test_refusing_and_accepting_destinations(tmp_path, export_harness, storescp):
@@ -149,7 +149,7 @@ def test_refusing_and_accepting_destinations(tmp_path, export_harness, storescp)
     failed = h.wait_finished(t_bad.id)
     assert failed.state == TaskState.FAILED and failed.retries == 2  # refused: retried, then given up
     assert received(good.log_path.parent / "good") == sop_uids(files)
-    assert h.metric("clara_export_results_total", "retry") == 2
+    h.wait_metric("clara_export_results_total", "retry", 2)
     assert h.metric("clara_export_files_total", "skipped") == 3  # readme.txt, once per attempt
 
 
@@ -186,8 +186,8 @@ def test_failure_threshold_counts_dicom_files_only(tmp_path, export_harness, sto
             assert done.retries == 1, f"{pid}: a lasting refusal is not retried"
     assert h.metric("clara_export_files_total", "failed") == 3 + 3 + 1 + 2
     assert h.metric("clara_export_files_total", "skipped") == 5 + 5 + 2
-    assert h.metric("clara_export_results_total", "failed") == 3
-    assert h.metric("clara_export_results_total", "retry") == 0
+    h.wait_metric("clara_export_results_total", "failed", 3)
+    h.wait_metric("clara_export_results_total", "retry", 0)
 
 
 def test_transcoding_fallbacks(tmp_path, export_harness, storescp):
@@ -239,7 +239,7 @@ def test_bad_tasks_fail_permanently_and_the_agent_keeps_serving(tmp_path, export
         done = h.wait_finished(task.id)
         assert (done.state, done.retries) == (TaskState.FAILED, 1), name
     assert received(tmp_path / "scp" / "ok") == sop_uids(files)  # the good task only; nothing escaped
-    assert h.metric("clara_export_results_total", "failed") == len(bad)
+    h.wait_metric("clara_export_results_total", "failed", len(bad))
 
     # destinations are read live: the unknown one now exists
     h.destination("Nowhere", scp.port)

@@ -202,8 +202,8 @@ def test_a_report_the_service_cannot_store_yet_is_retried(tmp_path, export_harne
     task = h.submit("p1", ["a.dcm"], '"NoSuchDestination"')  # a permanent failure to report
     finished = h.wait_finished(task.id)
     assert finished.state == TaskState.FAILED and len(refused) == 1
-    assert h.metric("clara_export_results_total", "failed") == 1
-    assert h.metric("clara_export_results_total", "unreported") == 0
+    h.wait_metric("clara_export_results_total", "failed", 1)
+    h.wait_metric("clara_export_results_total", "unreported", 0)
 
 
 def test_adapter_starts_the_agent_when_results_url_is_set(tmp_path, export_harness):
