@@ -44,6 +44,12 @@ from peers import LocalAdapter, Orthanc, StoreSCP, dcmtk, dcmtk_env, wait_for  #
 
 CACHE = Path.home() / ".cache" / "clara-dicom" / "bench"
 
+def bench_config(source_name: str = "storescu", source_ae: str = "STORESCU") -> str:
+    """One AE title grouping by study (5 s), and the sending AE as its one ClaraSource."""
+    return CONFIG.replace("{name: storescu}", f"{{name: {source_name}}}").replace(
+        "{aeTitle: STORESCU,", f"{{aeTitle: {source_ae},")
+
+
 CONFIG = """
 apiVersion: dicom.clara.io/v1alpha1
 kind: ClaraAETitle

@@ -28,28 +28,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from ingest import study  # noqa: E402  (the cached 300-slice CT study)
+from ingest import bench_config, study  # noqa: E402  (the cached 300-slice CT study, its adapter config)
 from orthanc_dicomweb import OrthancWeb  # noqa: E402
 from peers import LocalAdapter, wait_for  # noqa: E402
 
 TOKEN = "bench-token"
 BOUNDARY = "clara-bench-boundary-0123456789"
-CONFIG = """
-apiVersion: dicom.clara.io/v1alpha1
-kind: ClaraAETitle
-metadata: {name: clara}
-spec: {aeTitle: CLARA, processor: by-study}
----
-apiVersion: dicom.clara.io/v1alpha1
-kind: JobProcessor
-metadata: {name: by-study}
-spec: {groupBy: Study, timeout: 5, pipelines: {seg: seg}}
----
-apiVersion: dicom.clara.io/v1alpha1
-kind: ClaraSource
-metadata: {name: dicomweb}
-spec: {aeTitle: DICOMWEB, host: 127.0.0.1}
-"""
+CONFIG = bench_config("dicomweb", "DICOMWEB")
 
 
 def body(files: list[Path]) -> Iterator[bytes]:
