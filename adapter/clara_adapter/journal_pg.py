@@ -379,7 +379,7 @@ class PostgresJournal(JournalBase):
             if self._deferred:  # one round trip: the held-back control statements, then this one
                 deferred, self._deferred = self._deferred, []
                 cur = self._client_cursor(self._conn)
-                cur.execute("; ".join(deferred + [self._sql(sql)]), args or None)
+                cur.execute("; ".join(deferred + [self._sql(sql)]), args or None, prepare=False)
                 while cur.nextset():  # to the result of the last statement
                     pass
             else:
