@@ -267,20 +267,25 @@ class PostgresJournal(JournalBase):
     # writes on the group name the epoch it got, so after a takeover they match no
     # row (the late closer can neither release nor quarantine what the new one owns).
     def _fence(self, group_id: int) -> tuple:
+        """(replica, epoch); epoch None (not expected: every close records it) fences on the replica only."""
         return self.replica, self._closing.get(group_id)
 
     def owns_group(self, group_id: int) -> bool:
         """Is the closed group ``group_id`` still this replica's to finish?"""
         replica, epoch = self._fence(group_id)
-        return bool(self._query("SELECT 1 FROM groups WHERE id = ? AND closed_by = ? AND closer_epoch = ?",
-                                (group_id, replica, epoch)))
+        owns = bool(self._query("SELECT 1 FROM groups WHERE id = ? AND closed_by = ? "
+                                "AND closer_epoch = COALESCE(?::bigint, closer_epoch)", (group_id, replica, epoch)))
+        if not owns:
+            self._closing.pop(group_id, None)
+        return owns
 
     def finish_group(self, group_id: int) -> None:
         """Release the group and its instances, if it is still this replica's
         (one statement); else raise GroupTakenOver and leave everything as it is."""
         replica, epoch = self._fence(group_id)
         rows = self._exec(
-            "WITH g AS (DELETE FROM groups WHERE id = ? AND closed_by = ? AND closer_epoch = ? RETURNING id), "
+            "WITH g AS (DELETE FROM groups WHERE id = ? AND closed_by = ? "
+            "AND closer_epoch = COALESCE(?::bigint, closer_epoch) RETURNING id), "
             "i AS (DELETE FROM instances WHERE group_id IN (SELECT id FROM g)), "
             "j AS (DELETE FROM jobs WHERE group_id IN (SELECT id FROM g)) SELECT count(*) FROM g",
             (group_id, replica, epoch))
