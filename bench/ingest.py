@@ -219,11 +219,11 @@ def measure_replicas(label: str, n: int, journal: str | None, files: list[Path],
 
 
 def run_replicas(name: str, files: list[Path], replicas: int, parallel: int, repeat: int, tmp: Path) -> None:
-    from postgres_server import running
+    from postgres_server import DurablePostgresServer, running
 
     mb = sum(f.stat().st_size for f in files) / 1e6
     print(f"workload {name}: {len(files)} instances, {mb:.0f} MB, {parallel} associations ({load()})")
-    with running() as pg:
+    with running(DurablePostgresServer) as pg:  # durable defaults, as in production
         (tmp / f"{name}-sqlite").mkdir()
         (tmp / f"{name}-sqlite" / "config.yaml").write_text(CONFIG)
         sqlite = measure_replicas("1 replica, SQLite", 1, None, files, parallel, repeat, tmp / f"{name}-sqlite")

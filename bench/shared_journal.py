@@ -4,8 +4,9 @@ per-instance transaction, without DICOM, from N writer processes at once.
 
 Each writer process stands for one replica's commit thread: it opens a
 PostgresJournal and commits instances the way the AE Title processor does on a
-shared journal (join the group under KEY SHARE, insert the member ON CONFLICT DO
-NOTHING), ``--batch`` instances per transaction (the group commit of one
+shared journal (``add_to_open_group``: join the group under KEY SHARE and insert
+the member ON CONFLICT DO NOTHING, one statement; a savepoint per instance),
+``--batch`` instances per transaction (the group commit of one
 replica under load). Two shapes: every writer feeds the same study (one hot
 group row: the worst case), or each writer its own study. Run on a throw-away
 server (tests/postgres_server.py) with fsync and synchronous_commit on (as in
@@ -42,15 +43,17 @@ def writer(dsn: str, root: str, study: str, n: int, batch: int, ready, start, re
     t0 = time.perf_counter()
     commits = 0
     for first in range(0, n, batch):
-        with journal.atomic():
+        with journal.transaction(0.0, 0.0) as tx:  # as the group commit: one savepoint per instance
             for i in range(first, min(n, first + batch)):
-                gid, _ = journal.join_group("clara", "CLARA", "bench", study, settings, 3600)
                 rec = InstanceRecord(owner="clara", ae_title="CLARA", calling_ae="SCU",
                                      sop_instance_uid=f"{study}.{os.getpid()}.{i}", sop_class_uid="1.2",
                                      transfer_syntax="1.2.840.10008.1.2.1", study_uid=study, series_uid=study + ".1",
                                      path=Path(root) / f"{os.getpid()}-{i}.dcm", size=1, acked_at=0.0,
-                                     group_value=study, group_id=gid)
-                journal.add_member(rec)
+                                     group_value=study)
+                with tx.step():
+                    if journal.add_to_open_group(rec) is None:  # the first instance opens the group
+                        rec.group_id, _ = journal.join_group("clara", "CLARA", "bench", study, settings, 3600)
+                        journal.add_member(rec)
         commits += 1
     results.put((n, commits, time.perf_counter() - t0))
     journal.close()

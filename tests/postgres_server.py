@@ -27,6 +27,9 @@ def _pg_bindir() -> str | None:
 
 
 class PostgresServer:
+    # Tests trade durability for speed (a throw-away server); DurablePostgresServer does not.
+    SETTINGS = ("fsync=off", "synchronous_commit=off", "full_page_writes=off")
+
     def __init__(self, bindir: str) -> None:
         self.bindir = bindir
         self.tmp = tempfile.mkdtemp(prefix="clara-journal-pg-")
@@ -61,7 +64,7 @@ class PostgresServer:
         self.proc = subprocess.Popen(
             [os.path.join(self.bindir, "postgres"), "-D", self.data, "-p", str(self.port),
              "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.tmp}",
-             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+             *(arg for setting in self.SETTINGS for arg in ("-c", setting)),
              "-c", "max_connections=60", "-c", "shared_buffers=32MB"],
             stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp, **self.run_as,
         )
@@ -107,6 +110,13 @@ class PostgresServer:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.dsn.rsplit("/", 1)[0] + f"/{name}"
+
+
+class DurablePostgresServer(PostgresServer):
+    """PostgreSQL's durable defaults (fsync, synchronous_commit and full_page_writes
+    on: a commit is flushed to disk before it returns), as in production: for benchmarks."""
+
+    SETTINGS = ()
 
 
 def bindir_or_skip() -> str:

@@ -162,3 +162,62 @@ def test_a_replica_starting_while_others_write_neither_waits_nor_deadlocks(tmp_p
         assert opened, "a new journal waited for another replica's open transaction"
     opened[0].close()
     writer.close()
+
+
+def test_a_version_2_database_is_migrated_once_by_replicas_opening_together(tmp_path, postgres_server):
+    """Schema 3 adds the journal's join-and-insert function. A database written by
+    schema 2 (an open group holding an instance) is migrated by replicas that open
+    it together; afterwards every replica joins the same open group."""
+    import threading
+
+    import psycopg
+
+    from clara_adapter.journal import InstanceRecord
+    from clara_adapter.journal_pg import SCHEMA_VERSION
+
+    dsn = postgres_server.fresh_database("from_v2")
+    old = PostgresJournal(dsn, root=tmp_path)
+
+    def record(sop: str) -> InstanceRecord:
+        return InstanceRecord(owner="clara", ae_title="CLARA", calling_ae="SCU", sop_instance_uid=sop,
+                              sop_class_uid="1.2", transfer_syntax="1.2.840.10008.1.2.1", study_uid="1.1",
+                              series_uid="1.1.1", path=tmp_path / f"{sop}.dcm", size=1, acked_at=0.0,
+                              group_value="1.1")
+
+    with old.atomic():
+        group_id, opened = old.join_group("clara", "CLARA", "proc", "1.1", {"spec": {"timeout": 60}}, 60)
+        assert opened and old.add_to_open_group(record("1.2.0")) is not None
+    old.close()
+    with psycopg.connect(dsn, autocommit=True) as conn:  # as schema 2 left it
+        conn.execute("DROP FUNCTION clara_adapter.add_to_open_group")
+        conn.execute("UPDATE clara_adapter.meta SET value = '2' WHERE key = 'schema_version'")
+
+    opened_journals, errors = [], []
+    barrier = threading.Barrier(3)
+
+    def open_one() -> None:
+        barrier.wait()
+        try:
+            opened_journals.append(PostgresJournal(dsn, root=tmp_path))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert errors == [] and len(opened_journals) == 3
+        for i, journal in enumerate(opened_journals):
+            with journal.atomic():
+                assert journal.add_to_open_group(record(f"1.2.{i + 1}")) is not None
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            version = conn.execute("SELECT value FROM clara_adapter.meta WHERE key = 'schema_version'").fetchone()
+            members = conn.execute("SELECT count(*) FROM clara_adapter.instances WHERE group_id = %s",
+                                   (group_id,)).fetchone()
+        assert int(version[0]) == SCHEMA_VERSION == 3
+        assert members[0] == 4  # the instance from before the migration and one from each replica
+    finally:
+        for journal in opened_journals:
+            journal.close()

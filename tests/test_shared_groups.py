@@ -217,6 +217,49 @@ def test_closed_group_of_a_dead_closer_is_taken_over_after_its_heartbeat_stops(r
         b.journal.close()
 
 
+def test_a_stalled_closer_taken_over_can_neither_release_nor_quarantine_the_group(replicas):
+    """a closes the group and stalls (its closer stops heartbeating; its job submission
+    is still retrying). b takes the group over after dead_after, creates the job and
+    releases the group. When a's late retry runs, its writes are fenced: it does not
+    quarantine the group, delete b's payload, or record anything; one job in all."""
+
+    class Flaky(CountingSink):
+        def __init__(self, inner: CountingSink):
+            self.inner, self.refuse, self.refused = inner, True, 0
+
+        def create(self, manifest):
+            if self.refuse:
+                self.refused += 1
+                raise ConnectionError("API unreachable")
+            return self.inner.create(manifest)
+
+    processor = {"pipelines": {"seg": "p1"}, "timeout": 5}
+    clock, sink, replicas_ = replicas(2, processor)
+    for r in replicas_:
+        r.submitter.sink = Flaky(sink)
+    replicas_[0].send(study="1.1")
+    replicas_[1].send(study="1.1")
+    clock.advance(5.01)
+    (a,) = [r for r in replicas_ if r.closer.closed]  # the closer, whichever won
+    (b,) = [r for r in replicas_ if r is not a]
+    a_sink, b.submitter.sink.refuse = a.submitter.sink, False
+    assert a_sink.refused >= 1 and sink.jobs == {}
+    a.closer.stop()  # a stalls: alive (its submission retries on the clock) but no heartbeat any more
+    clock.advance(b.closer.dead_after + 1)
+    assert b.closer.closed == 1  # taken over
+    (name,) = sink.jobs
+    payload = a.journal.root / "payloads" / name
+    assert sorted(p.name for p in payload.rglob("*.dcm")) and sink.created == [name]
+    assert b.journal.count_instances() == 0 and b.journal.groups() == []  # b released the group
+    refused = a_sink.refused
+    a_sink.refuse = False
+    clock.advance(120)  # a's submission retries (backoff) and finds the group is not its own any more
+    assert a_sink.refused == refused and a.submitter.pending == 0
+    assert sink.created == [name] and len(list(payload.rglob("*.dcm"))) == 2  # b's job payload intact
+    assert not (a.journal.root / "quarantine").exists()
+    assert a.journal.count_instances() == 0 and a.journal.jobs_of_group(1) == set()
+
+
 def test_sqlite_journal_is_not_shared():
     assert Journal.shared is False and PostgresJournal.shared is True
 

@@ -76,6 +76,8 @@ class JobSubmitter:
 
     def _attempt(self, sub: _Submission) -> None:
         try:
+            if not self._still_ours(sub):
+                return
             done = self.journal.jobs_of_group(sub.group_id)
             for req in sub.requests:
                 if req.name in done:
@@ -83,6 +85,8 @@ class JobSubmitter:
                 try:
                     payload = build_payload(self.payloads_root, req)
                 except OSError as exc:
+                    if not self._still_ours(sub):  # its files were released by the replica that took it over
+                        return
                     discard_payload(self.payloads_root, req)
                     sub.payload_failures += 1
                     if isinstance(exc, FileNotFoundError) or sub.payload_failures >= self.max_payload_attempts:
@@ -108,6 +112,18 @@ class JobSubmitter:
             return
         self._finish(sub)
 
+    def _still_ours(self, sub: _Submission) -> bool:
+        """False (and the submission dropped) when another replica took the group
+        over while this one stalled (shared journals only; see journal_pg.py)."""
+        owns = getattr(self.journal, "owns_group", None)
+        if owns is None or owns(sub.group_id):
+            return True
+        log.warning("group %s was taken over by another replica while this one stalled: leaving it to that one",
+                    sub.group_id)
+        with self._pending_lock:
+            self.pending -= 1
+        return False
+
     def _quarantine(self, sub: _Submission, req: JobRequest, exc: OSError) -> None:
         folder = self.quarantine_root / f"{self.journal.epoch}-group-{sub.group_id}"
         reason = f"{type(exc).__name__}: {exc.strerror or exc}"
@@ -120,9 +136,14 @@ class JobSubmitter:
         self._finish(sub)
 
     def _finish(self, sub: _Submission) -> None:
+        from clara_adapter.journal_pg import GroupTakenOver
+
         with self._pending_lock:
             self.pending -= 1
-        sub.on_done()
+        try:
+            sub.on_done()
+        except GroupTakenOver as exc:  # the fenced release matched no row: the files are the other replica's
+            log.warning("%s while this replica stalled: not releasing it", exc)
 
     def stop(self) -> None:
         if self._pool is not None:
