@@ -121,22 +121,29 @@ class Runner:
         self.post_event = post_event
         self.namespaces = namespaces  # None: every namespace (the retention sweep's scope)
         self.jobs_created = 0
+        # Seconds after a create until the reconcile that writes the status (jobName, phase);
+        # None: in the same reconcile (the controller sets it: it owns the queue that brings the key back).
+        self.follow_delay: float | None = None
         self.seen = Seen()  # the latest watched PipelineJobs and Jobs (fed by the controller's triggers)
         # (namespace, name) → resourceVersion of our last status write: its watch event is no news.
         self.own_writes: dict[tuple[str, str], str] = {}
 
     # ---- the reconcile
-    async def reconcile(self, namespace: str, name: str) -> None:
+    async def reconcile(self, namespace: str, name: str) -> float | None:
+        """Converge one PipelineJob; returns after how many seconds it wants another reconcile
+        (None: when something changes). A Job created now is followed by that next reconcile,
+        not in this one: during a burst the worker goes on to the next create at once, and a
+        Job that starts meanwhile costs one status write (Running) instead of two."""
         body = self.seen.pipelinejobs.get((namespace, name)) or await self.kube.get(PIPELINEJOBS, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
-            return
+            return None
         status = body.get("status") or {}
         if status.get("phase") == "Failed":
             self.forget(namespace, name)
-            return
+            return None
         if status.get("phase") == "Succeeded":
             await self._register(body, None)
-            return
+            return None
         job = self.seen.jobs.get((namespace, job_name(name)))
         if job is None and status.get("jobName"):
             job = await self.kube.get_job(namespace, job_name(name))  # not seen yet, or really gone?
@@ -145,13 +152,17 @@ class Runner:
                 await self._write(body, {"phase": "Failed", "reason": "JobDeleted",
                                          "message": f"Job {status['jobName']} was deleted before it finished",
                                          "completionTime": now_rfc3339()})
-                return
+                return None
+            created = self.jobs_created
             job = await self._create(body)
             if job is None:
-                return
+                return None
+            if self.jobs_created > created and self.follow_delay is not None:
+                return self.follow_delay
         fresh = await self._follow(body, job)
         if fresh is not None and (fresh.get("status") or {}).get("phase") == "Succeeded":
             await self._register(fresh, job)
+        return None
 
     async def _create(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """The Job of this PipelineJob, created now (None: it waits or failed; the status says why)."""
