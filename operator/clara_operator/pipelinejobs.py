@@ -41,7 +41,7 @@ from clara_operator.jobspec import (
     select_pipeline,
 )
 from clara_operator.kube import CLARAPIPELINES, PIPELINEJOBS, Kube, refusal
-from clara_operator.seen import Seen, trim_job, trim_pipelinejob
+from clara_operator.seen import Seen, brief_pipelinejob, trim_job
 from clara_operator.workqueue import Retry
 
 log = logging.getLogger("clara_operator.pipelines")
@@ -348,7 +348,7 @@ class Runner:
         from clara_operator.jobspec import COMPONENT_PIPELINE, LABEL_COMPONENT
 
         pjs, jobs, pipelines = await asyncio.gather(
-            self.kube.list(PIPELINEJOBS, namespace, keep=trim_pipelinejob),
+            self.kube.list(PIPELINEJOBS, namespace, keep=brief_pipelinejob),
             _returns(list(self.seen.jobs.values())) if watched_jobs else
             self.kube.list_jobs(namespace, f"{LABEL_COMPONENT}={COMPONENT_PIPELINE}", keep=trim_job),
             self.kube.list(CLARAPIPELINES, namespace))

@@ -495,3 +495,36 @@ def test_a_created_job_is_followed_by_the_next_reconcile_and_its_events_coalesce
     assert len(schedule) == 1
     assert schedule._due[key][0] >= before + JOB_EVENT_DELAY
     assert schedule.pop(before + JOB_EVENT_DELAY / 2) is None
+
+
+def test_the_resyncs_brief_pipelinejob_decides_as_the_whole_one():
+    """The resync holds PipelineJobs as seen.brief_pipelinejob: it must judge every state as the
+    whole object does (a field needs_reconcile reads and brief drops would hide a PipelineJob)."""
+    from clara_operator.seen import brief_pipelinejob
+
+    kube, runner, name, _ = setup(rrs=[rr()])
+    states = []
+    job_key = None
+    for step in range(5):
+        body = copy.deepcopy(kube.objects[("pipelinejobs", name)])
+        job = copy.deepcopy(kube.jobs.get(job_key)) if job_key else None
+        states.append((body, job))
+        if step == 1:
+            kube.jobs[job_key]["status"] = {"active": 1}
+        if step == 2:
+            complete(kube, job_key)
+        try:
+            asyncio.run(runner.reconcile("imaging", name))
+        except Retry:
+            pass
+        job_key = next(iter(kube.jobs), None)
+    states.append(({**pjob(), "metadata": {**pjob()["metadata"], "deletionTimestamp": "2024-01-01T00:00:00Z"}}, None))
+    states.append((pjob(), None))
+    decided = []
+    for body, job in states:
+        for pipelines in ([], [liver_body()]):
+            whole = needs_reconcile(body, job, pipelines)
+            assert needs_reconcile(brief_pipelinejob(body), job, pipelines) == whole, body.get("status")
+            decided.append(whole)
+    assert True in decided and False in decided
+    assert len(json.dumps(brief_pipelinejob(states[3][0]))) < len(json.dumps(states[3][0])) / 3
