@@ -153,19 +153,19 @@ class Runner:
                                          "message": f"Job {status['jobName']} was deleted before it finished",
                                          "completionTime": now_rfc3339()})
                 return None
-            created = self.jobs_created
-            job = await self._create(body)
+            job, created = await self._create(body)
             if job is None:
                 return None
-            if self.jobs_created > created and self.follow_delay is not None:
+            if created and self.follow_delay is not None:
                 return self.follow_delay
         fresh = await self._follow(body, job)
         if fresh is not None and (fresh.get("status") or {}).get("phase") == "Succeeded":
             await self._register(fresh, job)
         return None
 
-    async def _create(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        """The Job of this PipelineJob, created now (None: it waits or failed; the status says why)."""
+    async def _create(self, body: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
+        """The Job of this PipelineJob (None: it waits or failed; the status says why), and
+        whether this call created it (False: it existed, AlreadyExists)."""
         meta, spec = body["metadata"], body.get("spec") or {}
         ns, name = meta["namespace"], meta["name"]
         definition, reason, message = select_pipeline(self.seen.pipelines_of(ns), str(spec.get("pipeline")))
@@ -174,13 +174,13 @@ class Runner:
                                                           str(spec.get("pipeline")))
         if definition is None:  # waits: a ClaraPipeline event (or the resync) brings it back
             await self._write(body, {"phase": "Pending", "reason": reason, "message": message})
-            return None
+            return None, False
         try:
             manifest = build_job(body, definition, self.settings)
         except JobSpecError as exc:
             await self._write(body, {"phase": "Failed", "reason": exc.reason, "message": exc.message,
                                      "completionTime": now_rfc3339()})
-            return None
+            return None, False
         try:
             job = await self.kube.create_job(manifest)
         except Exception as exc:  # noqa: BLE001 - refused or unreachable: say why, then retry
@@ -191,6 +191,7 @@ class Runner:
             except Exception as write_exc:  # noqa: BLE001 - the API may be down altogether
                 log.debug("PipelineJob %s/%s: status not written: %s", ns, name, write_exc)
             raise Retry(f"{reason}: {message}") from None
+        created = job is not None
         if job is None:  # AlreadyExists: ours from before a restart (or a name conflict, see _follow)
             job = await self.kube.get_job(ns, manifest["metadata"]["name"])
             if job is None:
@@ -200,7 +201,7 @@ class Runner:
             self.seen.job(job)  # until its watch event arrives: no GET when the key comes back first
             log.info("PipelineJob %s/%s: created Job %s (pipeline %s, priority %s)", ns, name,
                      job["metadata"]["name"], spec.get("pipeline"), spec.get("priority"))
-        return job
+        return job, created
 
     async def _follow(self, body: dict[str, Any], job: dict[str, Any]) -> dict[str, Any] | None:
         """Write the status the Job implies; the PipelineJob as stored afterwards."""
