@@ -374,6 +374,10 @@ def main() -> int:
         if own:
             print(f"  the same, to the operator's Job POST answered (its log, ms; no watch delivery in it): "
                   f"p50 {statistics.median(own):.2f}s, p95 {pct(own, 0.95):.2f}s, max {max(own):.2f}s")
+            first_sent, last_answered = min(sent_wall.values()), max(answered.values())
+            print(f"  by the operator's log: {len(answered)} Jobs created {last_answered - first_sent:.1f}s after the "
+                  f"first create: {len(answered) / (last_answered - first_sent):.0f} Jobs/s; ratio to the burst "
+                  f"{(last_answered - first_sent) / burst:.2f} (the watch above lags when the API server is loaded)")
         span = last_job - start
         print(f"Jobs: all {len(job_added)} created {span:.1f}s after the first create: {len(job_added) / span:.0f} Jobs/s; "
               f"anchor: the burst itself {burst:.1f}s -> ratio {span / burst:.2f}")

@@ -174,7 +174,7 @@ async def _api_client(pool_size: int = 0) -> tuple[Any, str]:
         config.load_incluster_config()
         with open(IN_CLUSTER_NAMESPACE, encoding="utf-8") as fh:
             namespace = fh.read().strip() or "default"
-        return client.ApiClient(_pooled(client, pool_size)), namespace
+        return _direct(client.ApiClient(_pooled(client, pool_size))), namespace
     try:
         await config.load_kube_config()
         _, active = config.list_kube_config_contexts()
@@ -182,7 +182,24 @@ async def _api_client(pool_size: int = 0) -> tuple[Any, str]:
         raise UserError(f"no Kubernetes credentials (in-cluster or kubeconfig {os.environ.get('KUBECONFIG', '~/.kube/config')}): "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     namespace = ((active or {}).get("context") or {}).get("namespace") or "default"
-    return client.ApiClient(_pooled(client, pool_size)), namespace
+    return _direct(client.ApiClient(_pooled(client, pool_size))), namespace
+
+
+PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "http_proxy", "HTTP_PROXY")
+
+
+def _direct(api_client: Any) -> Any:
+    """The client without aiohttp's per-request environment lookups, unless a proxy is configured.
+
+    kubernetes_asyncio opens its session with ``trust_env=True``: every request then reads
+    ~/.netrc and the proxy variables in the default thread pool (two thread hops per request;
+    under load the pool's queue was a wait of its own in front of every API call). The API
+    server never takes netrc credentials; a proxy in the environment keeps the old behaviour."""
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return api_client
+    session = api_client.rest_client.pool_manager
+    session._trust_env = False  # aiohttp has no setter; the attribute is read per request
+    return api_client
 
 
 def _pooled(client: Any, pool_size: int) -> Any:

@@ -29,6 +29,10 @@ log = logging.getLogger("clara_operator.controller")
 PIPELINEJOB, REGISTER_RESULTS, PIPELINE = "PipelineJob", "RegisterResults", "ClaraPipeline"
 RESYNC_SECONDS = 30.0
 WORKERS = 32  # reconciles in flight: each waits on the API most of the time
+# A Job brings about six watch events within seconds (created, pod active, ready, succeeded,
+# Complete...): its owner's key is due this long after the first, so they cost one reconcile
+# (one status write) instead of one each. Also the wait between a create and the status write.
+JOB_EVENT_DELAY = 1.0
 
 
 def is_settled(pipelinejob: dict[str, Any]) -> bool:
@@ -47,6 +51,7 @@ class Controller:
         self.namespaces = namespaces  # None: every namespace
         self.registrar = Registrar(kube, settings)
         self.runner = Runner(kube, settings, results=self.registrar, namespaces=namespaces)
+        self.runner.follow_delay = JOB_EVENT_DELAY
         self.queue = WorkQueue(self.reconcile, workers=workers, backoff=backoff)
         self.resync_seconds = resync_seconds
         self._tasks: list[asyncio.Task] = []
@@ -72,7 +77,7 @@ class Controller:
             self.runner.seen.job(body)
         ref = owner_of(body)
         if ref is not None:
-            self.queue.add((PIPELINEJOB, meta["namespace"], ref["name"]))
+            self.queue.add((PIPELINEJOB, meta["namespace"], ref["name"]), delay=JOB_EVENT_DELAY)
 
     def jobs_listed(self, namespace: str | None, jobs: list[dict[str, Any]]) -> None:
         """A (re)list of the pipeline Jobs: what is kept is replaced (a Job deleted while the
@@ -103,7 +108,9 @@ class Controller:
     async def reconcile(self, key: tuple[str, str, str]) -> None:
         kind, namespace, name = key
         if kind == PIPELINEJOB:
-            await self.runner.reconcile(namespace, name)
+            again = await self.runner.reconcile(namespace, name)
+            if again is not None:
+                self.queue.add(key, delay=again)
         elif kind == REGISTER_RESULTS:
             if await self.registrar.refresh(namespace, name):
                 await self._requeue_waiting_for(namespace, lambda pj: name in _waiting_entries(pj))

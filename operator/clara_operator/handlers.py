@@ -40,6 +40,7 @@ FINALIZER = f"{DOMAIN}/finalizer"
 # lets the object go anyway (a stuck finalizer would be worse than a briefly
 # stale configuration, which the next reconcile fixes).
 DELETE_WAIT_SECONDS = 15.0
+EVENT_POSTERS = 8  # Events posted at once
 
 
 class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
@@ -65,6 +66,10 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.posting.level = logging.WARNING  # kopf's own "handler succeeded" chatter stays in the log
     settings.posting.reporting_component = "clara-dicom-operator"
     settings.posting.event_name_prefix = "clara-dicom-"
+    # Events are posted by per-object workers, unlimited by default, each on a connection of
+    # kopf's unlimited pool: a burst of 1,000 PipelineJobs opened hundreds of TLS connections
+    # for Events alone, competing with the Job creates. Events may wait; Jobs should not.
+    settings.posting.worker_limit = EVENT_POSTERS
     settings.peering.standalone = True
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300

@@ -423,6 +423,9 @@ def build_job(pipelinejob: dict[str, Any], definition: PipelineDefinition, setti
         },
         "spec": {
             "backoffLimit": 0,  # a pipeline run is not blindly retried
+            # ...but a pod preempted, evicted or lost with its node did not fail: it runs again
+            # (without this, a higher-priority burst fails the lower-priority runs it preempts).
+            "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
             "completions": 1,
             "parallelism": 1,
             "activeDeadlineSeconds": int(settings.active_deadline_seconds),

@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 from clara_dicom.retrying import JOB_WATCH
 
+from clara_operator.seen import trim_job
+
 log = logging.getLogger("clara_operator.jobwatch")
 
 WATCH_SECONDS = 270  # server-side timeout of one watch request (as kopf's settings.watching)
@@ -80,7 +82,7 @@ class JobWatch:
         while True:
             page = await self.kube.read_json(call, *args, label_selector=self.selector, limit=500,
                                          **({"_continue": token} if token else {}))
-            items.extend(page.get("items") or [])
+            items.extend(map(trim_job, page.get("items") or []))  # page by page: a relist of thousands stays small
             token = (page.get("metadata") or {}).get("continue")
             if not token:
                 break

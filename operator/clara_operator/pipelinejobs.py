@@ -41,7 +41,7 @@ from clara_operator.jobspec import (
     select_pipeline,
 )
 from clara_operator.kube import CLARAPIPELINES, PIPELINEJOBS, Kube, refusal
-from clara_operator.seen import Seen, trim_job, trim_pipelinejob
+from clara_operator.seen import Seen, brief_pipelinejob, trim_job
 from clara_operator.workqueue import Retry
 
 log = logging.getLogger("clara_operator.pipelines")
@@ -121,22 +121,29 @@ class Runner:
         self.post_event = post_event
         self.namespaces = namespaces  # None: every namespace (the retention sweep's scope)
         self.jobs_created = 0
+        # Seconds after a create until the reconcile that writes the status (jobName, phase);
+        # None: in the same reconcile (the controller sets it: it owns the queue that brings the key back).
+        self.follow_delay: float | None = None
         self.seen = Seen()  # the latest watched PipelineJobs and Jobs (fed by the controller's triggers)
         # (namespace, name) → resourceVersion of our last status write: its watch event is no news.
         self.own_writes: dict[tuple[str, str], str] = {}
 
     # ---- the reconcile
-    async def reconcile(self, namespace: str, name: str) -> None:
+    async def reconcile(self, namespace: str, name: str) -> float | None:
+        """Converge one PipelineJob; returns after how many seconds it wants another reconcile
+        (None: when something changes). A Job created now is followed by that next reconcile,
+        not in this one: during a burst the worker goes on to the next create at once, and a
+        Job that starts meanwhile costs one status write (Running) instead of two."""
         body = self.seen.pipelinejobs.get((namespace, name)) or await self.kube.get(PIPELINEJOBS, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
-            return
+            return None
         status = body.get("status") or {}
         if status.get("phase") == "Failed":
             self.forget(namespace, name)
-            return
+            return None
         if status.get("phase") == "Succeeded":
             await self._register(body, None)
-            return
+            return None
         job = self.seen.jobs.get((namespace, job_name(name)))
         if job is None and status.get("jobName"):
             job = await self.kube.get_job(namespace, job_name(name))  # not seen yet, or really gone?
@@ -145,16 +152,20 @@ class Runner:
                 await self._write(body, {"phase": "Failed", "reason": "JobDeleted",
                                          "message": f"Job {status['jobName']} was deleted before it finished",
                                          "completionTime": now_rfc3339()})
-                return
-            job = await self._create(body)
+                return None
+            job, created = await self._create(body)
             if job is None:
-                return
+                return None
+            if created and self.follow_delay is not None:
+                return self.follow_delay
         fresh = await self._follow(body, job)
         if fresh is not None and (fresh.get("status") or {}).get("phase") == "Succeeded":
             await self._register(fresh, job)
+        return None
 
-    async def _create(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        """The Job of this PipelineJob, created now (None: it waits or failed; the status says why)."""
+    async def _create(self, body: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
+        """The Job of this PipelineJob (None: it waits or failed; the status says why), and
+        whether this call created it (False: it existed, AlreadyExists)."""
         meta, spec = body["metadata"], body.get("spec") or {}
         ns, name = meta["namespace"], meta["name"]
         definition, reason, message = select_pipeline(self.seen.pipelines_of(ns), str(spec.get("pipeline")))
@@ -163,13 +174,13 @@ class Runner:
                                                           str(spec.get("pipeline")))
         if definition is None:  # waits: a ClaraPipeline event (or the resync) brings it back
             await self._write(body, {"phase": "Pending", "reason": reason, "message": message})
-            return None
+            return None, False
         try:
             manifest = build_job(body, definition, self.settings)
         except JobSpecError as exc:
             await self._write(body, {"phase": "Failed", "reason": exc.reason, "message": exc.message,
                                      "completionTime": now_rfc3339()})
-            return None
+            return None, False
         try:
             job = await self.kube.create_job(manifest)
         except Exception as exc:  # noqa: BLE001 - refused or unreachable: say why, then retry
@@ -180,6 +191,7 @@ class Runner:
             except Exception as write_exc:  # noqa: BLE001 - the API may be down altogether
                 log.debug("PipelineJob %s/%s: status not written: %s", ns, name, write_exc)
             raise Retry(f"{reason}: {message}") from None
+        created = job is not None
         if job is None:  # AlreadyExists: ours from before a restart (or a name conflict, see _follow)
             job = await self.kube.get_job(ns, manifest["metadata"]["name"])
             if job is None:
@@ -189,7 +201,7 @@ class Runner:
             self.seen.job(job)  # until its watch event arrives: no GET when the key comes back first
             log.info("PipelineJob %s/%s: created Job %s (pipeline %s, priority %s)", ns, name,
                      job["metadata"]["name"], spec.get("pipeline"), spec.get("priority"))
-        return job
+        return job, created
 
     async def _follow(self, body: dict[str, Any], job: dict[str, Any]) -> dict[str, Any] | None:
         """Write the status the Job implies; the PipelineJob as stored afterwards."""
@@ -337,7 +349,7 @@ class Runner:
         from clara_operator.jobspec import COMPONENT_PIPELINE, LABEL_COMPONENT
 
         pjs, jobs, pipelines = await asyncio.gather(
-            self.kube.list(PIPELINEJOBS, namespace, keep=trim_pipelinejob),
+            self.kube.list(PIPELINEJOBS, namespace, keep=brief_pipelinejob),
             _returns(list(self.seen.jobs.values())) if watched_jobs else
             self.kube.list_jobs(namespace, f"{LABEL_COMPONENT}={COMPONENT_PIPELINE}", keep=trim_job),
             self.kube.list(CLARAPIPELINES, namespace))

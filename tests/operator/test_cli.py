@@ -81,3 +81,27 @@ def test_missing_kubeconfig_is_a_one_line_error(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith("clara-dicom operator: error: no Kubernetes credentials")
     assert "Traceback" not in res.stderr
+
+
+def test_api_requests_skip_netrc_and_proxy_lookups_unless_a_proxy_is_set(monkeypatch):
+    """No thread-pool hop per request for ~/.netrc and the proxy variables (aiohttp's trust_env),
+    unless the environment names a proxy: then it is honoured as before."""
+    import asyncio
+
+    from kubernetes_asyncio import client
+
+    from clara_operator.cli import PROXY_VARIABLES, _direct
+
+    async def trusts(env: dict[str, str]) -> bool:
+        for name in PROXY_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        api_client = _direct(client.ApiClient(client.Configuration()))
+        try:
+            return api_client.rest_client.pool_manager.trust_env
+        finally:
+            await api_client.close()
+
+    assert asyncio.run(trusts({})) is False
+    assert asyncio.run(trusts({"HTTPS_PROXY": "http://proxy.example:3128"})) is True

@@ -458,3 +458,73 @@ def test_the_resync_compares_with_the_watched_jobs_once_the_watch_has_listed():
     assert asyncio.run(runner.out_of_step("imaging", watched_jobs=True)) == []  # the watch saw no change yet
     runner.seen.job({**kube.jobs[job_key], "metadata": {**kube.jobs[job_key]["metadata"], "resourceVersion": "99"}})
     assert asyncio.run(runner.out_of_step("imaging", watched_jobs=True)) == [("imaging", name)]
+
+
+def test_a_created_job_is_followed_by_the_next_reconcile_and_its_events_coalesce():
+    """The controller's reconcile creates the Job and asks to come back (the worker goes on to
+    the next create); the PipelineJob's status is written by that next reconcile, once for
+    whatever the Job reached meanwhile; the Job's watch events make its key due after a delay."""
+    from clara_operator.controller import JOB_EVENT_DELAY, PIPELINEJOB, Controller
+
+    kube, _, name, events = setup()
+    controller = Controller(kube, SETTINGS, namespaces=["imaging"])
+    controller.runner.post_event = lambda b, t, r, m: events.append((b["kind"], t, r, m))
+    key = (PIPELINEJOB, "imaging", name)
+    asyncio.run(controller.reconcile(key))
+    assert kube.creates == 1 and kube.status_writes == []  # created, status not yet written
+    assert key in controller.queue.schedule._due  # comes back to write it
+    job = next(iter(kube.jobs.values()))
+    kube.jobs[job["metadata"]["name"]]["status"] = {"active": 1}  # the Job started meanwhile
+    controller.job_event(copy.deepcopy(kube.jobs[job["metadata"]["name"]]))
+    due, first = controller.queue.schedule._due[key]
+    assert not first
+    asyncio.run(controller.reconcile(key))
+    assert kube.creates == 1 and len(kube.status_writes) == 1  # one write: straight to Running
+    assert status(kube)["phase"] == "Running" and status(kube)["jobName"] == job["metadata"]["name"]
+    assert conds(status(kube))["JobCreated"] == ("True", "JobCreated")
+    assert [e[2] for e in events] == ["Running"]
+
+    # A Job's burst of watch events: one key, due JOB_EVENT_DELAY after the first.
+    schedule = controller.queue.schedule
+    schedule._due.clear()
+    for heap in schedule._heaps.values():
+        heap.clear()
+    before = controller.queue._clock()
+    for _ in range(5):
+        controller.job_event(copy.deepcopy(kube.jobs[job["metadata"]["name"]]))
+    assert len(schedule) == 1
+    assert schedule._due[key][0] >= before + JOB_EVENT_DELAY
+    assert schedule.pop(before + JOB_EVENT_DELAY / 2) is None
+
+
+def test_the_resyncs_brief_pipelinejob_decides_as_the_whole_one():
+    """The resync holds PipelineJobs as seen.brief_pipelinejob: it must judge every state as the
+    whole object does (a field needs_reconcile reads and brief drops would hide a PipelineJob)."""
+    from clara_operator.seen import brief_pipelinejob
+
+    kube, runner, name, _ = setup(rrs=[rr()])
+    states = []
+    job_key = None
+    for step in range(5):
+        body = copy.deepcopy(kube.objects[("pipelinejobs", name)])
+        job = copy.deepcopy(kube.jobs.get(job_key)) if job_key else None
+        states.append((body, job))
+        if step == 1:
+            kube.jobs[job_key]["status"] = {"active": 1}
+        if step == 2:
+            complete(kube, job_key)
+        try:
+            asyncio.run(runner.reconcile("imaging", name))
+        except Retry:
+            pass
+        job_key = next(iter(kube.jobs), None)
+    states.append(({**pjob(), "metadata": {**pjob()["metadata"], "deletionTimestamp": "2024-01-01T00:00:00Z"}}, None))
+    states.append((pjob(), None))
+    decided = []
+    for body, job in states:
+        for pipelines in ([], [liver_body()]):
+            whole = needs_reconcile(body, job, pipelines)
+            assert needs_reconcile(brief_pipelinejob(body), job, pipelines) == whole, body.get("status")
+            decided.append(whole)
+    assert True in decided and False in decided
+    assert len(json.dumps(brief_pipelinejob(states[3][0]))) < len(json.dumps(states[3][0])) / 3

@@ -103,6 +103,9 @@ def test_job_spec_settings():
     job = liver_job()
     spec, pod = job["spec"], job["spec"]["template"]["spec"]
     assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] == 900
+    # A preempted or evicted pod is not a failed run: the Job starts another.
+    assert spec["podFailurePolicy"] == {"rules": [{"action": "Ignore",
+                                                   "onPodConditions": [{"type": "DisruptionTarget"}]}]}
     assert pod["priorityClassName"] == "clara-dicom-higher"
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
