@@ -287,10 +287,10 @@ class StorageSCP:
         for assoc in list(self._connections):
             assoc.abort("adapter shutting down")
 
-    def call_soon_from_any_thread(self, fn: Callable[..., Any], *args: Any) -> None:
-        """``loop.call_soon`` on the loop's own thread (no self-pipe wake-up), else call_soon_threadsafe."""
+    def call_from_any_thread(self, fn: Callable[..., Any], *args: Any) -> None:
+        """``fn(*args)`` now on the loop's own thread, else soon on the loop."""
         if threading.get_ident() == self._loop_thread:
-            self.loop.call_soon(fn, *args)
+            fn(*args)
         else:
             self.loop.call_soon_threadsafe(fn, *args)
 
