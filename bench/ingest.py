@@ -16,6 +16,14 @@ before the next). Prints seconds, instances/s, ratios and the load average.
     python bench/ingest.py [--slices 300] [--small 2000] [--repeat 3] [--only ct|small]
                            [--workers 0 --workers 2]   (clara-dicom receive workers; each measured)
 
+Where the time goes: ``--profile DIR`` records every clara-dicom repetition
+with py-spy (500 Hz, native frames, idle threads; ``pip install py-spy``), and
+``python bench/profile_summary.py DIR/*.txt`` gives each thread's busy share by
+function. py-spy stops the process at each sample, so runs are slower and the
+CPU figures include its overhead: read the shares, not the times.
+
+    python bench/ingest.py --only small --repeat 1 --workers 0 --associations-only 1 --no-anchors --profile /tmp/prof
+
 Replicas (issue 16): ``--replicas N --journal postgresql`` runs, in the same
 run, one `up` on the SQLite journal (the anchor), one on a PostgreSQL journal
 and N sharing that PostgreSQL journal and one state folder, each fed the same
