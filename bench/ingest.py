@@ -16,6 +16,14 @@ before the next). Prints seconds, instances/s, ratios and the load average.
     python bench/ingest.py [--slices 300] [--small 2000] [--repeat 3] [--only ct|small]
                            [--workers 0 --workers 2]   (clara-dicom receive workers; each measured)
 
+Where the time goes: ``--profile DIR`` records every clara-dicom repetition
+with py-spy (500 Hz, native frames, idle threads; ``pip install py-spy``), and
+``python bench/profile_summary.py DIR/*.txt`` gives each thread's busy share by
+function. py-spy stops the process at each sample, so runs are slower and the
+CPU figures include its overhead: read the shares, not the times.
+
+    python bench/ingest.py --only small --repeat 1 --workers 0 --associations-only 1 --no-anchors --profile /tmp/prof
+
 Replicas (issue 16): ``--replicas N --journal postgresql`` runs, in the same
 run, one `up` on the SQLite journal (the anchor), one on a PostgreSQL journal
 and N sharing that PostgreSQL journal and one state folder, each fed the same
@@ -112,12 +120,15 @@ def cpu_seconds(session: int) -> float:
 
 
 def measure(name: str, port: int, files: list[Path], parallel: int, repeat: int, called: str,
-            after: callable = None, pid: int | None = None) -> float:
+            after: callable = None, pid: int | None = None, profile: Path | None = None) -> float:
     times, cpu = [], []
-    for _ in range(repeat):
+    for i in range(repeat):
+        spy = start_profile(pid, profile.with_name(f"{profile.name}-{i}.txt")) if profile else None
         before = cpu_seconds(pid) if pid else 0.0
         times.append(send(port, files, parallel, called))
         cpu.append(cpu_seconds(pid) - before if pid else 0.0)
+        if spy:
+            stop_profile(spy)
         if after:
             after()
     best = min(times)
@@ -126,13 +137,37 @@ def measure(name: str, port: int, files: list[Path], parallel: int, repeat: int,
     return best
 
 
+def start_profile(pid: int, out: Path) -> subprocess.Popen:
+    """py-spy sampling ``pid`` (and its receive workers) at 500 Hz, native frames and idle threads
+    included, as collapsed stacks in ``out`` (summarise with bench/profile_summary.py)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--native", "--idle", "--threads",
+                            "--subprocesses", "-r", "500", "-f", "raw", "-o", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # py-spy attaches
+    return spy
+
+
+def stop_profile(spy: subprocess.Popen) -> None:
+    import signal
+
+    spy.send_signal(signal.SIGINT)
+    spy.wait(30)
+
+
 def run_workload(name: str, files: list[Path], repeat: int, tmp: Path,
-                 workers: tuple[str, ...] | list[str] = ("default",)) -> dict[tuple[str, int], float]:
+                 workers: tuple[str, ...] | list[str] = ("default",), profile: Path | None = None,
+                 associations: tuple[int, ...] = (1, 4), anchors: bool = True) -> dict[tuple[str, int], float]:
     mb = sum(f.stat().st_size for f in files) / 1e6
     print(f"workload {name}: {len(files)} instances, {mb:.0f} MB ({load()})")
     results: dict[tuple[str, int], float] = {}
-    for parallel in (1, 4):
+    for parallel in associations:
         print(f"{parallel} association(s):")
+        if not anchors:
+            for count in workers:
+                label = "clara" if count == "default" else f"clara-w{count}"
+                results[(label, parallel)] = run_adapter(label, count, name, files, parallel, repeat, tmp, profile)
+            continue
         scp = StoreSCP(tmp / f"storescp-{name}-{parallel}", fork=parallel > 1)
         try:
             results[("storescp", parallel)] = measure("storescp", scp.port, files, parallel, repeat, "ANY",
@@ -147,23 +182,28 @@ def run_workload(name: str, files: list[Path], repeat: int, tmp: Path,
             orthanc.stop()
         for count in workers:
             label = "clara" if count == "default" else f"clara-w{count}"
-            adapter = LocalAdapter(tmp / "config.yaml", tmp / f"adapter-{name}-{parallel}-{count}",
-                                   extra=["--log-level", "WARNING"] + ([] if count == "default" else
-                                                                       ["--receive-workers", count]))
-            try:
-                # Wait for each repetition's group to close so runs don't overlap in one group.
-                def drained() -> None:
-                    wait_for(lambda: adapter.status()["instancesHeld"] == 0, 120, what="group closed")
-
-                results[(label, parallel)] = measure(label, adapter.dicom_port, files, parallel, repeat,
-                                                     "CLARA", after=drained, pid=adapter.proc.pid)
-            finally:
-                adapter.stop()
+            results[(label, parallel)] = run_adapter(label, count, name, files, parallel, repeat, tmp, profile)
             ours = results[(label, parallel)]
             print(f"  {label}: ratio (throughput, ours / anchor): vs storescp{' --fork' if parallel > 1 else ''} "
                   f"{results[('storescp', parallel)] / ours:.2f}x, vs Orthanc "
                   f"{results[('orthanc', parallel)] / ours:.2f}x  ({load()})")
     return results
+
+
+def run_adapter(label: str, count: str, name: str, files: list[Path], parallel: int, repeat: int, tmp: Path,
+                profile: Path | None) -> float:
+    adapter = LocalAdapter(tmp / "config.yaml", tmp / f"adapter-{name}-{parallel}-{count}",
+                           extra=["--log-level", "WARNING"] + ([] if count == "default" else
+                                                               ["--receive-workers", count]))
+    try:
+        # Wait for each repetition's group to close so runs don't overlap in one group.
+        def drained() -> None:
+            wait_for(lambda: adapter.status()["instancesHeld"] == 0, 120, what="group closed")
+
+        return measure(label, adapter.dicom_port, files, parallel, repeat, "CLARA", after=drained,
+                       pid=adapter.proc.pid, profile=profile / f"{name}-{parallel}assoc-{label}" if profile else None)
+    finally:
+        adapter.stop()
 
 
 def send_spread(ports: list[int], files: list[Path], parallel: int, called: str) -> float:
@@ -247,6 +287,12 @@ def main() -> int:
     ap.add_argument("--only", choices=("ct", "small"))
     ap.add_argument("--workers", action="append", metavar="N|default",
                     help="clara-dicom receive workers (repeatable: each is measured; default: the adapter's default, 0)")
+    ap.add_argument("--associations-only", type=int, action="append", metavar="N",
+                    help="measure only N parallel associations (repeatable; default 1 and 4)")
+    ap.add_argument("--no-anchors", action="store_true", help="measure clara-dicom only (no storescp, no Orthanc)")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="record each clara-dicom repetition with py-spy (500 Hz, native, idle) into DIR; "
+                         "the CPU figures then include py-spy's overhead")
     ap.add_argument("--replicas", type=int, default=0, metavar="N",
                     help="compare N `up` replicas on a shared journal with one (needs --journal postgresql)")
     ap.add_argument("--journal", choices=("postgresql",), help="the shared journal of --replicas")
@@ -265,10 +311,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="clara-bench-") as tmp:
         tmp = Path(tmp)
         (tmp / "config.yaml").write_text(CONFIG)
+        assocs = tuple(args.associations_only or (1, 4))
         if args.only in (None, "ct"):
-            run_workload("ct", study(args.slices), args.repeat, tmp, workers)
+            run_workload("ct", study(args.slices), args.repeat, tmp, workers, args.profile, assocs,
+                         not args.no_anchors)
         if args.only in (None, "small"):
-            run_workload("small", study(args.small, 64), args.repeat, tmp, workers)
+            run_workload("small", study(args.small, 64), args.repeat, tmp, workers, args.profile, assocs,
+                         not args.no_anchors)
     return 0
 
 

@@ -136,3 +136,47 @@ def test_retention_purges_old_payloads_and_keeps_recent_ones(tmp_path):
     assert purge_older_than(tmp_path, 3600) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new-job"]
     assert purge_older_than(tmp_path / "missing", 1) == 0
+
+
+def test_disk_guard_asks_the_disk_again_within_a_second_and_always_near_its_limits(tmp_path, monkeypatch):
+    """statvfs is cached only while the disk is far (≥ HEADROOM_BYTES) from both limits."""
+    import os as os_module
+
+    calls = []
+    real = os_module.statvfs
+    free_blocks = {"n": 0}
+
+    class Fake:
+        def __init__(self, st):
+            self.f_blocks, self.f_frsize, self.f_bavail = st.f_blocks, st.f_frsize, free_blocks["n"] or st.f_bavail
+
+    def counting(path):
+        calls.append(path)
+        return Fake(real(path))
+
+    monkeypatch.setattr(os_module, "statvfs", counting)
+    now = [100.0]
+    far = DiskGuard(tmp_path, 100, 0, clock=lambda: now[0])
+    far.HEADROOM_BYTES = 0  # this disk counts as far from the limits
+    assert far.check() is None and far.check() is None
+    assert len(calls) == 1  # the second check within a second used the first answer
+    now[0] += 1.01
+    assert far.check() is None and len(calls) == 2
+    near = DiskGuard(tmp_path, 100, 0, clock=lambda: now[0])
+    near.HEADROOM_BYTES = 1 << 62  # every disk is "near" its limits: asked every time
+    for _ in range(3):
+        assert near.check() is None
+    assert len(calls) == 5
+    # the disk fills up between two checks of a guard within 1 GiB of its reserve: the second sees it
+    st = real(tmp_path)
+    guard = DiskGuard(tmp_path, 100, st.f_bavail * st.f_frsize - 1024**3, clock=lambda: now[0])
+    assert guard.check() is None
+    free_blocks["n"] = 1
+    assert "reserve" in guard.check()
+
+
+def test_instance_file_names_are_unique(tmp_path):
+    from clara_adapter.storage import unique_name
+
+    names = {unique_name() for _ in range(10000)}
+    assert len(names) == 10000 and all(len(n) == 32 for n in names)

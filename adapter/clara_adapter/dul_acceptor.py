@@ -299,7 +299,8 @@ class Association(asyncio.BufferedProtocol):
             self.transport.pause_reading()
         server = self.server
         future = server.commit(self, incoming)
-        future.add_done_callback(lambda f: server.call_soon_from_any_thread(self._committed, f, command, context_id))
+        # committed on the loop (quick journal): answered right away; from a pool thread: via the loop
+        future.add_done_callback(lambda f: server.call_from_any_thread(self._committed, f, command, context_id))
 
     def _committed(self, future: "concurrent.futures.Future", command: dict, context_id: int) -> None:
         self._committing -= 1

@@ -27,6 +27,7 @@ IMPLEMENTATION_VERSION = "CLARA_DICOM_02"
 MAX_CONTROL_PDU = 256 * 1024  # A-ASSOCIATE-RQ and friends; real ones are a few KB
 PDU_HEADER = struct.Struct(">BBI")
 PDV_HEADER = struct.Struct(">IBB")
+_ONE_PDV_PDU = struct.Struct(">BBIIBB")
 
 # A-ABORT source/reason (PS3.8 §9.3.8)
 ABORT_SOURCE_PROVIDER = 0x02
@@ -231,6 +232,8 @@ def p_data_command(context_id: int, command: bytes, peer_max_pdu: int) -> bytes:
     """P-DATA-TF PDU(s) carrying a whole command set, fragmented to fit the
     peer's maximum PDU length."""
     limit = peer_max_pdu - 6 if peer_max_pdu and peer_max_pdu > 12 else len(command) + 6
+    if len(command) <= limit:  # the usual case: one PDU, one PDV
+        return _ONE_PDV_PDU.pack(P_DATA_TF, 0, len(command) + 6, len(command) + 2, context_id, 0x03) + command
     chunk = max(limit, 1)
     out = []
     for start in range(0, len(command), chunk):

@@ -21,11 +21,11 @@ R = TypeVar("R")
 
 
 class _Waiter:
-    __slots__ = ("item", "result", "error", "lead", "event")
+    __slots__ = ("items", "result", "error", "lead", "event")
 
-    def __init__(self, item: Any):
-        self.item = item
-        self.result: Any = None
+    def __init__(self, items: list[Any]):
+        self.items = items
+        self.result: list[Any] = []
         self.error: BaseException | None = None
         self.lead = False
         self.event = threading.Event()
@@ -43,7 +43,11 @@ class GroupCommit(Generic[T, R]):
 
     def submit(self, item: T) -> R:
         """Run ``item`` in the next batch; return its result once that batch is committed."""
-        me = _Waiter(item)
+        return self.submit_many([item])[0]
+
+    def submit_many(self, items: list[T]) -> list[R]:
+        """Run ``items`` in the next batch; their results once that batch is committed."""
+        me = _Waiter(items)
         with self._mutex:
             self._queue.append(me)
             if not self._leading:
@@ -57,22 +61,25 @@ class GroupCommit(Generic[T, R]):
         return me.result
 
     def queued(self) -> int:
+        """Items waiting for the next batch."""
         with self._mutex:
-            return len(self._queue)
+            return sum(len(w.items) for w in self._queue)
 
     def _lead(self) -> None:
         with self._lock:
             with self._mutex:
                 batch, self._queue = self._queue, []
             try:
-                results = self._run_batch([w.item for w in batch])
+                results = self._run_batch([item for w in batch for item in w.items])
                 self.batches += 1
             except BaseException as exc:  # a bug in run_batch must not leave the others waiting forever
-                results = [None] * len(batch)
+                results = [None] * sum(len(w.items) for w in batch)
                 for waiter in batch:
                     waiter.error = exc
-        for waiter, result in zip(batch, results):
-            waiter.result = result
+        start = 0
+        for waiter in batch:
+            waiter.result = results[start:start + len(waiter.items)]
+            start += len(waiter.items)
         with self._mutex:
             nxt = self._queue[0] if self._queue else None
             if nxt is not None:

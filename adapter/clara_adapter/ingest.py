@@ -215,6 +215,38 @@ class Ingest:
             return outcome
         return self.commit_instance(route, outcome)
 
+    @property
+    def quick_commits(self) -> bool:
+        """Is a commit short enough to run on the receive event loop? True for
+        the SQLite journal without fsync (a WAL commit is tens of microseconds);
+        PostgreSQL round trips and fsyncs go to worker threads."""
+        return isinstance(self.journal, Journal) and not self.store.fsync and not self.journal.durable
+
+    def commit_received_now(self, items: list[tuple[Route, IncomingInstance]]) -> list[int] | None:
+        """`commit_received` for several finished instances at once, in one
+        transaction, on the calling thread; None (nothing done) when the journal
+        is busy (a group closing, a batch of another thread) so the caller, the
+        receive event loop, never waits for it."""
+        lock = self.journal.lock
+        if not lock.acquire(blocking=False):
+            return None
+        try:
+            statuses: list[int | None] = [None] * len(items)
+            batch, where = [], []
+            for i, (route, incoming) in enumerate(items):
+                outcome = incoming.finalize()
+                if isinstance(outcome, int):
+                    statuses[i] = outcome
+                else:
+                    batch.append((route, outcome))
+                    where.append(i)
+            if batch:
+                for i, status in zip(where, self._commit_batch(batch)):
+                    statuses[i] = status
+            return statuses  # type: ignore[return-value]
+        finally:
+            lock.release()
+
     def store_instance(self, route: Route, calling_ae: str, sop_class_uid: str, sop_instance_uid: str,
                        transfer_syntax: str, dataset: bytes | memoryview) -> int:
         """Store, journal and hand over one instance held in memory; returns the
@@ -235,6 +267,10 @@ class Ingest:
         untouched (the processor publishes only after the commit)."""
         return self._group_commit.submit((route, inst))
 
+    def commit_instances(self, items: list[tuple[Route, InstanceRecord]]) -> list[int]:
+        """`commit_instance` for several stored files at once (one caller, one wait)."""
+        return self._group_commit.submit_many(items)
+
     def _commit_batch(self, items: list[tuple[Route, InstanceRecord]]) -> list[int]:
         """One transaction for every queued instance (runs under the journal lock)."""
         outcomes: list[Outcome | None] = [None] * len(items)
@@ -242,13 +278,13 @@ class Ingest:
         sched = self.ctx.scheduler
         try:
             with self.journal.transaction(sched.now(), sched.mono()) as tx:
-                for i, (route, inst) in enumerate(items):
+                if len(items) == 1:  # alone: a failure rolls the whole transaction back, no savepoint needed
+                    route, inst = items[0]
+                    outcomes[0] = self._handle(route, inst, tx)
+                for i, (route, inst) in enumerate(items if len(items) > 1 else ()):
                     try:
                         with tx.step():
-                            inst.acked_at = tx.now
-                            outcome = route.processor.handle_instance(inst, tx)
-                            if outcome is Outcome.KEEP and inst.id is None:
-                                tx.journal.add_instance(inst)
+                            outcome = self._handle(route, inst, tx)
                         outcomes[i] = outcome
                     except TransactionAborted:
                         raise
@@ -272,6 +308,14 @@ class Ingest:
                 delete_files([inst.path])
                 self.metrics.ignored.labels(ae, outcome.value).inc()
         return [PROCESSING_FAILURE if status is None else status for status in statuses]
+
+    @staticmethod
+    def _handle(route: Route, inst: InstanceRecord, tx: Any) -> Outcome:
+        inst.acked_at = tx.now
+        outcome = route.processor.handle_instance(inst, tx)
+        if outcome is Outcome.KEEP and inst.id is None:
+            tx.journal.add_instance(inst)
+        return outcome
 
     def _failed(self, route: Route, inst: InstanceRecord, exc: BaseException) -> int:
         delete_files([inst.path])

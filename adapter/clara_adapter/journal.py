@@ -214,6 +214,7 @@ class JournalBase:
 
     def _setup(self, root: Path) -> None:
         self.root = root
+        self._abs_root = os.path.join(os.path.abspath(root), "")  # with its trailing separator
         self._lock = threading.RLock()
         self._depth = 0
         self.commits = 0  # committed write transactions (group-commit tests and benchmarks read it)
@@ -251,13 +252,15 @@ class JournalBase:
     # -- paths --------------------------------------------------------------
     def _rel(self, path: Path) -> str:
         """``path`` relative to the storage root, however either is spelled."""
-        path = Path(os.path.abspath(path))
-        for base, target in ((Path(os.path.abspath(self.root)), path), (self.root.resolve(), path.resolve())):
-            try:
-                return str(target.relative_to(base))
-            except ValueError:
-                continue
-        return str(path)  # outside the root (a plug-in's own file): kept absolute
+        text = os.path.abspath(path)
+        base = self._abs_root
+        if text.startswith(base):  # the usual case, without pathlib or resolve() (per instance, on the hot path)
+            return text[len(base):]
+        path = Path(text)
+        try:
+            return str(path.resolve().relative_to(self.root.resolve()))  # spelled differently (symlinks)
+        except ValueError:
+            return str(path)  # outside the root (a plug-in's own file): kept absolute
 
     def _migrate_absolute_paths(self) -> None:
         """Journals written before paths were relative held absolute paths as the
@@ -441,6 +444,7 @@ class Journal(JournalBase):
         journal's folder). ``durable``: fsync every commit (``synchronous=FULL``),
         for power-loss safety; otherwise a commit survives a process crash."""
         self.path = Path(path)
+        self.durable = durable
         self._setup(Path(root) if root is not None else self.path.parent)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)

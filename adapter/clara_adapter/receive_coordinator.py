@@ -219,33 +219,70 @@ class ReceiveCoordinator:
 
     # -- the link -----------------------------------------------------------------
     def _read(self, worker: Worker) -> None:
+        """The worker's messages. Commits are run right here, every commit the
+        worker has sent so far in one call of the group commit, and answered in
+        one message: no thread hand-off per instance (admissions, which may
+        resolve host names, go to the pool)."""
+        conn = worker.conn
         while True:
+            commits: list[tuple] = []
             try:
-                message = worker.conn.recv()
+                message = conn.recv()
+                while True:
+                    if message[0] == "commit":
+                        commits.append(message)
+                    else:
+                        self._handle(worker, message)
+                    if not conn.poll(0):
+                        break
+                    message = conn.recv()
             except (EOFError, OSError):
                 return
-            kind = message[0]
-            if kind == "admit":
-                with self._cond:
-                    self._admitting += 1
-                self.pool.submit(self._reply, worker, message[1], self._admit, worker, *message[2:])
-            elif kind == "commit":
-                self.pool.submit(self._reply, worker, message[1], self._commit, worker, *message[2:])
-            elif kind == "closed":
-                with self._cond:
-                    if worker.slots.pop(message[1], None) is not None:
-                        self._negotiated -= 1
-                        self.ingest.metrics.active.set(self._negotiated)
-                    self._cond.notify_all()
-            elif kind == "idle_end":
-                with self._cond:
-                    if self._idle.pop((worker, message[1]), "gone") is None:
-                        worker.idle -= 1
-            elif kind == "count" and message[1] in WORKER_COUNTERS:
-                if message[1] == "associations":
-                    self.on_association(*message[2])
+            finally:
+                if commits:
+                    self._commit_all(worker, commits)
+
+    def _commit_all(self, worker: Worker, commits: list[tuple]) -> None:
+        statuses: list[int | None] = []
+        try:
+            batch, where = [], []
+            for message in commits:
+                ready = self._prepare(worker, *message[2:])
+                if isinstance(ready, int):
+                    statuses.append(ready)
                 else:
-                    getattr(self.ingest.metrics, message[1]).labels(*message[2]).inc(message[3])
+                    statuses.append(None)
+                    batch.append(ready)
+                    where.append(len(statuses) - 1)
+            for i, status in zip(where, self.ingest.commit_instances(batch) if batch else ()):
+                statuses[i] = status
+        except Exception:
+            log.exception("receive worker commits failed")
+        statuses += [None] * (len(commits) - len(statuses))
+        worker.send(("replies", [(message[1], PROCESSING_FAILURE if status is None else status)
+                                 for message, status in zip(commits, statuses)]))
+
+    def _handle(self, worker: Worker, message: tuple) -> None:
+        kind = message[0]
+        if kind == "admit":
+            with self._cond:
+                self._admitting += 1
+            self.pool.submit(self._reply, worker, message[1], self._admit, worker, *message[2:])
+        elif kind == "closed":
+            with self._cond:
+                if worker.slots.pop(message[1], None) is not None:
+                    self._negotiated -= 1
+                    self.ingest.metrics.active.set(self._negotiated)
+                self._cond.notify_all()
+        elif kind == "idle_end":
+            with self._cond:
+                if self._idle.pop((worker, message[1]), "gone") is None:
+                    worker.idle -= 1
+        elif kind == "count" and message[1] in WORKER_COUNTERS:
+            if message[1] == "associations":
+                self.on_association(*message[2])
+            else:
+                getattr(self.ingest.metrics, message[1]).labels(*message[2]).inc(message[3])
 
     def _accept(self) -> None:
         """Accept every connection here and hand it to the least busy worker: the
@@ -335,8 +372,9 @@ class ReceiveCoordinator:
                 self._admitting -= 1
                 self._cond.notify_all()
 
-    def _commit(self, worker: Worker, admission: int, tmp_name: str, record: InstanceRecord) -> int:
-        """Rename a worker's finished file into place and commit it; the C-STORE status."""
+    def _prepare(self, worker: Worker, admission: int, tmp_name: str,
+                 record: InstanceRecord) -> tuple[Route, InstanceRecord] | int:
+        """Rename a worker's finished file into place: what to commit, or the C-STORE status."""
         root = self.ingest.store.root
         final_name = Path(record.path).name
         tmp = root / tmp_name
@@ -356,7 +394,7 @@ class ReceiveCoordinator:
             _unlink(tmp)
             self.ingest.metrics.store_failures.labels("write_error").inc()
             return OUT_OF_RESOURCES
-        return self.ingest.commit_instance(route, record)
+        return route, record
 
     # -- what Adapter asks --------------------------------------------------------
     @property

@@ -12,7 +12,8 @@ coordinator, over its link (a Unix socket pair, pickled tuples), for:
   → ``("ok", admission, route fields)`` or ``("rj", (result, source, reason))``;
   so slot counts, AE titles and source rules stay exact across workers;
 * the commit of each instance: ``("commit", id, admission, temp name, record)``
-  → C-STORE status; the coordinator renames the file into place and commits
+  → C-STORE status, in ``("replies", [(id, status), ...])`` with every commit
+  the coordinator read at once; the coordinator renames the file into place and commits
   it through `Ingest.commit_instance` (group commit), and only then does the
   worker send the C-STORE-RSP (commit, then publish).
 
@@ -89,7 +90,12 @@ class CoordinatorLink:
         try:
             while self.conn.poll(0):
                 message = self.conn.recv()
-                if message[0] == "reply":
+                if message[0] == "replies":  # commits, answered together
+                    for call_id, result in message[1]:
+                        future = self._pending.pop(call_id, None)
+                        if future is not None:
+                            future.set_result(result)
+                elif message[0] == "reply":
                     future = self._pending.pop(message[1], None)
                     if future is not None:
                         future.set_result(message[2])

@@ -62,6 +62,8 @@ class StorageSCP:
         self._negotiated = 0
         self._accepting = True
         self._idle = threading.Condition()
+        self._quick_commits = bool(getattr(ingest, "quick_commits", False))
+        self._ready: list[tuple[Route, Any, concurrent.futures.Future]] = []  # finished, to commit on the loop
 
     # -- what associations ask of the server -------------------------------------
     def connection_opened(self, assoc: Association) -> None:
@@ -105,8 +107,31 @@ class StorageSCP:
         return self.claim_slot(rq)
 
     def commit(self, assoc: Association, incoming: Any) -> "concurrent.futures.Future[int]":
-        """Commit a finished instance off the event loop; the future yields its C-STORE status."""
+        """Commit a finished instance; the future yields its C-STORE status.
+
+        When a commit is quick (SQLite journal, no fsync: `Ingest.quick_commits`)
+        it runs on the event loop itself, once per loop iteration for every
+        instance finished in it (one transaction), so no thread hand-off is paid
+        per instance; a busy journal (a group closing) sends the batch to the
+        thread pool instead of blocking the loop. Otherwise (PostgreSQL, fsync)
+        it runs in the pool, batched across threads by the group commit."""
+        if self._quick_commits:
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            self._ready.append((assoc.route, incoming, future))
+            if len(self._ready) == 1:
+                self.loop.call_soon(self._commit_ready)
+            return future
         return self.pool.submit(self.ingest.commit_received, assoc.route, incoming)
+
+    def _commit_ready(self) -> None:
+        batch, self._ready = self._ready, []
+        statuses = self.ingest.commit_received_now([(route, incoming) for route, incoming, _ in batch])
+        if statuses is None:
+            for route, incoming, future in batch:
+                self.pool.submit(_complete, future, self.ingest.commit_received, route, incoming)
+            return
+        for (_, _, future), status in zip(batch, statuses):
+            future.set_result(status)  # its callback answers the C-STORE (call_soon: same thread)
 
     def check_protocol(self, rq: AssociateRequest) -> tuple[int, int, int] | None:
         """The A-ASSOCIATE-RJ for a request we cannot speak, else None."""
@@ -262,10 +287,10 @@ class StorageSCP:
         for assoc in list(self._connections):
             assoc.abort("adapter shutting down")
 
-    def call_soon_from_any_thread(self, fn: Callable[..., Any], *args: Any) -> None:
-        """``loop.call_soon`` on the loop's own thread (no self-pipe wake-up), else call_soon_threadsafe."""
+    def call_from_any_thread(self, fn: Callable[..., Any], *args: Any) -> None:
+        """``fn(*args)`` now on the loop's own thread, else soon on the loop."""
         if threading.get_ident() == self._loop_thread:
-            self.loop.call_soon(fn, *args)
+            fn(*args)
         else:
             self.loop.call_soon_threadsafe(fn, *args)
 
@@ -279,3 +304,10 @@ class StorageSCP:
             self.loop.call_soon_threadsafe(self.loop.stop)
             if self._thread is not None:
                 self._thread.join(5)
+
+
+def _complete(future: "concurrent.futures.Future", fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        future.set_result(fn(*args))
+    except BaseException as exc:
+        future.set_exception(exc)

@@ -15,12 +15,14 @@ Streaming (the C-STORE receive path, STOW-RS parts)::
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import shutil
 import struct
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Callable, ClassVar
 from pathlib import Path
 
 from clara_adapter.dataset_walk import walk
@@ -80,19 +82,34 @@ def read_tags(dataset: bytes | memoryview, transfer_syntax: str, tags: set[int])
 
 @dataclass
 class DiskGuard:
-    """Clara's rule: refuse data when used ≥ watermark % or free < reserve."""
+    """Clara's rule: refuse data when used ≥ watermark % or free < reserve.
+
+    ``statvfs`` is asked at most every ``RECHECK_SECONDS`` while the disk was
+    at least ``HEADROOM_BYTES`` away from both limits (more than can be
+    written in that time), and on every check nearer to them, so the rule
+    stays exact where it matters without a system call per instance."""
 
     path: Path
     watermark_percent: float = 85.0
     reserve_bytes: int = 5 * 1024**3
+    clock: Callable[[], float] = time.monotonic
+    RECHECK_SECONDS: ClassVar[float] = 1.0
+    HEADROOM_BYTES: ClassVar[int] = 2 * 1024**3
+    _asked: float = float("-inf")  # when statvfs last answered
+    _headroom: int = 0  # bytes it left before the nearer limit
 
     def check(self, incoming: int = 0) -> str | None:
         """None when there is room for ``incoming`` more bytes, else why not."""
+        now = self.clock()
+        if now - self._asked < self.RECHECK_SECONDS and self._headroom - incoming >= self.HEADROOM_BYTES:
+            return None
         st = os.statvfs(self.path)
         total = st.f_blocks * st.f_frsize
         free = st.f_bavail * st.f_frsize
         if total == 0:
             return None
+        self._asked = now
+        self._headroom = int(min(free - self.reserve_bytes, free - total * (1 - self.watermark_percent / 100)))
         used_pct = 100.0 * (total - free + incoming) / total
         if used_pct >= self.watermark_percent:
             return f"disk {used_pct:.1f}% used (watermark {self.watermark_percent:g}%)"
@@ -171,18 +188,32 @@ class InstanceStore:
         return removed
 
 
+_NAME_PREFIX = ["", 0]  # (random prefix, pid it was drawn in)
+_name_counter = itertools.count()
+
+
+def unique_name() -> str:
+    """A file name never used before, on any replica sharing the folder: 24 hex
+    digits drawn at random once per process (redrawn after a fork) and a
+    counter. The same uniqueness as a uuid4 per file, without a getrandom
+    system call per instance."""
+    if _NAME_PREFIX[1] != os.getpid():
+        _NAME_PREFIX[:] = [uuid.uuid4().hex[:24], os.getpid()]
+    return f"{_NAME_PREFIX[0]}{next(_name_counter):08x}"
+
+
 class InstanceWriter:
     """One Part 10 file being written as its bytes arrive, under a temporary name.
 
     ``write`` appends (raises DiskFull on ENOSPC/EDQUOT, OSError otherwise);
-    ``finalize`` closes, fsyncs if asked and renames to ``<uuid>.dcm``;
+    ``finalize`` closes, fsyncs if asked and renames to ``<unique name>.dcm``;
     ``discard`` closes and deletes the temporary file. Not thread-safe: one
     owner at a time (the receive loop writes, a worker thread may finalize)."""
 
     __slots__ = ("tmp", "final", "size", "_fd", "_fsync")
 
     def __init__(self, root: Path, fsync: bool = False, tmp_prefix: str = TMP_PREFIX):
-        name = uuid.uuid4().hex
+        name = unique_name()
         self.tmp = root / f"{tmp_prefix}{name}"
         self.final = root / f"{name}.dcm"
         self.size = 0
