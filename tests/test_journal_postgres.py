@@ -20,7 +20,7 @@ from clara_adapter.storage import InstanceStore
 from clara_adapter.submitter import JobSubmitter
 from local_setup import write_config
 from peers import adapter_command, storescu, wait_for
-from postgres_server import own_postgres_server, postgres_server  # noqa: F401 (fixtures)
+from postgres_server import open_together, own_postgres_server, postgres_server  # noqa: F401 (fixtures)
 from test_processor_unit import manifests
 from test_shared_groups import SharedHarness
 
@@ -119,24 +119,8 @@ def test_unreachable_journal_at_start_is_one_line(tmp_path):
 
 def test_journals_opening_together_on_an_empty_database_agree(tmp_path, postgres_server):
     """Replicas starting at the same moment: schema creation is serialised, one epoch for all."""
-    import threading
-
     dsn = postgres_server.fresh_database("together")
-    opened, errors = [], []
-    barrier = threading.Barrier(4)
-
-    def open_one() -> None:
-        barrier.wait()
-        try:
-            opened.append(open_journal(dsn, tmp_path))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=open_one) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    opened, errors = open_together(4, lambda: open_journal(dsn, tmp_path))
     try:
         assert errors == [] and len(opened) == 4
         assert len({j.epoch for j in opened}) == 1
@@ -168,8 +152,6 @@ def test_a_version_2_database_is_migrated_once_by_replicas_opening_together(tmp_
     """Schema 3 adds the journal's join-and-insert function. A database written by
     schema 2 (an open group holding an instance) is migrated by replicas that open
     it together; afterwards every replica joins the same open group."""
-    import threading
-
     import psycopg
 
     from clara_adapter.journal import InstanceRecord
@@ -192,21 +174,7 @@ def test_a_version_2_database_is_migrated_once_by_replicas_opening_together(tmp_
         conn.execute("DROP FUNCTION clara_adapter.add_to_open_group")
         conn.execute("UPDATE clara_adapter.meta SET value = '2' WHERE key = 'schema_version'")
 
-    opened_journals, errors = [], []
-    barrier = threading.Barrier(3)
-
-    def open_one() -> None:
-        barrier.wait()
-        try:
-            opened_journals.append(PostgresJournal(dsn, root=tmp_path))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=open_one) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    opened_journals, errors = open_together(3, lambda: PostgresJournal(dsn, root=tmp_path))
     try:
         assert errors == [] and len(opened_journals) == 3
         for i, journal in enumerate(opened_journals):

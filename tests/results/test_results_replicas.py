@@ -12,6 +12,7 @@ from collections import Counter
 import pytest
 
 from clara_results.client import ResultsClient, TaskState
+from postgres_server import open_together
 from results_testlib import TOKEN, free_port, wait_for
 
 pytestmark = pytest.mark.postgres
@@ -104,21 +105,7 @@ def test_concurrent_store_openings_on_an_empty_database(postgres_dsn):
     """Eight stores (one per thread) created at the same moment: schema creation takes turns."""
     from clara_results.store import open_store
 
-    barrier = threading.Barrier(8)
-    stores, errors = [], []
-
-    def open_one() -> None:
-        try:
-            barrier.wait(10)
-            stores.append(open_store(postgres_dsn, pool_size=1))
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=open_one) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    stores, errors = open_together(8, lambda: open_store(postgres_dsn, pool_size=1))
     try:
         assert not errors, errors[:3]
         assert len(stores) == 8 and all(s.list() == [] for s in stores)
