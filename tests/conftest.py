@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from local_setup import require, write_config  # noqa: E402
-from peers import DCMTK_DIR, LocalAdapter  # noqa: E402
+from peers import DCMTK_DIR, LocalAdapter, stops_what_it_starts  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -36,16 +36,7 @@ def ct_series(tmp_path_factory) -> list[Path]:
 @pytest.fixture
 def local_adapter(tmp_path, dcmtk_available):
     """Factory: start `clara-dicom up` with a config; stopped at teardown (log shown on failure)."""
-    started: list[LocalAdapter] = []
-
     def start(config: Path | None = None, state: Path | None = None, **kwargs) -> LocalAdapter:
-        config = config or write_config(tmp_path / "config")
-        adapter = LocalAdapter(config, state or tmp_path / "state", **kwargs)
-        started.append(adapter)
-        return adapter
+        return LocalAdapter(config or write_config(tmp_path / "config"), state or tmp_path / "state", **kwargs)
 
-    yield start
-    for adapter in started:
-        adapter.stop()
-        if adapter.proc.returncode not in (0, None, -9):
-            print(adapter.log()[-5000:])
+    yield from stops_what_it_starts(start, LocalAdapter.stop_and_report)

@@ -10,15 +10,60 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, TypeVar
 
 # pynetdicom installs console scripts called storescu/echoscu/storescp that
 # shadow dcmtk's on PATH: always use dcmtk's by absolute path.
 DCMTK_DIR = Path(os.environ.get("DCMTK_BIN", "/usr/bin"))
 REPO = Path(__file__).resolve().parent.parent
+
+
+T = TypeVar("T")
+
+
+def stops_what_it_starts(make: Callable[..., T], stop: Callable[[T], Any] = lambda thing: thing.stop()
+                         ) -> Iterator[Callable[..., T]]:
+    """The body of a factory fixture (``yield from stops_what_it_starts(make)``):
+    the test calls ``make`` through it, and everything it made is stopped at
+    teardown, newest first, whether the test passed or not."""
+    made: list[T] = []
+
+    def start(*args: Any, **kwargs: Any) -> T:
+        thing = make(*args, **kwargs)
+        made.append(thing)
+        return thing
+
+    try:
+        yield start
+    finally:
+        for thing in reversed(made):
+            stop(thing)
+
+
+def start_together(count: int, start: Callable[[], T], timeout: float = 60) -> tuple[list[T], list[BaseException]]:
+    """Call ``start`` from ``count`` threads released at the same moment, as
+    replicas starting together; returns (what started, errors)."""
+    barrier = threading.Barrier(count)
+    started: list[T] = []
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            barrier.wait(timeout)
+            started.append(start())
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return started, errors
 
 
 def dcmtk(tool: str) -> str:
@@ -223,6 +268,12 @@ class LocalAdapter(Process):
                               str(self.results_port), *(extra or []))
         super().__init__(cmd, self.state.parent / f"adapter-{self.dicom_port}.log", env=env, cwd=REPO)
         self.wait_ready()
+
+    def stop_and_report(self) -> None:
+        """Stop it; print its log's tail (pytest shows it on failure) if it had exited on its own with an error."""
+        self.stop()
+        if self.proc.returncode not in (0, None, -9):
+            print(self.log()[-5000:])
 
     def wait_ready(self, timeout: float = 30) -> None:
         wait_for(lambda: self.ready() or not self.alive(), timeout, what="adapter ready")

@@ -10,9 +10,8 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -153,25 +152,3 @@ def own_postgres_server() -> Iterator[PostgresServer]:
     """A server of this test's own, which the test may halt and launch again."""
     with running() as pg:
         yield pg
-
-
-def open_together(count: int, opener: Callable[[], Any], timeout: float = 60) -> tuple[list[Any], list[BaseException]]:
-    """Call ``opener`` from ``count`` threads released at the same moment, as
-    replicas starting together on one database; returns (what opened, errors)."""
-    barrier = threading.Barrier(count)
-    opened: list[Any] = []
-    errors: list[BaseException] = []
-
-    def open_one() -> None:
-        try:
-            barrier.wait(timeout)
-            opened.append(opener())
-        except BaseException as exc:  # noqa: BLE001 - reported by the caller
-            errors.append(exc)
-
-    threads = [threading.Thread(target=open_one) for _ in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    return opened, errors

@@ -19,8 +19,8 @@ from clara_adapter.shared_groups import SharedGroupCloser
 from clara_adapter.storage import InstanceStore
 from clara_adapter.submitter import JobSubmitter
 from local_setup import write_config
-from peers import adapter_command, storescu, wait_for
-from postgres_server import open_together, own_postgres_server, postgres_server  # noqa: F401 (fixtures)
+from peers import adapter_command, start_together, storescu, wait_for
+from postgres_server import own_postgres_server, postgres_server  # noqa: F401 (fixtures)
 from test_processor_unit import manifests
 from test_shared_groups import SharedHarness
 
@@ -120,7 +120,7 @@ def test_unreachable_journal_at_start_is_one_line(tmp_path):
 def test_journals_opening_together_on_an_empty_database_agree(tmp_path, postgres_server):
     """Replicas starting at the same moment: schema creation is serialised, one epoch for all."""
     dsn = postgres_server.fresh_database("together")
-    opened, errors = open_together(4, lambda: open_journal(dsn, tmp_path))
+    opened, errors = start_together(4, lambda: open_journal(dsn, tmp_path))
     try:
         assert errors == [] and len(opened) == 4
         assert len({j.epoch for j in opened}) == 1
@@ -174,7 +174,7 @@ def test_a_version_2_database_is_migrated_once_by_replicas_opening_together(tmp_
         conn.execute("DROP FUNCTION clara_adapter.add_to_open_group")
         conn.execute("UPDATE clara_adapter.meta SET value = '2' WHERE key = 'schema_version'")
 
-    opened_journals, errors = open_together(3, lambda: PostgresJournal(dsn, root=tmp_path))
+    opened_journals, errors = start_together(3, lambda: PostgresJournal(dsn, root=tmp_path))
     try:
         assert errors == [] and len(opened_journals) == 3
         for i, journal in enumerate(opened_journals):

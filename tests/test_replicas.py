@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 
 from clara_dicom.synthetic import write_study
 from local_setup import write_config
-from peers import LocalAdapter, adapter_command, dcmtk, dcmtk_env, wait_for
+from peers import LocalAdapter, adapter_command, dcmtk, dcmtk_env, start_together, wait_for
 from postgres_server import own_postgres_server, postgres_server  # noqa: F401 (fixtures)
 from test_scenarios import FIXTURES, imported_config, payload_sops, sops
 
@@ -30,32 +29,15 @@ def replicas(tmp_path, dcmtk_available):
 
     def start(n: int, config: Path, dsn: str, state: Path | None = None) -> list[LocalAdapter]:
         state = state or tmp_path / "shared"
-        out: list[LocalAdapter | None] = [None] * n
-        errors: list[BaseException] = []
-        barrier = threading.Barrier(n)
-
-        def one(i: int) -> None:
-            barrier.wait()
-            try:
-                out[i] = LocalAdapter(config, state, extra=["--journal", dsn])
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        started.extend(a for a in out if a is not None)
+        adapters, errors = start_together(n, lambda: LocalAdapter(config, state, extra=["--journal", dsn]), 120)
+        started.extend(adapters)
         if errors:
             raise errors[0]
-        return out  # type: ignore[return-value]
+        return adapters
 
     yield start
     for adapter in started:
-        adapter.stop()
-        if adapter.proc.returncode not in (0, None, -9):
-            print(adapter.log()[-5000:])
+        adapter.stop_and_report()
 
 
 def send_together(parts: list[tuple[LocalAdapter, list[Path]]]) -> None:

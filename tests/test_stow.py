@@ -5,6 +5,7 @@ must reach the pipeline job exactly as sent."""
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from pydicom import dcmread
 
 from local_setup import require, write_config
 from orthanc_dicomweb import PLUGIN, OrthancWeb
-from peers import LocalAdapter, metric_value, storescu, wait_for
+from peers import LocalAdapter, metric_value, stops_what_it_starts, storescu, wait_for
 
 TOKEN = "stow-test-token"
 BOUNDARY = "clara-test-boundary-7f3a"
@@ -41,24 +42,21 @@ def orthanc_dicomweb() -> None:
 @pytest.fixture
 def stow_adapter(tmp_path, dcmtk_available):
     """`clara-dicom up` serving STOW-RS into AE title CLARA (group by study, 5 s quiet)."""
-    started: list[LocalAdapter] = []
+    numbers = itertools.count()
 
     def start(token: str | None = TOKEN, extra_config: str = WEB_SOURCE, processor: str | None = None,
               env: dict[str, str] | None = None) -> LocalAdapter:
-        config = write_config(tmp_path / f"config{len(started)}", ae="CLARA",
+        n = next(numbers)
+        config = write_config(tmp_path / f"config{n}", ae="CLARA",
                               processor=processor or "timeout: 5\npipelines: {seg: seg-pipeline}",
                               extra=extra_config)
         environment = {**os.environ, **(env or {})}
         environment.pop("CLARA_STOW_TOKEN", None)
         if token:
             environment["CLARA_STOW_TOKEN"] = token
-        adapter = LocalAdapter(config, tmp_path / f"state{len(started)}", env=environment)
-        started.append(adapter)
-        return adapter
+        return LocalAdapter(config, tmp_path / f"state{n}", env=environment)
 
-    yield start
-    for adapter in started:
-        adapter.stop()
+    yield from stops_what_it_starts(start)
 
 
 def multipart(files: Iterable[Path | bytes], boundary: str = BOUNDARY, part_type: str = "application/dicom",

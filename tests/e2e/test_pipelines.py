@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import k8s_cluster as kc
+from peers import stops_what_it_starts
 from test_operator import Operator, Rest, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -47,17 +48,11 @@ def priority_classes(k8s_cluster):
 
 @pytest.fixture
 def operators(k8s_cluster, k8s_namespace, tmp_path):
-    started: list[Operator] = []
-
-    def start(*extra: str) -> Operator:
-        op = Operator(k8s_cluster, k8s_namespace, tmp_path, *extra).start()
-        started.append(op)
-        return op
-
-    yield start
-    for op in started:
+    def stop(op: Operator) -> None:
         op.stop()
         print(f"--- operator log (tail) ---\n{op.log()}")
+
+    yield from stops_what_it_starts(lambda *extra: Operator(k8s_cluster, k8s_namespace, tmp_path, *extra).start(), stop)
 
 
 def pipelinejob(name: str, pipeline: str, priority: str = "normal") -> dict:

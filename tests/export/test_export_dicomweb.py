@@ -9,23 +9,14 @@ import pytest
 from clara_results.models import TaskState
 
 from export_testlib import sop_uids, write_series
-from peers import Orthanc, free_port
+from peers import Orthanc, free_port, stops_what_it_starts
 
 pytestmark = pytest.mark.orthanc
 
 
 @pytest.fixture
 def orthanc_web(tmp_path, orthanc_dicomweb_available):
-    started: list[Orthanc] = []
-
-    def start(name: str = "web", **kwargs) -> Orthanc:
-        o = Orthanc(tmp_path / name, dicomweb=True, **kwargs)
-        started.append(o)
-        return o
-
-    yield start
-    for o in started:
-        o.stop()
+    yield from stops_what_it_starts(lambda name="web", **kwargs: Orthanc(tmp_path / name, dicomweb=True, **kwargs))
 
 
 def failures_logged(caplog) -> str:

@@ -17,23 +17,14 @@ from pydicom.uid import JPEGLSLossless, RLELossless
 from clara_results.models import TaskState
 
 from export_testlib import received, sop_uids, write_series
-from peers import REPO, Orthanc, StoreSCP, metric_value, wait_for
+from peers import REPO, Orthanc, StoreSCP, metric_value, stops_what_it_starts, wait_for
 
 pytestmark = pytest.mark.dcmtk
 
 
 @pytest.fixture
 def storescp(tmp_path, dcmtk_available):
-    started: list[StoreSCP] = []
-
-    def start(name: str, extra: list[str] | None = None) -> StoreSCP:
-        scp = StoreSCP(tmp_path / "scp" / name, extra=extra)
-        started.append(scp)
-        return scp
-
-    yield start
-    for scp in started:
-        scp.stop()
+    yield from stops_what_it_starts(lambda name, extra=None: StoreSCP(tmp_path / "scp" / name, extra=extra))
 
 
 @pytest.fixture

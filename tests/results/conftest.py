@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from peers import stops_what_it_starts
 from postgres_server import PostgresServer, running
 from results_testlib import TOKEN, FakeClock, free_port, wait_for  # noqa: F401
 
@@ -76,18 +77,12 @@ def make_store(dsn: str, clock: FakeClock) -> Iterator[Callable[..., Any]]:
     """Open stores on ``dsn`` (controllable clock by default); closed at teardown."""
     from clara_results.store import open_store
 
-    opened = []
-
     def make(**kwargs: Any) -> Any:
         kwargs.setdefault("clock", clock)
         kwargs.setdefault("retry_delay", 0)
-        store = open_store(dsn, **kwargs)
-        opened.append(store)
-        return store
+        return open_store(dsn, **kwargs)
 
-    yield make
-    for store in opened:
-        store.close()
+    yield from stops_what_it_starts(make, lambda store: store.close())
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ dcmtk storescp made slow with ``--sleep-during`` (so an export outlives a short 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -21,7 +22,7 @@ from clara_results.client import ResultsClient
 from clara_results.models import TaskState
 from clara_results.store import open_store
 
-from peers import StoreSCP, metric_value, wait_for
+from peers import StoreSCP, metric_value, stops_what_it_starts, wait_for
 
 pytestmark = pytest.mark.dcmtk
 
@@ -96,32 +97,17 @@ class Harness:
 
 @pytest.fixture
 def harness(tmp_path, dsn, dcmtk_available):
-    made: list[Harness] = []
     logging.getLogger("httpx").setLevel(logging.WARNING)
-
-    def make(**kwargs: Any) -> Harness:
-        h = Harness(tmp_path / f"h{len(made)}", dsn, **kwargs)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.stop()
+    numbers = itertools.count()
+    yield from stops_what_it_starts(lambda **kwargs: Harness(tmp_path / f"h{next(numbers)}", dsn, **kwargs))
 
 
 @pytest.fixture
 def slow_scp(tmp_path):
     """storescp answering each C-STORE after a one-second sleep."""
-    started: list[StoreSCP] = []
-
-    def start() -> StoreSCP:
-        scp = StoreSCP(tmp_path / "scp" / f"s{len(started)}", extra=["--sleep-during", "1"])
-        started.append(scp)
-        return scp
-
-    yield start
-    for scp in started:
-        scp.stop()
+    numbers = itertools.count()
+    yield from stops_what_it_starts(
+        lambda: StoreSCP(tmp_path / "scp" / f"s{next(numbers)}", extra=["--sleep-during", "1"]))
 
 
 def received(scp: StoreSCP) -> int:

@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 
 from clara_results.client import ResultsClient, TaskState
-from postgres_server import open_together
+from peers import start_together
 from results_testlib import TOKEN, free_port, wait_for
 
 pytestmark = pytest.mark.postgres
@@ -105,7 +105,7 @@ def test_concurrent_store_openings_on_an_empty_database(postgres_dsn):
     """Eight stores (one per thread) created at the same moment: schema creation takes turns."""
     from clara_results.store import open_store
 
-    stores, errors = open_together(8, lambda: open_store(postgres_dsn, pool_size=1))
+    stores, errors = start_together(8, lambda: open_store(postgres_dsn, pool_size=1))
     try:
         assert not errors, errors[:3]
         assert len(stores) == 8 and all(s.list() == [] for s in stores)
