@@ -46,7 +46,7 @@ def journaled(adapter, sop: str) -> bool:
         db.close()
 
 
-def test_the_journal_is_committed_before_each_answer_and_concurrent_instances_share_commits(adapter):
+def test_the_journal_is_committed_before_each_answer_of_concurrent_instances(adapter):
     assert adapter.ingest.quick_commits  # SQLite, no fsync: commits run on the receive loop
     socks = [associate(adapter.settings.dicomPort) for _ in range(4)]
     commits_before = adapter.journal.commits
@@ -96,3 +96,17 @@ def test_a_busy_journal_delays_only_the_answer_not_other_associations(adapter):
         release(store)
         release(echo)
     wait_for(lambda: not list((adapter.settings.incoming_dir).glob(".tmp-*")), 5, what="no temporary files")
+
+
+def test_commit_prepared_commits_the_ready_ones_together_and_keeps_the_order():
+    from clara_adapter.ingest import commit_prepared
+
+    calls = []
+
+    def commit(batch):
+        calls.append(list(batch))
+        return [0x0000 + i for i in range(len(batch))]
+
+    assert commit_prepared([("r", "a"), 0xA700, ("r", "b"), 0xC000], commit) == [0x0000, 0xA700, 0x0001, 0xC000]
+    assert calls == [[("r", "a"), ("r", "b")]]  # one commit, only the instances in place
+    assert commit_prepared([0xA700], commit) == [0xA700] and len(calls) == 1  # nothing to commit: no transaction

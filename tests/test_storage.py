@@ -140,10 +140,9 @@ def test_retention_purges_old_payloads_and_keeps_recent_ones(tmp_path):
 
 def test_disk_guard_asks_the_disk_again_within_a_second_and_always_near_its_limits(tmp_path, monkeypatch):
     """statvfs is cached only while the disk is far (≥ HEADROOM_BYTES) from both limits."""
-    import os as os_module
 
     calls = []
-    real = os_module.statvfs
+    real = os.statvfs
     free_blocks = {"n": 0}
 
     class Fake:
@@ -154,7 +153,7 @@ def test_disk_guard_asks_the_disk_again_within_a_second_and_always_near_its_limi
         calls.append(path)
         return Fake(real(path))
 
-    monkeypatch.setattr(os_module, "statvfs", counting)
+    monkeypatch.setattr(os, "statvfs", counting)
     now = [100.0]
     far = DiskGuard(tmp_path, 100, 0, clock=lambda: now[0])
     far.HEADROOM_BYTES = 0  # this disk counts as far from the limits
@@ -180,3 +179,18 @@ def test_instance_file_names_are_unique(tmp_path):
 
     names = {unique_name() for _ in range(10000)}
     assert len(names) == 10000 and all(len(n) == 32 for n in names)
+
+    # a forked process (a receive worker) draws its own prefix: its names never repeat its parent's
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.write(write_end, unique_name().encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    child = os.read(read_end, 64).decode()
+    os.close(read_end)
+    parent = unique_name()
+    assert len(child) == 32 and child[:24] != parent[:24]

@@ -13,7 +13,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 from clara_dicom.config import RenderedConfig
 from clara_dicom.models import JobProcessorSpec
@@ -74,6 +74,16 @@ def _resolve(hostname: str, _epoch: int) -> frozenset[str]:
     except OSError:
         return frozenset()
 
+
+
+def commit_prepared(prepared: list[tuple[Route, InstanceRecord] | int],
+                    commit: Callable[[list[tuple[Route, InstanceRecord]]], list[int]]) -> list[int]:
+    """C-STORE statuses in the order of ``prepared``: an int is a status already
+    decided (the file could not be put in place); the others are committed
+    together, in one call of ``commit``."""
+    todo = [p for p in prepared if not isinstance(p, int)]
+    done = iter(commit(todo) if todo else ())
+    return [p if isinstance(p, int) else next(done) for p in prepared]
 
 class Ingest:
     def __init__(self, ctx: ProcessorContext, store: InstanceStore, reject_unknown_sources: bool = True):
@@ -231,19 +241,11 @@ class Ingest:
         if not lock.acquire(blocking=False):
             return None
         try:
-            statuses: list[int | None] = [None] * len(items)
-            batch, where = [], []
-            for i, (route, incoming) in enumerate(items):
-                outcome = incoming.finalize()
-                if isinstance(outcome, int):
-                    statuses[i] = outcome
-                else:
-                    batch.append((route, outcome))
-                    where.append(i)
-            if batch:
-                for i, status in zip(where, self._commit_batch(batch)):
-                    statuses[i] = status
-            return statuses  # type: ignore[return-value]
+            prepared: list[tuple[Route, InstanceRecord] | int] = []
+            for route, incoming in items:
+                outcome = incoming.finalize()  # the file in place, or the status why not
+                prepared.append(outcome if isinstance(outcome, int) else (route, outcome))
+            return commit_prepared(prepared, self._commit_batch)
         finally:
             lock.release()
 
@@ -279,17 +281,16 @@ class Ingest:
         try:
             with self.journal.transaction(sched.now(), sched.mono()) as tx:
                 if len(items) == 1:  # alone: a failure rolls the whole transaction back, no savepoint needed
-                    route, inst = items[0]
-                    outcomes[0] = self._handle(route, inst, tx)
-                for i, (route, inst) in enumerate(items if len(items) > 1 else ()):
-                    try:
-                        with tx.step():
-                            outcome = self._handle(route, inst, tx)
-                        outcomes[i] = outcome
-                    except TransactionAborted:
-                        raise
-                    except Exception as exc:
-                        statuses[i] = self._failed(route, inst, exc)
+                    outcomes[0] = self._handle(*items[0], tx)
+                else:
+                    for i, (route, inst) in enumerate(items):
+                        try:
+                            with tx.step():
+                                outcomes[i] = self._handle(route, inst, tx)
+                        except TransactionAborted:
+                            raise
+                        except Exception as exc:
+                            statuses[i] = self._failed(route, inst, exc)
                 if self.store.fsync and any(o is Outcome.KEEP for o in outcomes):
                     self.store.sync_directory()  # the renames of this batch survive a power loss
         except Exception as exc:

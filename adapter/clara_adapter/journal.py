@@ -199,6 +199,11 @@ def is_out_of_resources(exc: BaseException) -> bool:
     return False
 
 
+class GroupTakenOver(Exception):
+    """This replica closed the group, then stalled long enough (no heartbeat for
+    ``dead_after``) for another replica to take it over: its late writes match no row."""
+
+
 class JournalBase:
     """The journal's records and rules in SQL both back-ends speak (``?``
     placeholders, ``RETURNING``, ``ON CONFLICT``). A back-end supplies the
@@ -396,6 +401,11 @@ class JournalBase:
 
     def close_group(self, group_id: int, now: float) -> None:
         self._exec("UPDATE groups SET state='closed', closed_at=? WHERE id=?", (now, group_id))
+
+    def owns_group(self, group_id: int) -> bool:
+        """Is the closed group still this process's to finish? Always, on a journal
+        no other process writes (a shared one fences replicas: journal_pg.py)."""
+        return True
 
     def finish_group(self, group_id: int) -> None:
         """Every job exists (or the group was quarantined): release its instances and forget it."""

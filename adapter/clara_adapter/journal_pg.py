@@ -32,7 +32,8 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable
 
-from clara_adapter.journal import _INSTANCE_COLUMNS, SCHEMA, GroupRecord, InstanceRecord, JournalBase, _group
+from clara_adapter.journal import (_INSTANCE_COLUMNS, SCHEMA, GroupRecord, GroupTakenOver,  # noqa: F401
+                                   InstanceRecord, JournalBase, _group)
 
 PG_SCHEMA_NAME = "clara_adapter"
 _SCHEMA_LOCK_KEY = 0x434C4152  # "CLAR": advisory lock id for schema creation
@@ -94,11 +95,6 @@ _DUE = ("COALESCE((SELECT max(i.acked_at) FROM instances i WHERE i.group_id = gr
         "+ groups.timeout")
 # The database's clock, unless a test gave the journal its own (one ``?`` argument).
 _NOW = "COALESCE(?::double precision, extract(epoch from clock_timestamp())::double precision)"
-
-
-class GroupTakenOver(Exception):
-    """This replica closed the group, then stalled long enough (no heartbeat for
-    ``dead_after``) for another replica to take it over: its late writes match no row."""
 
 
 def redacted(dsn: str) -> str:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from clara_adapter.dimse import OUT_OF_RESOURCES, PROCESSING_FAILURE
-from clara_adapter.ingest import REJECT_BUSY, REJECT_CALLED_AE, Ingest, Route
+from clara_adapter.ingest import REJECT_BUSY, REJECT_CALLED_AE, Ingest, Route, commit_prepared
 from clara_adapter.journal import InstanceRecord
 from clara_adapter.storage import TMP_PREFIX
 
@@ -243,24 +243,13 @@ class ReceiveCoordinator:
                     self._commit_all(worker, commits)
 
     def _commit_all(self, worker: Worker, commits: list[tuple]) -> None:
-        statuses: list[int | None] = []
         try:
-            batch, where = [], []
-            for message in commits:
-                ready = self._prepare(worker, *message[2:])
-                if isinstance(ready, int):
-                    statuses.append(ready)
-                else:
-                    statuses.append(None)
-                    batch.append(ready)
-                    where.append(len(statuses) - 1)
-            for i, status in zip(where, self.ingest.commit_instances(batch) if batch else ()):
-                statuses[i] = status
+            prepared = [self._prepare(worker, *message[2:]) for message in commits]
+            statuses = commit_prepared(prepared, self.ingest.commit_instances)
         except Exception:
             log.exception("receive worker commits failed")
-        statuses += [None] * (len(commits) - len(statuses))
-        worker.send(("replies", [(message[1], PROCESSING_FAILURE if status is None else status)
-                                 for message, status in zip(commits, statuses)]))
+            statuses = [PROCESSING_FAILURE] * len(commits)
+        worker.send(("replies", [(message[1], status) for message, status in zip(commits, statuses)]))
 
     def _handle(self, worker: Worker, message: tuple) -> None:
         kind = message[0]

@@ -125,7 +125,12 @@ class StorageSCP:
 
     def _commit_ready(self) -> None:
         batch, self._ready = self._ready, []
-        statuses = self.ingest.commit_received_now([(route, incoming) for route, incoming, _ in batch])
+        try:
+            statuses = self.ingest.commit_received_now([(route, incoming) for route, incoming, _ in batch])
+        except BaseException as exc:  # answered as a processing failure, never left waiting
+            for _, _, future in batch:
+                future.set_exception(exc)
+            return
         if statuses is None:
             for route, incoming, future in batch:
                 self.pool.submit(_complete, future, self.ingest.commit_received, route, incoming)

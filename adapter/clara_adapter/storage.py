@@ -21,7 +21,7 @@ import shutil
 import struct
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 from pathlib import Path
 
@@ -95,8 +95,8 @@ class DiskGuard:
     clock: Callable[[], float] = time.monotonic
     RECHECK_SECONDS: ClassVar[float] = 1.0
     HEADROOM_BYTES: ClassVar[int] = 2 * 1024**3
-    _asked: float = float("-inf")  # when statvfs last answered
-    _headroom: int = 0  # bytes it left before the nearer limit
+    _asked: float = field(default=float("-inf"), init=False, repr=False)  # when statvfs last answered
+    _headroom: int = field(default=0, init=False, repr=False)  # bytes it left before the nearer limit
 
     def check(self, incoming: int = 0) -> str | None:
         """None when there is room for ``incoming`` more bytes, else why not."""
@@ -188,18 +188,20 @@ class InstanceStore:
         return removed
 
 
-_NAME_PREFIX = ["", 0]  # (random prefix, pid it was drawn in)
-_name_counter = itertools.count()
+def _draw_name_prefix() -> None:
+    global _name_prefix, _name_counter
+    _name_prefix, _name_counter = uuid.uuid4().hex[:24], itertools.count()
+
+
+_draw_name_prefix()
+os.register_at_fork(after_in_child=_draw_name_prefix)  # a forked process must not repeat its parent's names
 
 
 def unique_name() -> str:
     """A file name never used before, on any replica sharing the folder: 24 hex
-    digits drawn at random once per process (redrawn after a fork) and a
-    counter. The same uniqueness as a uuid4 per file, without a getrandom
-    system call per instance."""
-    if _NAME_PREFIX[1] != os.getpid():
-        _NAME_PREFIX[:] = [uuid.uuid4().hex[:24], os.getpid()]
-    return f"{_NAME_PREFIX[0]}{next(_name_counter):08x}"
+    digits drawn at random once per process and a counter. The same uniqueness
+    as a uuid4 per file, without a getrandom system call per instance."""
+    return f"{_name_prefix}{next(_name_counter):08x}"
 
 
 class InstanceWriter:

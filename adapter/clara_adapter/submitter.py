@@ -23,6 +23,7 @@ from clara_dicom.retrying import JOB_CREATION, Backoff
 
 from clara_adapter.job_requests import JobRequest
 from clara_adapter.job_sinks import JobSink
+from clara_adapter.journal import GroupTakenOver
 from clara_adapter.payloads import build_payload, discard_payload, quarantine
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,7 @@ class JobSubmitter:
     def _still_ours(self, sub: _Submission) -> bool:
         """False (and the submission dropped) when another replica took the group
         over while this one stalled (shared journals only; see journal_pg.py)."""
-        owns = getattr(self.journal, "owns_group", None)
-        if owns is None or owns(sub.group_id):
+        if self.journal.owns_group(sub.group_id):
             return True
         log.warning("group %s was taken over by another replica while this one stalled: leaving it to that one",
                     sub.group_id)
@@ -136,8 +136,6 @@ class JobSubmitter:
         self._finish(sub)
 
     def _finish(self, sub: _Submission) -> None:
-        from clara_adapter.journal_pg import GroupTakenOver
-
         with self._pending_lock:
             self.pending -= 1
         try:
