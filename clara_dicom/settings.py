@@ -197,6 +197,28 @@ class LogSettings(ComponentSettings):
         return value.upper() if info.field_name == "logLevel" else value.lower()
 
 
+def read_token_file(path: str, flag: str = "--token-file") -> str:
+    """The token in ``path``, surrounding whitespace stripped (one-line UserError if unusable)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            token = fh.read().strip()
+    except OSError as exc:
+        raise UserError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{flag} {path} is not UTF-8 text") from None
+    if not token:
+        raise UserError(f"{flag} {path} is empty")
+    return token
+
+
+def results_token(token: str | None, token_file: str | None, flag: str = "resultsTokenFile") -> str | None:
+    """The Results Service token, the same rule for every component: the file's
+    (a mounted Secret) when one is named, else ``token``; None when neither."""
+    if token_file:
+        return read_token_file(token_file, flag)
+    return (token or "").strip() or None
+
+
 def read_settings_file(file: str | Path) -> dict[str, Any]:
     path = Path(file)
     try:

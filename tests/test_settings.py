@@ -111,3 +111,24 @@ def test_results_service_reads_its_environment(monkeypatch, tmp_path):
     assert (s.resultsPort, s.resultsLeaseSeconds, s.token()) == (7000, 12.5, "from-env")
     monkeypatch.setenv("CLARA_RESULTS_TOKEN_FILE", str(token))
     assert load(build_parser().parse_args(["results-service"])).token() == "from-file"
+
+
+def test_every_component_reads_the_results_token_by_one_rule(tmp_path):
+    """The token file (a mounted Secret) wins over an inline token in the adapter, the
+    Results Service and register-results alike; an empty file is an error, not no token."""
+    from clara_adapter.settings import AdapterSettings
+    from clara_results.settings import RegisterSettings, ResultsServiceSettings
+    from clara_dicom.settings import results_token
+
+    token = tmp_path / "token"
+    token.write_text("from-file\n")
+    both = {"resultsToken": "inline", "resultsTokenFile": str(token)}
+    assert AdapterSettings(**both).results_token() == "from-file"
+    assert ResultsServiceSettings(**both).token() == "from-file"
+    register = RegisterSettings(**both)
+    assert results_token(register.resultsToken, register.resultsTokenFile) == "from-file"
+    assert AdapterSettings(resultsToken=" inline ").results_token() == "inline"
+    assert AdapterSettings().results_token() is None
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(UserError, match="empty"):
+        AdapterSettings(resultsTokenFile=str(tmp_path / "empty")).results_token()

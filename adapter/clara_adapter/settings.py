@@ -13,9 +13,8 @@ from typing import Any, ClassVar, Mapping
 
 from pydantic import Field, model_validator
 
-from clara_dicom.errors import UserError
 from clara_dicom.models import AE_TITLE_PATTERN, AGENT_PATTERN
-from clara_dicom.settings import ENV_PREFIX, ComponentSettings, env_name
+from clara_dicom.settings import ENV_PREFIX, ComponentSettings, env_name, results_token
 
 __all__ = ["AdapterSettings", "ENV_PREFIX", "env_name", "load_settings"]
 
@@ -111,14 +110,7 @@ class AdapterSettings(ComponentSettings):
         return Path(self.storageDir) / "journal.sqlite"
 
     def results_token(self) -> str | None:
-        if self.resultsToken:
-            return self.resultsToken
-        if self.resultsTokenFile:
-            try:
-                return Path(self.resultsTokenFile).read_text().strip()
-            except OSError as exc:
-                raise UserError(f"resultsTokenFile {self.resultsTokenFile}: {exc.strerror}") from None
-        return None
+        return results_token(self.resultsToken, self.resultsTokenFile)
 
 
 def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:

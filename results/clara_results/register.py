@@ -255,7 +255,8 @@ def run(args: argparse.Namespace) -> int:
     parameters = parse_data(args.data)
     agent = check_agent(args.agent)
 
-    from clara_results.settings import RegisterSettings, read_token_file
+    from clara_dicom.settings import results_token
+    from clara_results.settings import RegisterSettings
 
     settings = RegisterSettings.load(flags={
         "resultsUrl": args.url, "resultsTokenFile": args.token_file, "resultsAttempts": args.attempts,
@@ -276,10 +277,8 @@ def run(args: argparse.Namespace) -> int:
     url = _required(settings, "resultsUrl", "the Results Service URL")
     if not url.startswith(("http://", "https://")):
         raise UserError(f"Results Service URL {url[:80]!r} must start with http:// or https://")
-    if settings.resultsTokenFile:
-        token = read_token_file(settings.resultsTokenFile)
-    else:
-        token = _required(settings, "resultsToken", "the Results Service token")
+    token = (results_token(settings.resultsToken, settings.resultsTokenFile, "--token-file")
+             or _required(settings, "resultsToken", "the Results Service token"))
     attempts, wait = settings.resultsAttempts, settings.resultsRetryWait
 
     import logging

@@ -9,7 +9,7 @@ from typing import ClassVar
 from pydantic import Field, field_validator
 
 from clara_dicom.errors import UserError
-from clara_dicom.settings import ComponentSettings
+from clara_dicom.settings import ComponentSettings, results_token
 from clara_results import store as st
 
 DEFAULT_PORT = 8088
@@ -19,20 +19,6 @@ def _finite(value: float) -> float:
     if not math.isfinite(value):
         raise ValueError("must be a finite number of seconds")
     return value
-
-
-def read_token_file(path: str, flag: str = "--token-file") -> str:
-    """The token in ``path``, surrounding whitespace stripped (one-line UserError if unusable)."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            token = fh.read().strip()
-    except OSError as exc:
-        raise UserError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{flag} {path} is not UTF-8 text") from None
-    if not token:
-        raise UserError(f"{flag} {path} is empty")
-    return token
 
 
 class ResultsServiceSettings(ComponentSettings):
@@ -63,10 +49,8 @@ class ResultsServiceSettings(ComponentSettings):
     check_finite = field_validator("resultsLeaseSeconds", "resultsRetryDelay", "resultsRetention")(_finite)
 
     def token(self) -> str:
-        if self.resultsTokenFile:
-            return read_token_file(self.resultsTokenFile)
-        token = (self.resultsToken or "").strip()
-        if not token:
+        token = results_token(self.resultsToken, self.resultsTokenFile, "--token-file")
+        if token is None:
             raise UserError("no token: set CLARA_RESULTS_TOKEN or pass --token-file PATH")
         return token
 
