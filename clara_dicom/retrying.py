@@ -8,7 +8,7 @@ and either a number of attempts or "for as long as it takes".
 
 Two ways to use a policy:
 
-- :meth:`Policy.retrying` / :meth:`Policy.async_retrying`: a tenacity retrier for
+- :meth:`Policy.retrying`: a tenacity retrier for
   one call that is retried until it succeeds or gives up;
 - :meth:`Policy.backoff`: the delays alone, for a loop that does more than one
   call per round (a watch, a poller, a writer) and starts again from ``initial``
@@ -27,7 +27,7 @@ from tenacity import wait as tenacity_wait
 __all__ = [
     "Policy", "Backoff", "wait_retry_after", "retry_after_seconds",
     "JOB_CREATION", "RESULTS_POLL", "RESULTS_REPORT", "RESULTS_REGISTER", "KUBE_WATCH", "KUBE_WRITE",
-    "NAMESPACE_RECONCILE",
+    "NAMESPACE_RECONCILE", "JOB_WATCH",
 ]
 
 
@@ -71,13 +71,6 @@ class Policy:
         kwargs: dict[str, Any] = {"sleep": sleep} if sleep is not None else {}
         return tenacity.Retrying(stop=self.stop(), wait=wait or self.wait(), retry=retry, reraise=True,
                                  before_sleep=before_sleep, **kwargs)
-
-    def async_retrying(self, *, retry: Any, sleep: Callable[[float], Any] | None = None, wait: Any = None,
-                       before_sleep: Callable[[tenacity.RetryCallState], None] | None = None
-                       ) -> tenacity.AsyncRetrying:
-        kwargs: dict[str, Any] = {"sleep": sleep} if sleep is not None else {}
-        return tenacity.AsyncRetrying(stop=self.stop(), wait=wait or self.wait(), retry=retry, reraise=True,
-                                      before_sleep=before_sleep, **kwargs)
 
     def backoff(self) -> "Backoff":
         return Backoff(self)

@@ -76,18 +76,10 @@ class JobWatch:
                 await asyncio.sleep(delay)
 
     async def _list(self) -> None:
-        call, args = self._call()
-        items: list[dict[str, Any]] = []
-        token = None
-        while True:
-            page = await self.kube.read_json(call, *args, label_selector=self.selector, limit=500,
-                                         **({"_continue": token} if token else {}))
-            items.extend(map(trim_job, page.get("items") or []))  # page by page: a relist of thousands stays small
-            token = (page.get("metadata") or {}).get("continue")
-            if not token:
-                break
+        # trimmed page by page: a relist of thousands stays small
+        items, version = await self.kube.list_jobs_versioned(self.namespace, self.selector, keep=trim_job)
         self.on_list(self.namespace, items)
-        self.version = (page.get("metadata") or {}).get("resourceVersion")
+        self.version = version
         self.listed.set()
 
     async def _watch(self) -> None:

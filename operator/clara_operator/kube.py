@@ -59,14 +59,21 @@ class Kube:
 
     async def _paged(self, call: Any, *args: Any, keep: Keep | None = None, **kwargs: Any) -> list[dict[str, Any]]:
         """Every item, page by page; ``keep`` trims each one as its page arrives."""
+        items, _ = await self._paged_versioned(call, *args, keep=keep, **kwargs)
+        return items
+
+    async def _paged_versioned(self, call: Any, *args: Any, keep: Keep | None = None, **kwargs: Any
+                               ) -> tuple[list[dict[str, Any]], str | None]:
+        """`_paged`, and the list's resourceVersion (where a watch of it starts)."""
         items: list[dict[str, Any]] = []
         token = None
         while True:
             page = await self.read_json(call, *args, limit=LIST_PAGE, **({"_continue": token} if token else {}), **kwargs)
             items.extend(page.get("items") or [] if keep is None else map(keep, page.get("items") or []))
-            token = (page.get("metadata") or {}).get("continue")
+            meta = page.get("metadata") or {}
+            token = meta.get("continue")
             if not token:
-                return items
+                return items, meta.get("resourceVersion")
 
     async def list(self, plural: str, namespace: str | None, keep: Keep | None = None) -> list[dict[str, Any]]:
         if namespace is None:
@@ -89,9 +96,17 @@ class Kube:
         return await self._get(self.read_json, self.batch.read_namespaced_job, name, namespace)
 
     async def list_jobs(self, namespace: str | None, selector: str, keep: Keep | None = None) -> list[dict[str, Any]]:
+        items, _ = await self.list_jobs_versioned(namespace, selector, keep)
+        return items
+
+    async def list_jobs_versioned(self, namespace: str | None, selector: str, keep: Keep | None = None
+                                  ) -> tuple[list[dict[str, Any]], str | None]:
+        """The Jobs of ``namespace`` (None: every namespace) and the list's resourceVersion."""
         if namespace is None:
-            return await self._paged(self.batch.list_job_for_all_namespaces, label_selector=selector, keep=keep)
-        return await self._paged(self.batch.list_namespaced_job, namespace, label_selector=selector, keep=keep)
+            return await self._paged_versioned(self.batch.list_job_for_all_namespaces, label_selector=selector,
+                                               keep=keep)
+        return await self._paged_versioned(self.batch.list_namespaced_job, namespace, label_selector=selector,
+                                           keep=keep)
 
     async def create_job(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
         """Create the Job; None if one of that name exists (the names are deterministic)."""

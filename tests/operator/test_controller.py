@@ -385,7 +385,7 @@ def test_no_import_cycles_between_the_operator_modules():
 # --------------------------------------------------------------------------- scale: lean watch, lean kopf
 
 
-def test_job_watch_relists_on_410_and_resumes_from_the_newest_version():
+def test_job_watch_events_advance_the_version_and_an_expired_one_raises_gone():
     from clara_operator.jobwatch import Gone, JobWatch
 
     got = []
