@@ -85,15 +85,17 @@ def main() -> int:
     ap.add_argument("--batch", default="1,8")
     args = ap.parse_args()
     import psycopg
-    from postgres_server import running
+    from postgres_server import DurablePostgresServer, running
 
-    with running() as pg, tempfile.TemporaryDirectory(prefix="clara-bench-") as root:
+    # DurablePostgresServer: no command-line overrides, so ALTER SYSTEM below really switches durability
+    with running(DurablePostgresServer) as pg, tempfile.TemporaryDirectory(prefix="clara-bench-") as root:
         for durable in (True, False):
             with psycopg.connect(pg.dsn, autocommit=True) as conn:
                 for key in ("fsync", "synchronous_commit", "full_page_writes"):
                     conn.execute(f"ALTER SYSTEM SET {key} = {'on' if durable else 'off'}")
                 conn.execute("SELECT pg_reload_conf()")
-            print(f"PostgreSQL fsync/synchronous_commit {'on' if durable else 'off'} ({load()})")
+                fsync, sync = (conn.execute(f"SHOW {key}").fetchone()[0] for key in ("fsync", "synchronous_commit"))
+            print(f"PostgreSQL fsync {fsync}, synchronous_commit {sync} (as the server reports; {load()})")
             for batch in map(int, args.batch.split(",")):
                 for same in (True, False):
                     for n in map(int, args.writers.split(",")):
