@@ -132,3 +132,60 @@ def test_every_component_reads_the_results_token_by_one_rule(tmp_path):
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(UserError, match="empty"):
         AdapterSettings(resultsTokenFile=str(tmp_path / "empty")).results_token()
+
+
+def _flag_helps(parser, path=()):
+    """(command, flag, help) for every flag of every subcommand."""
+    import argparse
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _flag_helps(sub, (*path, name))
+        elif action.help and action.option_strings:
+            yield " ".join(path), action.option_strings[-1], " ".join(action.help.split())
+
+
+def _same_value(shown: str, default: object) -> bool:
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            return float(shown) == float(default)
+        except ValueError:
+            return False
+    return shown.strip("'\"") == str(default)
+
+
+def test_the_defaults_shown_in_help_are_the_settings_defaults():
+    """`--help` states each flag's default and variable next to it (the CLI modules keep to the
+    standard library at import, so they spell the default again): they must say what the
+    settings classes actually do, or a user tunes against a wrong number."""
+    import re
+
+    from clara_dicom.cli import build_parser
+
+    patterns = [r"default (?P<value>[^;()]+?)(?: = [^;)]+)?; env (?P<var>CLARA_\w+)",
+                r"default: env (?P<var>CLARA_\w+), else (?P<value>\w+)\)",
+                r"\(default (?P<value>[^)\s]+)\).*\(env (?P<var>CLARA_\w+)\)"]
+    checked = []
+    for command, flag, text in _flag_helps(build_parser()):
+        for pattern in patterns:
+            for found in re.finditer(pattern, text):
+                value, var = found["value"], found["var"]
+                defaults = {cls.model_fields[name].default for cls in CLASSES for name in cls.model_fields
+                            if var in env_names(name)}
+                assert defaults, f"{command} {flag}: help names {var}, which no setting reads"
+                assert all(_same_value(value, d) for d in defaults), \
+                    f"{command} {flag}: help says default {value}, settings say {defaults}"
+                checked.append((command, flag))
+    # Flags whose help gives a default but no variable: the command's own settings class.
+    owners = {"adapter": AdapterSettings, "operator": OperatorSettings,
+              "results-service": ResultsServiceSettings, "register-results": RegisterSettings}
+    for command, flag, text in _flag_helps(build_parser()):
+        found = re.search(r"default (?P<value>[\w./:-]+)[;)]", text)
+        cls = owners.get(command)
+        setting = next((s for s, f in cls.flags.items() if f == flag), None) if cls and found else None
+        if setting and cls.model_fields[setting].default not in (None, ""):
+            default = cls.model_fields[setting].default
+            assert _same_value(found["value"], default), \
+                f"{command} {flag}: help says default {found['value']}, settings say {default}"
+            checked.append((command, flag))
+    assert len(checked) >= 30, checked  # the patterns still find the helps
