@@ -306,6 +306,36 @@ class LocalAdapter(Process):
         return out
 
 
+class ResultsService(Process):
+    """`clara-dicom results-service` as a subprocess on a free port of 127.0.0.1."""
+
+    def __init__(self, database: str | Path, folder: Path, *extra: str, token: str | None = None,
+                 env: dict[str, str] | None = None, wait: bool = True):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ if env is None else env)
+        if token is not None:
+            env["CLARA_RESULTS_TOKEN"] = token
+        cmd = adapter_command("results-service", "--host", "127.0.0.1", "--port", str(self.port),
+                              "--database", str(database), *extra)
+        super().__init__(cmd, Path(folder) / f"results-{self.port}.log", env=env)
+        if wait:
+            self.wait_ready()
+
+    def ready(self) -> bool:
+        """/health/ready answers 200 (it needs no token)."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/health/ready", timeout=1) as rsp:
+                return rsp.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        wait_for(lambda: self.ready() or not self.alive(), timeout, interval=0.1, what="Results Service ready")
+        if not self.alive():
+            raise RuntimeError(f"results-service exited: {self.log()[-3000:]}")
+
+
 def metric_value(text: str, name: str, **labels: str) -> float:
     """Sum of a Prometheus sample's values matching the labels."""
     total = 0.0

@@ -5,17 +5,13 @@ that replica out of its Service; once PostgreSQL is back, both are ready again.
 Real processes on a real PostgreSQL that the test stops and starts."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 
 import pytest
 
 from local_setup import write_config
-from peers import free_port, wait_for
+from peers import ResultsService, wait_for
 from postgres_server import own_postgres_server  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.postgres
@@ -50,29 +46,16 @@ def test_adapter_readiness_follows_its_postgres_journal(tmp_path, own_postgres_s
 
 def test_results_service_readiness_follows_its_postgres_database(tmp_path, own_postgres_server):
     pg = own_postgres_server
-    port = free_port()
-    log = open(tmp_path / "results.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "clara_dicom.cli", "results-service", "--host", "127.0.0.1",
-                             "--port", str(port), "--database", pg.dsn],
-                            env={**os.environ, "CLARA_RESULTS_TOKEN": "t" * 32}, stdout=log,
-                            stderr=subprocess.STDOUT)
+    service = ResultsService(pg.dsn, tmp_path, token="t" * 32)
     try:
-        wait_for(lambda: probe(port)[0] == 200 or proc.poll() is not None, 60, interval=0.2,
-                 what="Results Service ready")
-        assert proc.poll() is None, (tmp_path / "results.log").read_text()
         pg.halt()
         try:
-            status, body = wait_for(lambda: (s := probe(port))[0] == 503 and s, 30, interval=0.2,
+            status, body = wait_for(lambda: (s := probe(service.port))[0] == 503 and s, 30, interval=0.2,
                                     what="Results Service not ready while PostgreSQL is down")
             assert '"status":"unavailable"' in body and "PostgreSQL" in body, body
-            assert proc.poll() is None
+            assert service.alive()
         finally:
             pg.launch()
-        wait_for(lambda: probe(port)[0] == 200, 30, interval=0.2, what="Results Service ready again")
+        wait_for(lambda: probe(service.port)[0] == 200, 30, interval=0.2, what="Results Service ready again")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        service.stop(30)

@@ -2,18 +2,15 @@
 moment on an empty database, then polled by four agents each — every task is leased once."""
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 from collections import Counter
 
 import pytest
 
 from clara_results.client import ResultsClient, TaskState
-from peers import start_together
-from results_testlib import TOKEN, free_port, wait_for
+from peers import ResultsService, start_together
+from results_testlib import TOKEN
 
 pytestmark = pytest.mark.postgres
 
@@ -24,32 +21,20 @@ POLLERS_PER_SERVICE = 4
 @pytest.fixture
 def replicas(postgres_dsn, tmp_path):
     """Start ``n`` `clara-dicom results-service` processes on the (empty) database at once."""
-    procs: list[subprocess.Popen] = []
+    services: list[ResultsService] = []
 
     def start(n: int) -> list[str]:
-        env = {**os.environ, "CLARA_RESULTS_TOKEN": TOKEN}
-        ports = [free_port() for _ in range(n)]
-        for i, port in enumerate(ports):
-            log = open(tmp_path / f"service-{i}.log", "wb")
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "clara_dicom.cli", "results-service", "--host", "127.0.0.1",
-                 "--port", str(port), "--database", postgres_dsn, "--retry-delay", "0"],
-                env=env, stdout=log, stderr=subprocess.STDOUT))
-        urls = [f"http://127.0.0.1:{p}" for p in ports]
-        for i, url in enumerate(urls):
-            with ResultsClient(url, TOKEN) as c:
-                wait_for(lambda: c.ready() or procs[i].poll() is not None, timeout=60, what=f"service {i}")
-            assert procs[i].poll() is None, (tmp_path / f"service-{i}.log").read_text()
-        return urls
+        services.extend(ResultsService(postgres_dsn, tmp_path, "--retry-delay", "0", token=TOKEN, wait=False)
+                        for _ in range(n))
+        for service in services:
+            service.wait_ready()
+        return [service.url for service in services]
 
     yield start
-    for p in procs:
-        p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    for service in services:
+        service.signal(signal.SIGTERM)
+    for service in services:
+        service.stop(30)
 
 
 def test_schema_creation_is_race_safe_when_replicas_start_together(replicas):

@@ -3,9 +3,6 @@ pollers, restarts, start-up errors, the results-service command."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -20,6 +17,7 @@ from clara_results.client import (
     TaskNotFoundError,
     TaskState,
 )
+from peers import ResultsService
 from results_testlib import TOKEN, free_port, wait_for
 
 
@@ -136,28 +134,21 @@ def test_unreachable_service_raises_unavailable():
         assert not client.ready()
 
 
-@pytest.mark.parametrize("backend", ["sqlite"])
-def test_results_service_command(tmp_path, backend):
-    port = free_port()
+def test_results_service_command(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     env = {k: v for k, v in os.environ.items() if k != "CLARA_RESULTS_TOKEN"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clara_dicom.cli", "results-service", "--host", "127.0.0.1", "--port", str(port),
-         "--database", str(tmp_path / "r.db"), "--max-retries", "1", "--token-file", str(token_file)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
+    service = ResultsService(tmp_path / "r.db", tmp_path, "--max-retries", "1", "--token-file", str(token_file),
+                             env=env)
     try:
-        with ResultsClient(f"http://127.0.0.1:{port}", TOKEN) as client:
-            wait_for(client.ready, timeout=30, what="the results-service command to listen")
+        with ResultsClient(service.url, TOKEN) as client:
             task, = add(client)
             client.lease("ClaraSCU", 1)
             # --max-retries 1: the first failure is final even with retryLater
             assert client.report_failure(task.id, retry_later=True).state == TaskState.FAILED
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out.decode()
+        rc = service.stop(30)
+    assert rc == 0, service.log()
     assert (tmp_path / "r.db").exists()
 
 
