@@ -182,7 +182,7 @@ def test_unreachable_results_service_is_survived(tmp_path, export_harness):
 
 def test_a_report_the_service_cannot_store_yet_is_retried(tmp_path, export_harness):
     """The Results Service answers 503 (database away) to the agent's report once: the agent
-    reports again (RESULTS_REPORT policy) and the outcome lands; a 409 would not be retried."""
+    reports again (RESULTS_REPORT policy) and the outcome lands."""
     from clara_results.models import TaskState
     from clara_results.store import StoreUnavailable
 
@@ -204,6 +204,27 @@ def test_a_report_the_service_cannot_store_yet_is_retried(tmp_path, export_harne
     assert finished.state == TaskState.FAILED and len(refused) == 1
     h.wait_metric("clara_export_results_total", "failed", 1)
     h.wait_metric("clara_export_results_total", "unreported", 0)
+
+
+def test_a_report_the_service_refuses_as_a_conflict_is_not_repeated(tmp_path, export_harness):
+    """The Results Service answers 409 (the task moved on, e.g. its lease expired and it was
+    leased again): the agent does not report again, counts it unreported, and goes on."""
+    from clara_results.store import TaskConflict
+
+    h = export_harness()
+    store = h.results.store
+    attempts = []
+
+    def moved_on(*args, **kwargs):
+        attempts.append(args)
+        raise TaskConflict("the task is leased by another agent")
+
+    store.report_failure = moved_on
+    (h.payloads / "p1").mkdir()
+    (h.payloads / "p1" / "a.dcm").write_bytes(b"x")
+    h.submit("p1", ["a.dcm"], '"NoSuchDestination"')
+    h.wait_metric("clara_export_results_total", "unreported", 1)
+    assert len(attempts) == 1  # RESULTS_REPORT would have made up to 4
 
 
 def test_adapter_starts_the_agent_when_results_url_is_set(tmp_path, export_harness):
