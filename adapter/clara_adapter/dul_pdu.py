@@ -13,9 +13,13 @@ tests' SCU speaks the same); the few answers are packed here.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import struct
+import threading
+import warnings
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Iterator, Protocol
 
 A_ASSOCIATE_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF = 0x01, 0x02, 0x03, 0x04
 A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x05, 0x06, 0x07
@@ -171,6 +175,38 @@ class AssociateRequest:
     max_pdu_length: int = 0  # the requestor's maximum receive length (0: unlimited)
 
 
+class _QuietWhileDecoding(logging.Filter):
+    """Drops what pynetdicom and pydicom log about a peer's A-ASSOCIATE-RQ while we decode
+    it (an ERROR with a traceback per bad AE title, a warning per bad UID): a hostile peer
+    must not write a dozen lines per connection. Our own one line says what happened."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.local, "on", False)
+
+    @contextlib.contextmanager
+    def decoding(self) -> Iterator[None]:
+        self.local.on = True
+        try:
+            yield
+        finally:
+            self.local.on = False
+
+
+_QUIET = _QuietWhileDecoding()
+for _name in ("pynetdicom.utils", "pynetdicom.pdu", "pynetdicom.pdu_items", "pydicom"):
+    logging.getLogger(_name).addFilter(_QUIET)
+
+
+def ignore_pydicom_value_warnings() -> None:
+    """pydicom both logs and *warns* each invalid value it meets (a peer's bad UID): keep the
+    log record (filtered above while decoding) as the one place. Called when the SCP starts."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.valuerep")
+
+
 def decode_associate_rq(body: bytes) -> AssociateRequest:
     """Decode an A-ASSOCIATE-RQ body; PduError if it is malformed."""
     from pynetdicom.pdu import A_ASSOCIATE_RQ as _RQ
@@ -178,22 +214,23 @@ def decode_associate_rq(body: bytes) -> AssociateRequest:
     if len(body) < 68:
         raise PduError("A-ASSOCIATE-RQ too short")
     pdu = _RQ()
-    try:
-        pdu.decode(PDU_HEADER.pack(A_ASSOCIATE_RQ, 0, len(body)) + body)
-        contexts = [ProposedContext(int(pc.context_id), str(pc.abstract_syntax or ""),
-                                    [str(ts) for ts in pc.transfer_syntax])
-                    for pc in pdu.presentation_context]
-        info = pdu.user_information
-        max_length = int(info.maximum_length or 0) if info is not None else 0
-        return AssociateRequest(
-            protocol_version=int(pdu.protocol_version), called_ae=str(pdu.called_ae_title).strip(),
-            calling_ae=str(pdu.calling_ae_title).strip(), called_raw=body[4:20], calling_raw=body[20:36],
-            application_context=str(pdu.application_context_name or ""), contexts=contexts,
-            max_pdu_length=max_length)
-    except PduError:
-        raise
-    except Exception as exc:  # pynetdicom raises ValueError, AssertionError, struct.error... on garbage
-        raise PduError(f"malformed A-ASSOCIATE-RQ ({type(exc).__name__})") from None
+    with _QUIET.decoding():
+        try:
+            pdu.decode(PDU_HEADER.pack(A_ASSOCIATE_RQ, 0, len(body)) + body)
+            contexts = [ProposedContext(int(pc.context_id), str(pc.abstract_syntax or ""),
+                                        [str(ts) for ts in pc.transfer_syntax])
+                        for pc in pdu.presentation_context]
+            info = pdu.user_information
+            max_length = int(info.maximum_length or 0) if info is not None else 0
+            return AssociateRequest(
+                protocol_version=int(pdu.protocol_version), called_ae=str(pdu.called_ae_title).strip(),
+                calling_ae=str(pdu.calling_ae_title).strip(), called_raw=body[4:20], calling_raw=body[20:36],
+                application_context=str(pdu.application_context_name or ""), contexts=contexts,
+                max_pdu_length=max_length)
+        except PduError:
+            raise
+        except Exception as exc:  # pynetdicom raises ValueError, AssertionError, struct.error... on garbage
+            raise PduError(f"malformed A-ASSOCIATE-RQ ({type(exc).__name__})") from None
 
 
 # -- encoding the answers ----------------------------------------------------------

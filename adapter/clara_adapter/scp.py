@@ -29,7 +29,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from clara_adapter.dul_acceptor import AWAITING_RQ, ESTABLISHED, NEGOTIATING, Association
-from clara_adapter.dul_pdu import APPLICATION_CONTEXT, AssociateRequest
+from clara_adapter.dul_pdu import APPLICATION_CONTEXT, AssociateRequest, ignore_pydicom_value_warnings
 from clara_adapter.route import REJECT_BUSY, REJECT_CALLED_AE, Route
 
 if TYPE_CHECKING:
@@ -213,6 +213,7 @@ class StorageSCP:
         bound. ``listen=False``: run the loop only, connections are handed in
         (`serve_connection`)."""
         ssl_context = self.ssl_context = self._ssl_context()
+        ignore_pydicom_value_warnings()
         if listen:
             import pynetdicom.sop_class  # noqa: F401  (its SOP class tables, now rather than at the first association)
         loop = self.loop = asyncio.new_event_loop()
