@@ -6,10 +6,11 @@ This process binds the listening socket, accepts each connection and hands it
 all the per-byte work. It keeps what must
 be exact or durable: association admission (AE titles, source rules, the disk
 guard, ``maxAssociations`` slots, exact A-ASSOCIATE-RJ codes), the journal, the
-processors, timers and job creation. Each instance a worker receives is renamed
-into place and committed here through `Ingest.commit_instance` (group commit
-across every worker and association); the worker answers the C-STORE only
-after our reply.
+processors, timers and job creation. One thread reads every worker's link
+(`worker_link`); each instance a worker receives is renamed into place and
+committed here, everything the workers sent in one round of that thread in one
+call of `Ingest.commit_instances` (group commit); the worker answers the
+C-STORE only after our reply.
 
 A worker that dies loses only what it had not been answered for: its
 associations end (the sender resends), their slots are released, its

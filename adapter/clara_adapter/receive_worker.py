@@ -6,16 +6,18 @@ coordinator owns everything durable.
 The worker does the per-byte work: PDU parsing, P-DATA reassembly, streaming
 each dataset into a temporary file in the shared incoming folder, the
 structural walk and the extraction of the grouping tags. It asks the
-coordinator, over its link (a Unix socket pair, pickled tuples), for:
+coordinator, over its link (`worker_link`: a Unix socket pair, marshal frames of
+plain tuples), for:
 
 * admission, once per association: ``("admit", id, called, calling, address)``
   → ``("ok", admission, route fields)`` or ``("rj", (result, source, reason))``;
   so slot counts, AE titles and source rules stay exact across workers;
-* the commit of each instance: ``("commit", id, admission, temp name, record)``
-  → C-STORE status, in ``("replies", [(id, status), ...])`` with every commit
-  the coordinator read at once; the coordinator renames the file into place and commits
-  it through `Ingest.commit_instance` (group commit), and only then does the
-  worker send the C-STORE-RSP (commit, then publish).
+* the commit of each instance: ``("commit", [(id, admission, temp name,
+  record fields), ...])`` with every instance finished in one loop iteration
+  → C-STORE statuses, in ``("replies", [(id, status), ...])``; the coordinator
+  renames each file into place and commits what every worker sent in one round
+  in one batch (group commit), and only then does the worker send the
+  C-STORE-RSP (commit, then publish).
 
 It tells the coordinator ``("closed", admission)`` when an association ends and
 ``("count", metric, labels, n)`` for the counters it decides (ignored SOP
