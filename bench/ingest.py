@@ -157,8 +157,8 @@ def start_profile(pid: int, out: Path) -> subprocess.Popen:
     """py-spy sampling ``pid`` (and its receive workers) at 500 Hz, native frames and idle threads
     included, as collapsed stacks in ``out`` (summarise with bench/profile_summary.py)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--idle", "--threads",
-                            "--subprocesses", "--nonblocking", "-r", "500", "-f", "raw", "-o", str(out)],
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--native", "--idle", "--threads",
+                            "--subprocesses", "-r", "500", "-f", "raw", "-o", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # py-spy attaches
     return spy
