@@ -56,7 +56,7 @@ from clara_adapter.dul_pdu import AssociateRequest
 from clara_adapter.incoming import IncomingInstance
 from clara_adapter.journal import InstanceRecord
 from clara_adapter.route import Route
-from clara_adapter.scp import StorageSCP
+from clara_adapter.scp import LoopFuture, StorageSCP
 from clara_adapter.storage import DiskGuard, InstanceStore
 from clara_adapter.worker_link import Link, LinkClosed
 
@@ -72,7 +72,7 @@ class CoordinatorLink:
     def __init__(self, link: Link):
         self.link = link
         self._ids = itertools.count(1)
-        self._pending: dict[int, concurrent.futures.Future] = {}
+        self._pending: dict[int, concurrent.futures.Future | LoopFuture] = {}
         self._commits: list[tuple] = []  # queued on the loop, sent together at the end of its iteration
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -86,11 +86,12 @@ class CoordinatorLink:
         self.send((kind, call_id, *args))
         return future
 
-    def commit(self, admission: int, tmp_name: str, record: InstanceRecord) -> concurrent.futures.Future:
+    def commit(self, admission: int, tmp_name: str, record: InstanceRecord) -> LoopFuture:
         """On the event loop: ask for the commit of one instance; every commit
         asked in one loop iteration goes out in one message (one write here, one
-        read and one journal transaction in the coordinator)."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
+        read and one journal transaction in the coordinator). Its reply is read on
+        the loop too, so a `LoopFuture` is enough."""
+        future = LoopFuture()
         call_id = next(self._ids)
         self._pending[call_id] = future
         self._commits.append((call_id, admission, tmp_name, record_fields(record)))
@@ -265,13 +266,13 @@ class WorkerSCP(StorageSCP):
     def release_slot(self, assoc: Any) -> None:
         self.link.send(("closed", assoc.admission))
 
-    def commit(self, assoc: Any, incoming: IncomingInstance) -> concurrent.futures.Future:
+    def commit(self, assoc: Any, incoming: IncomingInstance) -> concurrent.futures.Future | LoopFuture:
         if self.settings.fsyncFiles:  # fsync blocks: not on the event loop
             return self.pool.submit(self._commit, assoc.admission, incoming)
         try:
             incoming.writer.close()  # cheap without fsync: one thread hand-off less per instance
         except OSError as exc:
-            future: concurrent.futures.Future = concurrent.futures.Future()
+            future = LoopFuture()
             future.set_result(self._close_failed(incoming, exc))
             return future
         return self.link.commit(assoc.admission, incoming.writer.tmp.name, incoming.record)
