@@ -259,8 +259,11 @@ class ReceiveCoordinator:
                     for message in messages:
                         if message[0] == "commit":
                             commits.append((worker, message[1]))
-                        else:
+                            continue
+                        try:
                             self._handle(worker, message)
+                        except Exception:  # one bad message must not stop every worker's link
+                            log.exception("receive worker %d: cannot handle %r", worker.proc.pid, message[0])
                     if worker.link.at_eof:
                         selector.unregister(key.fileobj)
                         ended.append(worker)
@@ -268,7 +271,7 @@ class ReceiveCoordinator:
                     self._commit_all(commits)
                 for worker in ended:
                     worker.unlinked.set()
-        except Exception:  # a bug here would stall every worker: make it loud, the supervisor restarts nothing
+        except Exception:  # a bug here stalls every worker: make it loud
             log.exception("receive link thread failed")
             raise
         finally:
@@ -295,7 +298,12 @@ class ReceiveCoordinator:
         who: list[tuple[Worker, int]] = []
         prepared: list[tuple[Route, InstanceRecord] | int] = []
         for worker, batch in commits:
-            for call_id, admission, tmp_name, fields in batch:
+            for entry in batch:
+                try:
+                    call_id, admission, tmp_name, fields = entry
+                except (TypeError, ValueError):
+                    log.error("receive worker %d sent a malformed commit", worker.proc.pid)
+                    continue
                 who.append((worker, call_id))
                 prepared.append(self._prepare(worker, admission, tmp_name, fields))
         try:
