@@ -147,7 +147,7 @@ def measure(name: str, port: int, files: list[Path], parallel: int, repeat: int,
     per = 1000 / len(files)
     # with receive workers: the coordinator's share and the workers' (a worker's CPU is not the coordinator's)
     split = (f" (main {per * statistics.median(lead):.2f} + workers {per * statistics.median(rest):.2f})"
-             if any(rest) else "")
+             if name.startswith("clara-w") and not name.startswith("clara-w0") else "")
     print(f"  {name:<10} best {best:6.2f}s  median {statistics.median(times):6.2f}s  "
           f"{len(files) / best:7.0f} inst/s  CPU {per * statistics.median(cpu):5.2f} ms/inst{split}")
     return best
