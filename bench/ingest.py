@@ -107,34 +107,49 @@ def send(ports: list[int], files: list[Path], parallel: int, called: str) -> flo
     return time.perf_counter() - start
 
 
-def cpu_seconds(session: int) -> float:
-    """CPU time of every process in a receiver's session (its workers and reaped children included)."""
-    total = 0
+def cpu_seconds(session: int) -> dict[int, float]:
+    """CPU time of each process in a receiver's session (its workers; reaped children count
+    for their parent), by pid."""
+    by_pid = {}
     for entry in os.listdir("/proc"):
         try:
             fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, ValueError):
             continue
         if int(fields[3]) == session:  # field 6 of stat: the session id
-            total += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
-    return total / os.sysconf("SC_CLK_TCK")
+            by_pid[int(entry)] = sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime..cstime
+    return by_pid
+
+
+def cpu_split(session: int, before: dict[int, float], after: dict[int, float]) -> tuple[float, float]:
+    """(the session leader's CPU seconds, every other process's) between two `cpu_seconds`."""
+    lead = after.get(session, 0.0) - before.get(session, 0.0)
+    rest = sum(v - before.get(pid, 0.0) for pid, v in after.items() if pid != session)
+    return lead, rest
 
 
 def measure(name: str, port: int, files: list[Path], parallel: int, repeat: int, called: str,
             after: callable = None, pid: int | None = None, profile: Path | None = None) -> float:
-    times, cpu = [], []
+    times, cpu, lead, rest = [], [], [], []
     for i in range(repeat):
         spy = start_profile(pid, profile.with_name(f"{profile.name}-{i}.txt")) if profile else None
-        before = cpu_seconds(pid) if pid else 0.0
+        before = cpu_seconds(pid) if pid else {}
         times.append(send([port], files, parallel, called))
-        cpu.append(cpu_seconds(pid) - before if pid else 0.0)
+        split = cpu_split(pid, before, cpu_seconds(pid)) if pid else (0.0, 0.0)
+        lead.append(split[0])
+        rest.append(split[1])
+        cpu.append(sum(split))
         if spy:
             stop_profile(spy)
         if after:
             after()
     best = min(times)
+    per = 1000 / len(files)
+    # with receive workers: the coordinator's share and the workers' (a worker's CPU is not the coordinator's)
+    split = (f" (main {per * statistics.median(lead):.2f} + workers {per * statistics.median(rest):.2f})"
+             if name.startswith("clara-w") and not name.startswith("clara-w0") else "")
     print(f"  {name:<10} best {best:6.2f}s  median {statistics.median(times):6.2f}s  "
-          f"{len(files) / best:7.0f} inst/s  CPU {1000 * statistics.median(cpu) / len(files):5.2f} ms/inst")
+          f"{len(files) / best:7.0f} inst/s  CPU {per * statistics.median(cpu):5.2f} ms/inst{split}")
     return best
 
 

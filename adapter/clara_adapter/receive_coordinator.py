@@ -6,10 +6,11 @@ This process binds the listening socket, accepts each connection and hands it
 all the per-byte work. It keeps what must
 be exact or durable: association admission (AE titles, source rules, the disk
 guard, ``maxAssociations`` slots, exact A-ASSOCIATE-RJ codes), the journal, the
-processors, timers and job creation. Each instance a worker receives is renamed
-into place and committed here through `Ingest.commit_instance` (group commit
-across every worker and association); the worker answers the C-STORE only
-after our reply.
+processors, timers and job creation. One thread reads every worker's link
+(`worker_link`); each instance a worker receives is renamed into place and
+committed here, everything the workers sent in one round of that thread in one
+call of `Ingest.commit_instances` (group commit); the worker answers the
+C-STORE only after our reply.
 
 A worker that dies loses only what it had not been answered for: its
 associations end (the sender resends), their slots are released, its
@@ -24,6 +25,7 @@ import concurrent.futures
 import itertools
 import logging
 import os
+import selectors
 import socket
 import subprocess
 import sys
@@ -31,7 +33,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +40,7 @@ from clara_adapter.dimse import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from clara_adapter.ingest import REJECT_BUSY, REJECT_CALLED_AE, Ingest, Route, commit_prepared
 from clara_adapter.journal import InstanceRecord
 from clara_adapter.storage import TMP_PREFIX
+from clara_adapter.worker_link import Link, LinkClosed
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +58,19 @@ WORKER_COUNTERS = {"ignored", "store_failures", "associations"}
 class Worker:
     index: int
     proc: subprocess.Popen
-    conn: Connection
+    link: Link
     started: float
     slots: dict[int, Route] = field(default_factory=dict)  # admission id -> route, as accepted
-    send_lock: threading.Lock = field(default_factory=threading.Lock)
     handoff: socket.socket | None = None  # SOCK_SEQPACKET: (key, connection fd) per accepted connection
-    reader: threading.Thread | None = None
+    linked: bool = False  # its link is read by the link thread
+    unlinked: threading.Event = field(default_factory=threading.Event)  # ... no longer: its last messages handled
     accepted: int = 0  # associations this worker was admitted for
     idle: int = 0  # connections handed to it that have not sent an A-ASSOCIATE-RQ
     handed: int = 0
 
     def send(self, message: tuple) -> None:
         try:
-            with self.send_lock:
-                self.conn.send(message)
+            self.link.send(message)
         except OSError:
             pass  # it died: the supervisor notices
 
@@ -96,6 +97,11 @@ class ReceiveCoordinator:
         self._idle: dict[tuple[Worker, int], None] = {}
         self._accept_thread: threading.Thread | None = None
         self._keys = itertools.count(1)
+        # one thread reads every worker's link (select): each round's commits, from all workers, in one batch
+        self._link_thread: threading.Thread | None = None
+        self._joining: list[Worker] = []  # workers whose link the link thread is to add
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._links_stop = False
         self.max_awaiting = max(64, 4 * settings.maxAssociations)  # as StorageSCP, across all workers
         # in workers' temp-file names: replicas share the volume and pids repeat across pods,
         # so a dead worker's leftovers are found by this coordinator's id and the worker's pid
@@ -105,6 +111,8 @@ class ReceiveCoordinator:
     def start(self, host: str, port: int) -> None:
         """Bind, start the workers and wait until each serves; OSError if the port cannot be bound."""
         self.server = socket.create_server((host, port), backlog=256, reuse_port=False)
+        self._link_thread = threading.Thread(target=self._serve_links, name="receive-links", daemon=True)
+        self._link_thread.start()
         try:
             self.workers = [self._launch(i) for i in range(self.count)]  # they start in parallel
             for worker in self.workers:
@@ -138,29 +146,36 @@ class ReceiveCoordinator:
         finally:
             theirs.close()
             their_handoff.close()
-        conn = Connection(mine.detach())
-        worker = Worker(index, proc, conn, time.monotonic(), handoff=handoff)
-        worker.send({**self.settings.model_dump(include=set(WORKER_SETTINGS)),
+        worker = Worker(index, proc, Link(mine), time.monotonic(), handoff=handoff)
+        worker.send({**self.settings.model_dump(mode="json", include=set(WORKER_SETTINGS)),
                      "incoming_dir": str(self.settings.incoming_dir),
                      "tmp_tag": f"w{self.tmp_id}-{worker.proc.pid}-"})
         return worker
 
     def _await_ready(self, worker: Worker) -> Worker:
-        proc, conn, index = worker.proc, worker.conn, worker.index
+        proc, link = worker.proc, worker.link
         try:
-            if not conn.poll(READY_TIMEOUT):
-                raise OSError(f"receive worker {proc.pid} did not start within {READY_TIMEOUT:g}s")
-            conn.recv()  # ("ready", pid)
-        except (OSError, EOFError) as exc:
-            proc.kill()
-            proc.wait()
-            conn.close()
-            worker.handoff.close()
-            raise OSError(f"receive worker did not start: {exc}") from None
-        worker.reader = threading.Thread(target=self._read, args=(worker,), name=f"receive-link-{index}",
-                                         daemon=True)
-        worker.reader.start()
-        return worker
+            link.receive_one(READY_TIMEOUT)  # ("ready", pid)
+        except TimeoutError:
+            exc: Exception = OSError(f"receive worker {proc.pid} did not start within {READY_TIMEOUT:g}s")
+        except (OSError, LinkClosed) as error:
+            exc = error
+        else:
+            with self._cond:
+                self._joining.append(worker)
+            self._wake()
+            return worker
+        proc.kill()
+        proc.wait()
+        link.close()
+        worker.handoff.close()
+        raise OSError(f"receive worker did not start: {exc}") from None
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass  # closed: the link thread has stopped
 
     def _supervise(self) -> None:
         """Replace workers that died (SIGKILL, OOM, a bug): their peers resend."""
@@ -170,8 +185,8 @@ class ReceiveCoordinator:
                     continue
                 log.warning("receive worker %d (pid %d) exited with %s: its associations were aborted; "
                             "starting another", i, worker.proc.pid, worker.proc.returncode)
-                if worker.reader is not None:
-                    worker.reader.join(5)
+                if worker.linked:
+                    worker.unlinked.wait(5)  # its last commits handled before its files are removed
                 self._forget(worker)
                 if self._stopping.is_set():
                     return
@@ -194,7 +209,7 @@ class ReceiveCoordinator:
 
     def _forget(self, worker: Worker) -> None:
         """A worker is gone: free its slots, delete its temporary files."""
-        worker.conn.close()
+        worker.link.close()
         worker.handoff.close()
         with self._cond:
             self._negotiated -= len(worker.slots)
@@ -217,39 +232,90 @@ class ReceiveCoordinator:
         if removed:
             log.info("removed %d partial files of receive worker %d", removed, worker.proc.pid)
 
-    # -- the link -----------------------------------------------------------------
-    def _read(self, worker: Worker) -> None:
-        """The worker's messages. Commits are run right here, every commit the
-        worker has sent so far in one call of the group commit, and answered in
-        one message: no thread hand-off per instance (admissions, which may
-        resolve host names, go to the pool)."""
-        conn = worker.conn
-        while True:
-            commits: list[tuple] = []
-            try:
-                message = conn.recv()
-                while True:
-                    if message[0] == "commit":
-                        commits.append(message)
-                    else:
-                        self._handle(worker, message)
-                    if not conn.poll(0):
-                        break
-                    message = conn.recv()
-            except (EOFError, OSError):
-                return
-            finally:
-                if commits:
-                    self._commit_all(worker, commits)
-
-    def _commit_all(self, worker: Worker, commits: list[tuple]) -> None:
+    # -- the links ----------------------------------------------------------------
+    def _serve_links(self) -> None:
+        """Every worker's messages, on this one thread: each round of the select
+        reads everything waiting on every link, runs the commits of all of them
+        in one call of the group commit (one transaction) and answers each
+        worker in one message. No thread hand-off per instance; admissions,
+        which may resolve host names, go to the pool."""
+        selector = selectors.DefaultSelector()
+        selector.register(self._wake_r, selectors.EVENT_READ, None)
         try:
-            prepared = [self._prepare(worker, *message[2:]) for message in commits]
+            while not self._links_stop:
+                commits: list[tuple[Worker, list]] = []
+                ended: list[Worker] = []
+                for key, _ in selector.select():
+                    worker = key.data
+                    if worker is None:
+                        self._join_links(selector)
+                        continue
+                    try:
+                        messages = worker.link.receive()
+                    except LinkClosed as exc:
+                        log.warning("receive worker %d: link broken (%s)", worker.proc.pid, exc)
+                        messages = []
+                        worker.link.at_eof = True
+                    for message in messages:
+                        if message[0] == "commit":
+                            commits.append((worker, message[1]))
+                            continue
+                        try:
+                            self._handle(worker, message)
+                        except Exception:  # one bad message must not stop every worker's link
+                            log.exception("receive worker %d: cannot handle %r", worker.proc.pid, message[0])
+                    if worker.link.at_eof:
+                        selector.unregister(key.fileobj)
+                        ended.append(worker)
+                if commits:
+                    self._commit_all(commits)
+                for worker in ended:
+                    worker.unlinked.set()
+        except Exception:  # a bug here stalls every worker: make it loud
+            log.exception("receive link thread failed")
+            raise
+        finally:
+            selector.close()
+
+    def _join_links(self, selector: selectors.BaseSelector) -> None:
+        try:
+            self._wake_r.recv(4096, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            pass
+        with self._cond:
+            joining, self._joining = self._joining, []
+        for worker in joining:
+            try:
+                selector.register(worker.link.sock, selectors.EVENT_READ, worker)
+            except (ValueError, OSError):  # closed meanwhile
+                worker.unlinked.set()
+                continue
+            worker.linked = True
+
+    def _commit_all(self, commits: list[tuple[Worker, list]]) -> None:
+        """Commit every instance asked for in one round, together; then one
+        ``replies`` message per worker (each C-STORE-RSP waits for it)."""
+        who: list[tuple[Worker, int]] = []
+        prepared: list[tuple[Route, InstanceRecord] | int] = []
+        for worker, batch in commits:
+            for entry in batch:
+                try:
+                    call_id, admission, tmp_name, fields = entry
+                except (TypeError, ValueError):
+                    log.error("receive worker %d sent a malformed commit", worker.proc.pid)
+                    continue
+                who.append((worker, call_id))
+                prepared.append(self._prepare(worker, admission, tmp_name, fields))
+        try:
             statuses = commit_prepared(prepared, self.ingest.commit_instances)
         except Exception:
             log.exception("receive worker commits failed")
-            statuses = [PROCESSING_FAILURE] * len(commits)
-        worker.send(("replies", [(message[1], status) for message, status in zip(commits, statuses)]))
+            statuses = [PROCESSING_FAILURE] * len(prepared)
+        replies: dict[Worker, list[tuple[int, int]]] = {}
+        for (worker, call_id), status in zip(who, statuses):
+            replies.setdefault(worker, []).append((call_id, status))
+        for worker, answers in replies.items():
+            worker.send(("replies", answers))
 
     def _handle(self, worker: Worker, message: tuple) -> None:
         kind = message[0]
@@ -298,7 +364,7 @@ class ReceiveCoordinator:
     def _hand_over(self, conn: socket.socket) -> None:
         dropped = None
         with self._cond:
-            live = [w for w in self.workers if w is not None and w.reader is not None and w.proc.poll() is None]
+            live = [w for w in self.workers if w is not None and w.linked and w.proc.poll() is None]
             if not live:
                 log.warning("connection refused: no receive worker running")
                 return
@@ -362,25 +428,32 @@ class ReceiveCoordinator:
                 self._cond.notify_all()
 
     def _prepare(self, worker: Worker, admission: int, tmp_name: str,
-                 record: InstanceRecord) -> tuple[Route, InstanceRecord] | int:
+                 fields: tuple) -> tuple[Route, InstanceRecord] | int:
         """Rename a worker's finished file into place: what to commit, or the C-STORE status."""
         root = self.ingest.store.root
-        final_name = Path(record.path).name
-        tmp = root / tmp_name
         route = worker.slots.get(admission)
-        if (route is None or "/" in tmp_name or not tmp_name.startswith(TMP_PREFIX) or "/" in final_name
-                or final_name.startswith(".")):
+        try:
+            (calling_ae, sop_instance_uid, sop_class_uid, transfer_syntax, study_uid, series_uid, final_name,
+             size, tags) = fields
+        except (TypeError, ValueError):
+            route = final_name = None
+        if (route is None or not isinstance(tmp_name, str) or "/" in tmp_name or not tmp_name.startswith(TMP_PREFIX)
+                or not isinstance(final_name, str) or "/" in final_name or final_name.startswith(".")):
             log.error("receive worker %d sent a commit for an unknown association or a bad file name",
                       worker.proc.pid)
-            _unlink(tmp) if "/" not in tmp_name else None
+            if isinstance(tmp_name, str) and "/" not in tmp_name and tmp_name.startswith(TMP_PREFIX):
+                _unlink(root / tmp_name)
             return PROCESSING_FAILURE
-        record.path = root / final_name
+        record = InstanceRecord(
+            owner=route.owner, ae_title=route.ae_title, calling_ae=calling_ae, sop_instance_uid=sop_instance_uid,
+            sop_class_uid=sop_class_uid, transfer_syntax=transfer_syntax, study_uid=study_uid,
+            series_uid=series_uid, path=root / final_name, size=size, acked_at=0.0, tags=tags)
         try:
-            os.rename(tmp, record.path)
+            os.rename(root / tmp_name, record.path)
         except OSError as exc:
             log.warning("instance %s on %s: cannot finalize its file: %s", record.sop_instance_uid,
                         route.ae_title, exc.strerror)
-            _unlink(tmp)
+            _unlink(root / tmp_name)
             self.ingest.metrics.store_failures.labels("write_error").inc()
             return OUT_OF_RESOURCES
         return route, record
@@ -441,11 +514,19 @@ class ReceiveCoordinator:
             except subprocess.TimeoutExpired:
                 worker.proc.kill()
                 worker.proc.wait()
+            if worker.linked:
+                worker.unlinked.wait(5)  # its last messages handled
             self._forget(worker)  # its spare and partial files
         if self._supervisor is not None:
             self._supervisor.join(5)
         if self.server is not None:
             self.server.close()
+        self._links_stop = True
+        self._wake()
+        if self._link_thread is not None:
+            self._link_thread.join(5)
+        self._wake_w.close()
+        self._wake_r.close()
         self.pool.shutdown(wait=True)
 
 

@@ -6,16 +6,18 @@ coordinator owns everything durable.
 The worker does the per-byte work: PDU parsing, P-DATA reassembly, streaming
 each dataset into a temporary file in the shared incoming folder, the
 structural walk and the extraction of the grouping tags. It asks the
-coordinator, over its link (a Unix socket pair, pickled tuples), for:
+coordinator, over its link (`worker_link`: a Unix socket pair, marshal frames of
+plain tuples), for:
 
 * admission, once per association: ``("admit", id, called, calling, address)``
   → ``("ok", admission, route fields)`` or ``("rj", (result, source, reason))``;
   so slot counts, AE titles and source rules stay exact across workers;
-* the commit of each instance: ``("commit", id, admission, temp name, record)``
-  → C-STORE status, in ``("replies", [(id, status), ...])`` with every commit
-  the coordinator read at once; the coordinator renames the file into place and commits
-  it through `Ingest.commit_instance` (group commit), and only then does the
-  worker send the C-STORE-RSP (commit, then publish).
+* the commit of each instance: ``("commit", [(id, admission, temp name,
+  record fields), ...])`` with every instance finished in one loop iteration
+  → C-STORE statuses, in ``("replies", [(id, status), ...])``; the coordinator
+  renames each file into place and commits what every worker sent in one round
+  in one batch (group commit), and only then does the worker send the
+  C-STORE-RSP (commit, then publish).
 
 It tells the coordinator ``("closed", admission)`` when an association ends and
 ``("count", metric, labels, n)`` for the counters it decides (ignored SOP
@@ -45,7 +47,6 @@ import socket
 import sys
 import threading
 import types
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,11 @@ from clara_adapter.dimse import OUT_OF_RESOURCES
 from clara_adapter.dul_acceptor import Association
 from clara_adapter.dul_pdu import AssociateRequest
 from clara_adapter.incoming import IncomingInstance
+from clara_adapter.journal import InstanceRecord
 from clara_adapter.route import Route
-from clara_adapter.scp import StorageSCP
+from clara_adapter.scp import LoopFuture, StorageSCP
 from clara_adapter.storage import DiskGuard, InstanceStore
+from clara_adapter.worker_link import Link, LinkClosed
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +67,17 @@ PR_SET_PDEATHSIG = 1
 
 class CoordinatorLink:
     """The worker's end of the link: calls (answered by id) from any thread,
-    notices, and the coordinator's commands (read on the main thread)."""
+    notices, and the coordinator's commands (read on the event loop)."""
 
-    def __init__(self, conn: Connection):
-        self.conn = conn
-        self._send_lock = threading.Lock()
+    def __init__(self, link: Link):
+        self.link = link
         self._ids = itertools.count(1)
-        self._pending: dict[int, concurrent.futures.Future] = {}
+        self._pending: dict[int, concurrent.futures.Future | LoopFuture] = {}
+        self._commits: list[tuple] = []  # queued on the loop, sent together at the end of its iteration
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def send(self, message: tuple) -> None:
-        with self._send_lock:
-            self.conn.send(message)
+        self.link.send(message)
 
     def call(self, kind: str, *args: Any) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -83,27 +86,62 @@ class CoordinatorLink:
         self.send((kind, call_id, *args))
         return future
 
+    def commit(self, admission: int, tmp_name: str, record: InstanceRecord) -> LoopFuture:
+        """On the event loop: ask for the commit of one instance; every commit
+        asked in one loop iteration goes out in one message (one write here, one
+        read and one journal transaction in the coordinator). Its reply is read on
+        the loop too, so a `LoopFuture` is enough."""
+        future = LoopFuture()
+        call_id = next(self._ids)
+        self._pending[call_id] = future
+        self._commits.append((call_id, admission, tmp_name, record_fields(record)))
+        if len(self._commits) == 1:
+            self.loop.call_soon(self._flush_commits)
+        return future
+
+    def commit_now(self, admission: int, tmp_name: str, record: InstanceRecord) -> concurrent.futures.Future:
+        """`commit` from any thread, sent at once."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        call_id = next(self._ids)
+        self._pending[call_id] = future
+        self.send(("commit", [(call_id, admission, tmp_name, record_fields(record))]))
+        return future
+
+    def _flush_commits(self) -> None:
+        batch, self._commits = self._commits, []
+        try:
+            self.send(("commit", batch))
+        except OSError:
+            pass  # the coordinator is gone: its link's EOF ends this process
+
     def read_ready(self, on_command: Any) -> bool:
         """On the event loop when the link is readable: handle every message
         waiting (replies resolve their futures right here, no thread hand-off).
         False once the coordinator is gone or said exit."""
         try:
-            while self.conn.poll(0):
-                message = self.conn.recv()
-                if message[0] == "replies":  # commits, answered together
-                    for call_id, result in message[1]:
-                        future = self._pending.pop(call_id, None)
-                        if future is not None:
-                            future.set_result(result)
-                elif message[0] == "reply":
-                    future = self._pending.pop(message[1], None)
-                    if future is not None:
-                        future.set_result(message[2])
-                elif on_command(message) is False:
-                    return False
-        except (EOFError, OSError):
+            messages = self.link.receive()
+        except LinkClosed:
             return False
-        return True
+        for message in messages:
+            if message[0] == "replies":  # commits, answered together
+                for call_id, result in message[1]:
+                    future = self._pending.pop(call_id, None)
+                    if future is not None:
+                        future.set_result(result)
+            elif message[0] == "reply":
+                future = self._pending.pop(message[1], None)
+                if future is not None:
+                    future.set_result(message[2])
+            elif on_command(message) is False:
+                return False
+        return not self.link.at_eof
+
+
+def record_fields(record: InstanceRecord) -> tuple:
+    """What the coordinator needs of a received instance, as plain values (its
+    route, owner and AE title, it knows from the admission)."""
+    return (record.calling_ae, record.sop_instance_uid, record.sop_class_uid, record.transfer_syntax,
+            record.study_uid, record.series_uid, record.path.name, record.size, record.tags)
 
 
 class _Counter:
@@ -228,16 +266,16 @@ class WorkerSCP(StorageSCP):
     def release_slot(self, assoc: Any) -> None:
         self.link.send(("closed", assoc.admission))
 
-    def commit(self, assoc: Any, incoming: IncomingInstance) -> concurrent.futures.Future:
+    def commit(self, assoc: Any, incoming: IncomingInstance) -> concurrent.futures.Future | LoopFuture:
         if self.settings.fsyncFiles:  # fsync blocks: not on the event loop
             return self.pool.submit(self._commit, assoc.admission, incoming)
         try:
             incoming.writer.close()  # cheap without fsync: one thread hand-off less per instance
         except OSError as exc:
-            future: concurrent.futures.Future = concurrent.futures.Future()
+            future = LoopFuture()
             future.set_result(self._close_failed(incoming, exc))
             return future
-        return self.link.call("commit", assoc.admission, incoming.writer.tmp.name, incoming.record)
+        return self.link.commit(assoc.admission, incoming.writer.tmp.name, incoming.record)
 
     def _close_failed(self, incoming: IncomingInstance, exc: OSError) -> int:
         log.warning("instance %s: cannot close its file: %s", incoming.sop_instance_uid, exc.strerror)
@@ -249,7 +287,7 @@ class WorkerSCP(StorageSCP):
             incoming.writer.close()  # fsync (if set) here; the coordinator only renames
         except OSError as exc:
             return self._close_failed(incoming, exc)
-        return self.link.call("commit", admission, incoming.writer.tmp.name, incoming.record).result()
+        return self.link.commit_now(admission, incoming.writer.tmp.name, incoming.record).result()
 
 
 def _die_with_parent(parent: int) -> None:
@@ -269,9 +307,9 @@ def main(argv: list[str]) -> int:
     from clara_dicom.logs import setup_logging
 
     setup_logging(int(argv[3]), argv[4], argv[5])
-    conn = Connection(link_fd)
+    conn = Link(socket.socket(fileno=link_fd))
     # the receive settings (validated by the coordinator); not AdapterSettings: its models take a second to import
-    settings = types.SimpleNamespace(**conn.recv())
+    settings = types.SimpleNamespace(**conn.receive_one(None))
     incoming = Path(settings.incoming_dir)
     link = CoordinatorLink(conn)
     store = InstanceStore(incoming, DiskGuard(incoming.parent, settings.watermarkPercent,
@@ -279,6 +317,7 @@ def main(argv: list[str]) -> int:
                           fsync=settings.fsyncFiles, tmp_tag=settings.tmp_tag)
     scp = WorkerSCP(link, store, settings)
     scp.start("", 0, listen=False)
+    link.loop = scp.loop
     handoff = socket.socket(fileno=handoff_fd)
     handoff.setblocking(False)
     scp.loop.call_soon_threadsafe(scp.loop.add_reader, handoff.fileno(), scp.take_connections, handoff)

@@ -42,6 +42,55 @@ REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)  # permanent, service user, appl
 SWEEP_SECONDS = 0.5
 
 
+class LoopFuture:
+    """The C-STORE status of a commit resolved on the event loop's own thread:
+    the part of `concurrent.futures.Future` the acceptor uses, without the
+    lock and condition that one allocates per instance."""
+
+    __slots__ = ("_done", "_result", "_error", "_callbacks")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[["LoopFuture"], None]] = []
+
+    def add_done_callback(self, fn: Callable[["LoopFuture"], None]) -> None:
+        if self._done:
+            fn(self)
+        else:
+            self._callbacks.append(fn)
+
+    def set_result(self, result: Any) -> None:
+        self._result = result
+        self._finish()
+
+    def set_exception(self, error: BaseException) -> None:
+        self._error = error
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._done:
+            raise RuntimeError("LoopFuture already resolved")
+        self._done = True
+        callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # as concurrent.futures: one callback's bug must not starve the others
+                log.exception("commit callback failed")
+
+    def done(self) -> bool:
+        return self._done
+
+    def result(self) -> Any:
+        if not self._done:
+            raise RuntimeError("LoopFuture not resolved yet")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
 class StorageSCP:
     """Binds the DICOM port and routes associations to `Ingest`."""
 
@@ -63,7 +112,7 @@ class StorageSCP:
         self._accepting = True
         self._idle = threading.Condition()
         self._quick_commits = bool(getattr(ingest, "quick_commits", False))
-        self._ready: list[tuple[Route, Any, concurrent.futures.Future]] = []  # finished, to commit on the loop
+        self._ready: list[tuple[Route, Any, LoopFuture]] = []  # finished, to commit on the loop
 
     # -- what associations ask of the server -------------------------------------
     def connection_opened(self, assoc: Association) -> None:
@@ -106,7 +155,7 @@ class StorageSCP:
             return None, verdict
         return self.claim_slot(rq)
 
-    def commit(self, assoc: Association, incoming: Any) -> "concurrent.futures.Future[int]":
+    def commit(self, assoc: Association, incoming: Any) -> "concurrent.futures.Future[int] | LoopFuture":
         """Commit a finished instance; the future yields its C-STORE status.
 
         When a commit is quick (SQLite journal, no fsync: `Ingest.quick_commits`)
@@ -116,7 +165,7 @@ class StorageSCP:
         thread pool instead of blocking the loop. Otherwise (PostgreSQL, fsync)
         it runs in the pool, batched across threads by the group commit."""
         if self._quick_commits:
-            future: concurrent.futures.Future = concurrent.futures.Future()
+            future = LoopFuture()
             self._ready.append((assoc.route, incoming, future))
             if len(self._ready) == 1:
                 self.loop.call_soon(self._commit_ready)
@@ -131,9 +180,9 @@ class StorageSCP:
             for _, _, future in batch:
                 future.set_exception(exc)
             return
-        if statuses is None:
+        if statuses is None:  # resolved from a pool thread: on the loop, as LoopFuture wants
             for route, incoming, future in batch:
-                self.pool.submit(_complete, future, self.ingest.commit_received, route, incoming)
+                self.pool.submit(_complete, self.loop, future, self.ingest.commit_received, route, incoming)
             return
         for (_, _, future), status in zip(batch, statuses):
             future.set_result(status)  # its callback answers the C-STORE (call_soon: same thread)
@@ -312,8 +361,11 @@ class StorageSCP:
                 self._thread.join(5)
 
 
-def _complete(future: "concurrent.futures.Future", fn: Callable[..., Any], *args: Any) -> None:
+def _complete(loop: asyncio.AbstractEventLoop, future: LoopFuture, fn: Callable[..., Any], *args: Any) -> None:
+    """In a pool thread: ``fn(*args)``, its result (or error) handed to ``future`` on the loop."""
     try:
-        future.set_result(fn(*args))
+        result = fn(*args)
     except BaseException as exc:
-        future.set_exception(exc)
+        loop.call_soon_threadsafe(future.set_exception, exc)
+        return
+    loop.call_soon_threadsafe(future.set_result, result)
