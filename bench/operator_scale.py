@@ -221,6 +221,16 @@ def created_in_log(path: Path) -> dict[str, float]:
     return out
 
 
+def stop_profile(profiler: subprocess.Popen | None) -> None:
+    """py-spy writes its file on SIGINT."""
+    if profiler is not None and profiler.poll() is None:
+        profiler.send_signal(signal.SIGINT)
+        try:
+            profiler.wait(30)
+        except subprocess.TimeoutExpired:
+            profiler.kill()
+
+
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
     return values[max(0, min(len(values) - 1, int(round(p * len(values))) - 1))]
@@ -254,6 +264,9 @@ def main() -> int:
                          "Job controller with 50 concurrent syncs (their defaults, 20 and 50 QPS and 5 syncs, "
                          "pace the pods and Job completions; shows what is theirs and what is ours)")
     ap.add_argument("--operator-flag", action="append", default=[], help="extra flag for the operator (repeatable)")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="py-spy the operator from the burst until the bench sees the last Job; collapsed stacks "
+                         "to FILE (py-spy's --format raw; its own sampling costs the operator some CPU)")
     args = ap.parse_args()
 
     def interrupt(*_: object) -> None:  # SIGTERM too: report partial figures and stop the cluster
@@ -264,7 +277,7 @@ def main() -> int:
     print(f"load average before: {os.getloadavg()}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="clara-scale-"))
     cluster = kc.connect(Path(args.kubeconfig)) if args.kubeconfig else kc.start(work / "k8s")
-    operator = None
+    operator = profiler = None
     watches: list[Watch] = []
     try:
         nodes(cluster, args.nodes, args.gpu_nodes)
@@ -336,6 +349,10 @@ def main() -> int:
             with lock:
                 created[body["metadata"]["name"]] = sent
 
+        if args.profile:
+            profiler = subprocess.Popen(["py-spy", "record", "--pid", str(operator.pid), "--format", "raw",
+                                         "--rate", "50", "--output", args.profile, "--nonblocking"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cpu_start = cpu_seconds(operator.pid)
         start = time.monotonic()
         with ThreadPoolExecutor(args.clients) as creators:
@@ -355,8 +372,10 @@ def main() -> int:
                     cpu_jobs, load_burst = cpu_seconds(operator.pid) - cpu_start, os.getloadavg()
                     print(f"all {args.jobs} Jobs created, {time.monotonic() - start:.1f}s; load {load_burst}",
                           flush=True)
+                    stop_profile(profiler)
         except KeyboardInterrupt:  # report what there is so far
             print(f"interrupted after {time.monotonic() - start:.0f}s: partial figures", flush=True)
+        stop_profile(profiler)
         cpu_all = cpu_seconds(operator.pid) - cpu_start
         after = api_requests(cluster)
         rss_now, rss_peak = rss(operator.pid)
@@ -417,6 +436,7 @@ def main() -> int:
             print(f"FAILED: {args.jobs - len(pj_done)} PipelineJob(s) did not succeed", flush=True)
             return 1
     finally:
+        stop_profile(profiler)
         for w in watches:
             w.stop.set()
         if operator is not None and operator.poll() is None:
