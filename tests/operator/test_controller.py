@@ -87,6 +87,43 @@ def test_first_lane_keys_go_before_ordinary_keys_due_earlier():
     assert s.next_due() == 6 and s.pop(6) == "later" and s.next_due() is None
 
 
+def test_the_queue_hands_a_key_to_a_worker_only_when_one_is_free_so_new_pipelinejobs_go_first():
+    """During a burst the workers are busy when status updates and new PipelineJobs become due;
+    whatever became due first, a free worker takes the first lane's keys first. (Before, the
+    dispatcher moved every due key into a FIFO at once, so the lanes ordered nothing.)"""
+    from clara_operator.workqueue import WorkQueue
+
+    now = [0.0]  # a controllable clock: nothing here waits on time
+    ran: list[str] = []
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def reconcile(key):
+            ran.append(key)
+            if key == "busy":
+                await release.wait()
+
+        queue = WorkQueue(reconcile, workers=1, clock=lambda: now[0])
+        queue.start()
+        queue.add("busy")
+        while ran != ["busy"]:
+            await asyncio.sleep(0)
+        queue.add("status-1")
+        queue.add("status-2")
+        for _ in range(5):
+            await asyncio.sleep(0)  # let the dispatcher see them: it must not take them yet
+        queue.add("new-1", first=True)
+        queue.add("new-2", first=True)
+        release.set()
+        while len(ran) < 5:
+            await asyncio.sleep(0)
+        await queue.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert ran == ["busy", "new-1", "new-2", "status-1", "status-2"]
+
+
 # --------------------------------------------------------------------------- refusals
 
 
