@@ -98,7 +98,12 @@ def api_requests(cluster: kc.Cluster) -> tuple[collections.Counter, collections.
     by_flow: collections.Counter = collections.Counter()
     wait: collections.Counter = collections.Counter()
     for line in str(text).splitlines():
-        if line.startswith("apiserver_request_total{"):
+        if line.startswith(("apiserver_request_duration_seconds_sum{", "apiserver_request_duration_seconds_count{")):
+            labels, value = line.rsplit(" ", 1)
+            sub = _label(labels, "subresource")
+            key = f"{_label(labels, 'verb')} {_label(labels, 'resource')}{'/' + sub if sub else ''}"
+            wait[("seconds" if "_sum{" in line else "count", key)] += float(value)  # server-side latency
+        elif line.startswith("apiserver_request_total{"):
             labels, value = line.rsplit(" ", 1)
             sub = _label(labels, "subresource")
             by_verb[f"{_label(labels, 'verb')} {_label(labels, 'resource')}{'/' + sub if sub else ''}"] += float(value)
@@ -430,6 +435,11 @@ def main() -> int:
                    "kube-scheduler": "kube-scheduler"}.get(key, "")
             print(f"  {key}: {value / args.jobs:.2f} per PipelineJob, {1000 * wait[key] / max(value, 1):.1f} ms mean "
                   f"wait  {who}")
+        print("server-side latency, mean (apiserver_request_duration_seconds: what the operator's creates wait on):")
+        for key in ("POST jobs", "POST pipelinejobs", "PATCH pipelinejobs/status", "POST events", "POST pods"):
+            count = wait[("count", key)]
+            if count:
+                print(f"  {key}: {1000 * wait[('seconds', key)] / count:.0f} ms over {count:.0f} requests")
         print(f"operator RSS {rss_now:.0f} MB (peak {rss_peak:.0f} MB)   (target <= 300 MB)")
         print(f"load average after: {load}")
         if len(pj_done) < args.jobs:
