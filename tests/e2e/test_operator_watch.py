@@ -100,7 +100,7 @@ def pipelinejob(name: str) -> dict:
                      "payload": {"path": f"/var/lib/clara-dicom/payloads/{name}", "instances": 1, "bytes": 1}}}
 
 
-async def test_pipelinejob_watch_lists_watches_relists_and_keeps_no_managed_fields(k8s_cluster, k8s_namespace):
+async def test_pipelinejob_watch_lists_trimmed_watches_and_relists(k8s_cluster, k8s_namespace):
     """The controller's own PipelineJob watch (kopf no longer watches them): list, then events
     (our status write among them), then a relist that forgets what was deleted meanwhile."""
     from kubernetes_asyncio import client
@@ -118,20 +118,24 @@ async def test_pipelinejob_watch_lists_watches_relists_and_keeps_no_managed_fiel
     async with client.ApiClient(configuration=cfg) as api:
         kube = Kube(api)
         await create(kube.custom, "before")
-        bodies, events, lists = {}, [], []
+        bodies, events, lists, listed = {}, [], [], []
 
         def on_event(body, deleted):
             events.append((body["metadata"]["name"], deleted))
             bodies[body["metadata"]["name"]] = body
 
-        watch = PipelineJobWatch(kube, ns, on_event, lambda namespace, items: lists.append(
-            sorted(p["metadata"]["name"] for p in items)))
+        def on_list(namespace, items):
+            lists.append(sorted(p["metadata"]["name"] for p in items))
+            listed.extend(items)
+
+        watch = PipelineJobWatch(kube, ns, on_event, on_list)
         task = asyncio.create_task(watch.run())
         try:
             await wait_for(lambda: lists == [["before"]])
+            assert "managedFields" not in listed[0]["metadata"]  # a (re)list is trimmed page by page
+            assert listed[0]["spec"]["pipeline"] == "p"
             await create(kube.custom, "after")
-            await wait_for(lambda: ("after", False) in events)
-            assert "managedFields" not in bodies["after"]["metadata"]  # kept trimmed
+            await wait_for(lambda: ("after", False) in events)  # (events are trimmed where kept: seen.py)
             await kube.patch_status(PIPELINEJOBS, ns, "after", {"phase": "Pending", "reason": "JobCreated"})
             await wait_for(lambda: (bodies["after"].get("status") or {}).get("reason") == "JobCreated")
             await kube.delete(PIPELINEJOBS, ns, "after")
