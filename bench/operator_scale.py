@@ -310,7 +310,8 @@ def main() -> int:
              "--no-adapter-feedback", "--payload-host-path", "/tmp/clara-dicom-bench-payloads",
              # activeDeadlineSeconds counts from the Job's start, queueing for a GPU included: at
              # 5,000 one-GPU pods on 512 GPUs the default 600 s failed 3,584 runs as DeadlineExceeded
-             "--active-deadline-seconds", str(max(600, int(args.timeout))), *args.operator_flag], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+             "--active-deadline-seconds", str(max(600, int(args.timeout))), *args.operator_flag],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
 
         created: dict[str, float] = {}
