@@ -98,7 +98,12 @@ def api_requests(cluster: kc.Cluster) -> tuple[collections.Counter, collections.
     by_flow: collections.Counter = collections.Counter()
     wait: collections.Counter = collections.Counter()
     for line in str(text).splitlines():
-        if line.startswith("apiserver_request_total{"):
+        if line.startswith(("apiserver_request_duration_seconds_sum{", "apiserver_request_duration_seconds_count{")):
+            labels, value = line.rsplit(" ", 1)
+            sub = _label(labels, "subresource")
+            key = f"{_label(labels, 'verb')} {_label(labels, 'resource')}{'/' + sub if sub else ''}"
+            wait[("seconds" if "_sum{" in line else "count", key)] += float(value)  # server-side latency
+        elif line.startswith("apiserver_request_total{"):
             labels, value = line.rsplit(" ", 1)
             sub = _label(labels, "subresource")
             by_verb[f"{_label(labels, 'verb')} {_label(labels, 'resource')}{'/' + sub if sub else ''}"] += float(value)
@@ -221,6 +226,16 @@ def created_in_log(path: Path) -> dict[str, float]:
     return out
 
 
+def stop_profile(profiler: subprocess.Popen | None) -> None:
+    """py-spy writes its file on SIGINT."""
+    if profiler is not None and profiler.poll() is None:
+        profiler.send_signal(signal.SIGINT)
+        try:
+            profiler.wait(30)
+        except subprocess.TimeoutExpired:
+            profiler.kill()
+
+
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
     return values[max(0, min(len(values) - 1, int(round(p * len(values))) - 1))]
@@ -254,6 +269,9 @@ def main() -> int:
                          "Job controller with 50 concurrent syncs (their defaults, 20 and 50 QPS and 5 syncs, "
                          "pace the pods and Job completions; shows what is theirs and what is ours)")
     ap.add_argument("--operator-flag", action="append", default=[], help="extra flag for the operator (repeatable)")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="py-spy the operator from the burst until the bench sees the last Job; collapsed stacks "
+                         "to FILE (py-spy's --format raw; its own sampling costs the operator some CPU)")
     args = ap.parse_args()
 
     def interrupt(*_: object) -> None:  # SIGTERM too: report partial figures and stop the cluster
@@ -264,7 +282,7 @@ def main() -> int:
     print(f"load average before: {os.getloadavg()}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="clara-scale-"))
     cluster = kc.connect(Path(args.kubeconfig)) if args.kubeconfig else kc.start(work / "k8s")
-    operator = None
+    operator = profiler = None
     watches: list[Watch] = []
     try:
         nodes(cluster, args.nodes, args.gpu_nodes)
@@ -290,7 +308,10 @@ def main() -> int:
         operator = subprocess.Popen(
             [sys.executable, "-m", "clara_dicom.cli", "operator", "-n", NS, "--liveness-port", "0",
              "--no-adapter-feedback", "--payload-host-path", "/tmp/clara-dicom-bench-payloads",
-             *args.operator_flag], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+             # activeDeadlineSeconds counts from the Job's start, queueing for a GPU included: at
+             # 5,000 one-GPU pods on 512 GPUs the default 600 s failed 3,584 runs as DeadlineExceeded
+             "--active-deadline-seconds", str(max(600, int(args.timeout))), *args.operator_flag],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
 
         created: dict[str, float] = {}
@@ -336,6 +357,10 @@ def main() -> int:
             with lock:
                 created[body["metadata"]["name"]] = sent
 
+        if args.profile:
+            profiler = subprocess.Popen(["py-spy", "record", "--pid", str(operator.pid), "--format", "raw",
+                                         "--rate", "50", "--output", args.profile, "--nonblocking"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cpu_start = cpu_seconds(operator.pid)
         start = time.monotonic()
         with ThreadPoolExecutor(args.clients) as creators:
@@ -355,8 +380,10 @@ def main() -> int:
                     cpu_jobs, load_burst = cpu_seconds(operator.pid) - cpu_start, os.getloadavg()
                     print(f"all {args.jobs} Jobs created, {time.monotonic() - start:.1f}s; load {load_burst}",
                           flush=True)
+                    stop_profile(profiler)
         except KeyboardInterrupt:  # report what there is so far
             print(f"interrupted after {time.monotonic() - start:.0f}s: partial figures", flush=True)
+        stop_profile(profiler)
         cpu_all = cpu_seconds(operator.pid) - cpu_start
         after = api_requests(cluster)
         rss_now, rss_peak = rss(operator.pid)
@@ -411,12 +438,18 @@ def main() -> int:
                    "kube-scheduler": "kube-scheduler"}.get(key, "")
             print(f"  {key}: {value / args.jobs:.2f} per PipelineJob, {1000 * wait[key] / max(value, 1):.1f} ms mean "
                   f"wait  {who}")
+        print("server-side latency, mean (apiserver_request_duration_seconds: what the operator's creates wait on):")
+        for key in ("POST jobs", "POST pipelinejobs", "PATCH pipelinejobs/status", "POST events", "POST pods"):
+            count = wait[("count", key)]
+            if count:
+                print(f"  {key}: {1000 * wait[('seconds', key)] / count:.0f} ms over {count:.0f} requests")
         print(f"operator RSS {rss_now:.0f} MB (peak {rss_peak:.0f} MB)   (target <= 300 MB)")
         print(f"load average after: {load}")
         if len(pj_done) < args.jobs:
             print(f"FAILED: {args.jobs - len(pj_done)} PipelineJob(s) did not succeed", flush=True)
             return 1
     finally:
+        stop_profile(profiler)
         for w in watches:
             w.stop.set()
         if operator is not None and operator.poll() is None:

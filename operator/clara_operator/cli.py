@@ -244,8 +244,12 @@ async def _main(args: argparse.Namespace) -> int:
             logging.getLogger(name).setLevel(logging.WARNING)
     from clara_operator.reconciler import Api, Options
 
-    # One connection per reconcile in flight, plus the namespace reconciles.
-    api_client, current_namespace = await _api_client(pool_size=options.reconcileWorkers + 8)
+    from clara_operator.events import EVENT_POSTERS
+
+    # One connection per reconcile in flight, per Event poster and per watch (two per namespace,
+    # held for as long as they stream), plus the namespace reconciles: a create never waits for a
+    # connection an Event holds.
+    api_client, current_namespace = await _api_client(pool_size=options.reconcileWorkers + EVENT_POSTERS + 2 + 8)
     try:
         await preflight(api_client)
         settings = kopf.OperatorSettings()

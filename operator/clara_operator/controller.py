@@ -4,8 +4,10 @@ periodic resync add keys to a work queue (workqueue.py); its workers reconcile t
 with backoff. Nothing is decided in an event handler, so a missed or failed event
 costs at most one resync interval, and a refused create is retried until it works.
 
-The pipeline Jobs are watched by jobwatch.JobWatch (not kopf: see there why); every
-other kind through kopf's handlers (handlers.py).
+The pipeline Jobs and the PipelineJobs are watched by jobwatch.JobWatch and
+jobwatch.PipelineJobWatch (not kopf: see there why), and the controller posts its
+Events itself (events.EventQueue); every other kind comes through kopf's handlers
+(handlers.py). ``start`` runs from kopf's startup activity.
 
 Keys: (``PipelineJob``, ns, name), (``RegisterResults``, ns, name) and
 (``ClaraPipeline``, ns, pipeline ID) — the last re-checks what waits for a pipeline.
@@ -17,7 +19,8 @@ import logging
 from typing import Any
 
 from clara_operator.jobspec import COMPONENT_PIPELINE, LABEL_COMPONENT, RunnerSettings, owner_of, pipeline_id_of
-from clara_operator.jobwatch import JobWatch
+from clara_operator.events import EventQueue
+from clara_operator.jobwatch import JobWatch, ListWatch, PipelineJobWatch
 from clara_operator.kube import PIPELINEJOBS, REGISTERRESULTS, Kube
 from clara_operator.pipelinejobs import OPEN_STATES, RESULTS_CONDITION, Runner, condition
 from clara_operator.registerjob import ANNOTATION_REGISTERRESULTS
@@ -49,16 +52,19 @@ class Controller:
                  resync_seconds: float = RESYNC_SECONDS, workers: int = WORKERS, backoff: Backoff = Backoff()) -> None:
         self.kube = kube
         self.namespaces = namespaces  # None: every namespace
-        self.registrar = Registrar(kube, settings)
-        self.runner = Runner(kube, settings, results=self.registrar, namespaces=namespaces)
+        self.events = EventQueue(kube.create_event)
+        self.registrar = Registrar(kube, settings, post_event=self.events.post)
+        self.runner = Runner(kube, settings, results=self.registrar, post_event=self.events.post,
+                             namespaces=namespaces)
         self.runner.follow_delay = JOB_EVENT_DELAY
         self.queue = WorkQueue(self.reconcile, workers=workers, backoff=backoff)
         self.resync_seconds = resync_seconds
         self._tasks: list[asyncio.Task] = []
-        self.job_watches: list[JobWatch] = []
+        self.job_watches: list[ListWatch] = []
+        self.pipelinejob_watches: list[ListWatch] = []
         self.resyncs = 0
 
-    # ---- triggers (kopf event handlers call these; they only add keys)
+    # ---- triggers (the watches and kopf's event handlers call these; they only add keys)
     def pipelinejob_event(self, body: dict[str, Any], deleted: bool = False) -> None:
         meta = body.get("metadata") or {}
         if deleted or is_settled(body) or meta.get("deletionTimestamp"):
@@ -68,6 +74,16 @@ class Controller:
             # No Job yet: ahead of the status updates of running ones (p95 created → Job during a burst).
             waits_for_job = not (body.get("status") or {}).get("jobName")
             self.queue.add((PIPELINEJOB, meta["namespace"], meta["name"]), first=waits_for_job)
+
+    def pipelinejobs_listed(self, namespace: str | None, pipelinejobs: list[dict[str, Any]]) -> None:
+        """A (re)list of the PipelineJobs: one deleted while the watch was away is forgotten,
+        every other one is looked at as if it had just changed."""
+        listed = {(p["metadata"]["namespace"], p["metadata"]["name"]) for p in pipelinejobs}
+        for ns, name in [k for k in self.runner.seen.pipelinejobs if (namespace is None or k[0] == namespace)
+                         and k not in listed]:
+            self.runner.forget(ns, name)
+        for body in pipelinejobs:
+            self.pipelinejob_event(body)
 
     def job_event(self, body: dict[str, Any], deleted: bool = False) -> None:
         meta = body.get("metadata") or {}
@@ -169,7 +185,11 @@ class Controller:
         if self._tasks:
             return
         self.queue.start()
+        self._tasks.append(asyncio.create_task(self.events.run(), name="events"))
         for ns in self.namespaces or [None]:
+            pj_watch = PipelineJobWatch(self.kube, ns, self.pipelinejob_event, self.pipelinejobs_listed)
+            self.pipelinejob_watches.append(pj_watch)
+            self._tasks.append(asyncio.create_task(pj_watch.run(), name=f"pipelinejobwatch-{ns or 'all'}"))
             watch = JobWatch(self.kube, ns, f"{LABEL_COMPONENT}={COMPONENT_PIPELINE}", self.job_event, self.jobs_listed)
             self.job_watches.append(watch)
             self._tasks.append(asyncio.create_task(watch.run(), name=f"jobwatch-{ns or 'all'}"))
@@ -183,12 +203,15 @@ class Controller:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         self.job_watches = []
+        self.pipelinejob_watches = []
         await self.queue.stop()
 
     def stats(self) -> dict[str, int]:
         return {"queued": len(self.queue.schedule), "reconciles": self.queue.reconciles,
                 "retries": self.queue.retries, "resyncs": self.resyncs,
                 "jobEvents": sum(w.events for w in self.job_watches),
+                "pipelineJobEvents": sum(w.events for w in self.pipelinejob_watches),
+                "eventsPosted": self.events.posted, "eventsDropped": self.events.dropped,
                 "jobsCreated": self.runner.jobs_created, "registerJobsCreated": self.registrar.jobs_created}
 
 

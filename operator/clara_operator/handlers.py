@@ -10,9 +10,9 @@ this module never touches kopf's default registry).
   adapter configuration no longer contains the object;
 * events on the adapter's ConfigMaps (the rendered one, and the status one the
   adapter publishes its applied version in) re-run the reconcile too;
-* events of PipelineJobs, RegisterResults, register Jobs and ClaraPipelines only add
-  keys to the controller's work queue (``controller.py``; the pipeline Jobs are
-  watched by the controller itself, jobwatch.py):
+* events of RegisterResults, register Jobs and ClaraPipelines only add keys to the
+  controller's work queue (``controller.py``; the PipelineJobs and pipeline Jobs are
+  watched by the controller itself, jobwatch.py, which a startup activity starts):
   the reconciles, retries and the periodic resync happen there (see
   operator/PIPELINES.md, operator/REGISTER.md).
 """
@@ -26,7 +26,7 @@ import kopf
 
 from clara_dicom.models import GROUP, VERSION
 
-from clara_operator.events import post_event
+from clara_operator.events import EVENT_NAME_PREFIX, EVENT_POSTERS, REPORTING_COMPONENT, post_event
 from clara_operator.jobspec import LABEL_COMPONENT
 from clara_operator.reconciler import Api, NamespaceReconciler, Options, reconcile_once
 from clara_operator.registerjob import COMPONENT_REGISTER
@@ -40,7 +40,6 @@ FINALIZER = f"{DOMAIN}/finalizer"
 # lets the object go anyway (a stuck finalizer would be worse than a briefly
 # stale configuration, which the next reconcile fixes).
 DELETE_WAIT_SECONDS = 15.0
-EVENT_POSTERS = 8  # Events posted at once
 
 
 class LeanDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
@@ -64,8 +63,8 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.persistence.diffbase_storage = LeanDiffBaseStorage(prefix=DOMAIN, key="last-handled-configuration")
     settings.posting.enabled = True
     settings.posting.level = logging.WARNING  # kopf's own "handler succeeded" chatter stays in the log
-    settings.posting.reporting_component = "clara-dicom-operator"
-    settings.posting.event_name_prefix = "clara-dicom-"
+    settings.posting.reporting_component = REPORTING_COMPONENT
+    settings.posting.event_name_prefix = EVENT_NAME_PREFIX
     # Events are posted by per-object workers, unlimited by default, each on a connection of
     # kopf's unlimited pool: a burst of 1,000 PipelineJobs opened hundreds of TLS connections
     # for Events alone, competing with the Job creates. Events may wait; Jobs should not.
@@ -93,7 +92,6 @@ def _register() -> None:
     for cls in CONFIG_KINDS:
         kopf.on.event(GROUP, VERSION, cls.PLURAL, id="mark-dirty", registry=registry)(on_object_event)
         kopf.on.delete(GROUP, VERSION, cls.PLURAL, id="finalize", registry=registry)(on_object_delete)
-    kopf.on.event(GROUP, VERSION, "pipelinejobs", id="pipelinejob", registry=registry)(on_pipelinejob_event)
     kopf.on.event(GROUP, VERSION, "registerresults", id="registerresults", registry=registry)(
         on_registerresults_event)
     kopf.on.event("batch", "v1", "jobs", id="register-job", labels={LABEL_COMPONENT: COMPONENT_REGISTER},
@@ -103,18 +101,16 @@ def _register() -> None:
 
 # The controller's triggers: never fail, never call the API.
 def _controller(memo: Any) -> Any:
-    """memo.controller, started on first use (None in tests that run only the namespace reconcile).
-    Started from inside a handler, not a startup activity: kopf.event() posts through a queue
-    kopf makes visible to handlers only (a context variable the workers' tasks inherit)."""
-    controller = memo.get("controller")
-    if controller is not None:
-        controller.start()
-    return controller
+    """memo.controller (None in tests that run only the namespace reconcile)."""
+    return memo.get("controller")
 
 
-async def on_pipelinejob_event(event: dict[str, Any], body: Any, memo: Any, **_: Any) -> None:
+@kopf.on.startup(registry=registry)
+async def start_controller(memo: Any, **_: Any) -> None:
+    """The controller's workers, watches and Event posters (it posts its Events itself, so it
+    needs none of kopf's handler context)."""
     if (controller := _controller(memo)) is not None:
-        controller.pipelinejob_event(dict(body), deleted=event.get("type") == "DELETED")
+        controller.start()
 
 
 async def on_registerresults_event(event: dict[str, Any], body: Any, memo: Any, **_: Any) -> None:

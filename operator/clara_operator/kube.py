@@ -76,10 +76,17 @@ class Kube:
                 return items, meta.get("resourceVersion")
 
     async def list(self, plural: str, namespace: str | None, keep: Keep | None = None) -> list[dict[str, Any]]:
+        items, _ = await self.list_versioned(plural, namespace, keep)
+        return items
+
+    async def list_versioned(self, plural: str, namespace: str | None, keep: Keep | None = None
+                             ) -> tuple[list[dict[str, Any]], str | None]:
+        """The custom objects of ``namespace`` (None: every namespace) and the list's resourceVersion."""
         if namespace is None:
-            return await self._paged(self.custom.list_cluster_custom_object, GROUP, VERSION, plural, keep=keep)
-        return await self._paged(self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, plural,
-                                 keep=keep)
+            return await self._paged_versioned(self.custom.list_cluster_custom_object, GROUP, VERSION, plural,
+                                               keep=keep)
+        return await self._paged_versioned(self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace,
+                                           plural, keep=keep)
 
     async def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]
                            ) -> dict[str, Any] | None:
@@ -116,6 +123,9 @@ class Kube:
             if exc.status == 409:
                 return None
             raise
+
+    async def create_event(self, namespace: str, event: dict[str, Any]) -> None:
+        await self.read_json(self.core.create_namespaced_event, namespace, event)
 
     async def job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
         return await self._paged(self.core.list_namespaced_pod, namespace, label_selector=f"job-name={job}")

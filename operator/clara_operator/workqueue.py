@@ -134,6 +134,7 @@ class WorkQueue:
         self._clock = clock
         self._wake = asyncio.Event()
         self._ready: asyncio.Queue[Key] = asyncio.Queue()
+        self._free = asyncio.Semaphore(workers)  # workers not reconciling (nor handed a key)
         self._tasks: list[asyncio.Task] = []
         self.reconciles = 0
         self.retries = 0
@@ -154,11 +155,24 @@ class WorkQueue:
         self._tasks = []
 
     async def _dispatch(self) -> None:
+        """Hands a key to a worker only when one is free, so the lanes order what runs next: a
+        key popped at once into an unbounded hand-off queue would run in the order it became
+        due, and during a burst the status updates of running PipelineJobs would go before the
+        creates the first lane exists for (and compete with them at the API server)."""
+        while True:
+            await self._free.acquire()
+            try:
+                key = await self._next_due()
+            except BaseException:
+                self._free.release()
+                raise
+            self._ready.put_nowait(key)
+
+    async def _next_due(self) -> Key:
         while True:
             key = self.schedule.pop(self._clock())
             if key is not None:
-                self._ready.put_nowait(key)
-                continue
+                return key
             due = self.schedule.next_due()
             timeout = None if due is None else max(0.0, due - self._clock())
             self._wake.clear()
@@ -183,6 +197,7 @@ class WorkQueue:
                 why = f"{type(exc).__name__}: {_first_line(exc)}"
             self.reconciles += 1
             retry = self.schedule.done(key, self._clock(), failed, delay)
+            self._free.release()
             if failed:
                 self.retries += 1
                 n = self.schedule.failures.get(key, 0)

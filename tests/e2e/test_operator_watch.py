@@ -91,3 +91,64 @@ async def test_job_watch_lists_watches_relists_and_forgets(k8s_cluster, k8s_name
         assert got["metadata"]["labels"][LABEL_COMPONENT] == COMPONENT_PIPELINE  # the API's JSON, camelCase
         assert "restartPolicy" in got["spec"]["template"]["spec"]
         assert await kube.get_job(ns, "nope") is None
+
+
+def pipelinejob(name: str) -> dict:
+    return {"apiVersion": "dicom.clara.io/v1alpha1", "kind": "PipelineJob", "metadata": {"name": name},
+            "spec": {"pipeline": "p", "priority": "normal", "source": {"aeTitle": "CT", "processor": "by-study"},
+                     "group": {"by": "Study", "value": "1.2.3"},
+                     "payload": {"path": f"/var/lib/clara-dicom/payloads/{name}", "instances": 1, "bytes": 1}}}
+
+
+async def test_pipelinejob_watch_lists_trimmed_watches_and_relists(k8s_cluster, k8s_namespace):
+    """The controller's own PipelineJob watch (kopf no longer watches them): list, then events
+    (our status write among them), then a relist that forgets what was deleted meanwhile."""
+    from kubernetes_asyncio import client
+
+    from clara_dicom.models import GROUP, VERSION
+    from clara_operator.jobwatch import PipelineJobWatch
+    from clara_operator.kube import PIPELINEJOBS
+
+    ns = k8s_namespace
+
+    async def create(custom, name):
+        await custom.create_namespaced_custom_object(GROUP, VERSION, ns, PIPELINEJOBS, pipelinejob(name))
+
+    cfg = await k8s_cluster.kubernetes_asyncio_configuration()
+    async with client.ApiClient(configuration=cfg) as api:
+        kube = Kube(api)
+        await create(kube.custom, "before")
+        bodies, events, lists, listed = {}, [], [], []
+
+        def on_event(body, deleted):
+            events.append((body["metadata"]["name"], deleted))
+            bodies[body["metadata"]["name"]] = body
+
+        def on_list(namespace, items):
+            lists.append(sorted(p["metadata"]["name"] for p in items))
+            listed.extend(items)
+
+        watch = PipelineJobWatch(kube, ns, on_event, on_list)
+        task = asyncio.create_task(watch.run())
+        try:
+            await wait_for(lambda: lists == [["before"]])
+            assert "managedFields" not in listed[0]["metadata"]  # a (re)list is trimmed page by page
+            assert listed[0]["spec"]["pipeline"] == "p"
+            await create(kube.custom, "after")
+            await wait_for(lambda: ("after", False) in events)  # (events are trimmed where kept: seen.py)
+            await kube.patch_status(PIPELINEJOBS, ns, "after", {"phase": "Pending", "reason": "JobCreated"})
+            await wait_for(lambda: (bodies["after"].get("status") or {}).get("reason") == "JobCreated")
+            await kube.delete(PIPELINEJOBS, ns, "after")
+            await wait_for(lambda: ("after", True) in events)
+
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await kube.delete(PIPELINEJOBS, ns, "before")
+            await create(kube.custom, "while-away")
+            watch.version = None
+            task = asyncio.create_task(watch.run())
+            await wait_for(lambda: len(lists) == 2)
+            assert lists[1] == ["while-away"]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -87,6 +87,43 @@ def test_first_lane_keys_go_before_ordinary_keys_due_earlier():
     assert s.next_due() == 6 and s.pop(6) == "later" and s.next_due() is None
 
 
+def test_the_queue_hands_a_key_to_a_worker_only_when_one_is_free_so_new_pipelinejobs_go_first():
+    """During a burst the workers are busy when status updates and new PipelineJobs become due;
+    whatever became due first, a free worker takes the first lane's keys first. (Before, the
+    dispatcher moved every due key into a FIFO at once, so the lanes ordered nothing.)"""
+    from clara_operator.workqueue import WorkQueue
+
+    now = [0.0]  # a controllable clock: nothing here waits on time
+    ran: list[str] = []
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def reconcile(key):
+            ran.append(key)
+            if key == "busy":
+                await release.wait()
+
+        queue = WorkQueue(reconcile, workers=1, clock=lambda: now[0])
+        queue.start()
+        queue.add("busy")
+        while ran != ["busy"]:
+            await asyncio.sleep(0)
+        queue.add("status-1")
+        queue.add("status-2")
+        for _ in range(5):
+            await asyncio.sleep(0)  # let the dispatcher see them: it must not take them yet
+        queue.add("new-1", first=True)
+        queue.add("new-2", first=True)
+        release.set()
+        while len(ran) < 5:
+            await asyncio.sleep(0)
+        await queue.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert ran == ["busy", "new-1", "new-2", "status-1", "status-2"]
+
+
 # --------------------------------------------------------------------------- refusals
 
 
@@ -123,6 +160,10 @@ class FakeKube:
         self.refuse: ApiError | None = None
         self.creates = 0
         self.status_writes: list[dict] = []
+        self.events: list[tuple[str, dict]] = []
+
+    async def create_event(self, namespace, event):
+        self.events.append((namespace, event))
 
     def add(self, plural, body):
         body = copy.deepcopy(body)
@@ -528,3 +569,92 @@ def test_the_resyncs_brief_pipelinejob_decides_as_the_whole_one():
             decided.append(whole)
     assert True in decided and False in decided
     assert len(json.dumps(brief_pipelinejob(states[3][0]))) < len(json.dumps(states[3][0])) / 3
+
+
+# --------------------------------------------------------------------------- the controller's own watches and Events
+
+
+def test_event_queue_posts_as_kopf_did_retries_once_and_drops_past_its_backlog():
+    from clara_operator.events import REPORTING_COMPONENT, EventQueue
+
+    posted, failures = [], {"left": 1}
+
+    async def create(namespace, event):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ApiError(503, "Service Unavailable")
+        posted.append((namespace, event))
+
+    async def scenario():
+        queue = EventQueue(create, posters=2, backlog=3, retry_delay=0)
+        pj = {"apiVersion": "dicom.clara.io/v1alpha1", "kind": "PipelineJob",
+              "metadata": {"name": "a", "namespace": "imaging", "uid": "u1"}}
+        for reason in ("Running", "Succeeded", "Other", "Fourth"):
+            queue.post(pj, "Normal", reason, "x" * 2000)  # never blocks, never raises
+        assert queue.dropped == 1  # the backlog holds 3
+        task = asyncio.create_task(queue.run())
+        for _ in range(100):
+            if queue.posted == 3:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return queue
+
+    queue = asyncio.run(scenario())
+    assert queue.posted == 3 and queue.failed == 0  # the 503 was retried
+    assert sorted(e["reason"] for _, e in posted) == ["Other", "Running", "Succeeded"]
+    namespace, event = posted[0]
+    assert namespace == "imaging"
+    assert event["involvedObject"] == {"apiVersion": "dicom.clara.io/v1alpha1", "kind": "PipelineJob",
+                                       "name": "a", "namespace": "imaging", "uid": "u1"}
+    assert event["source"] == {"component": REPORTING_COMPONENT}
+    assert event["reportingComponent"] == REPORTING_COMPONENT and event["metadata"]["generateName"]
+    assert len(event["message"]) == 1000
+
+
+def test_controller_events_go_through_its_own_queue():
+    from clara_operator.controller import Controller
+
+    kube, _, name, _ = setup()
+    controller = Controller(kube, SETTINGS, namespaces=["imaging"])
+    assert controller.runner.post_event == controller.events.post
+    assert controller.registrar.post_event == controller.events.post
+
+
+def test_a_relist_of_pipelinejobs_forgets_the_deleted_and_queues_the_rest():
+    from clara_operator.controller import Controller
+
+    kube, runner, name, _ = setup()
+    controller = Controller(kube, SETTINGS, namespaces=["imaging"])
+    gone = {"metadata": {"namespace": "imaging", "name": "gone", "resourceVersion": "3"}, "spec": {}}
+    other_ns = {"metadata": {"namespace": "elsewhere", "name": "kept", "resourceVersion": "3"}, "spec": {}}
+    controller.pipelinejob_event(gone)
+    controller.pipelinejob_event(other_ns)
+    controller.runner.own_writes[("imaging", "gone")] = "3"
+    assert ("imaging", "gone") in controller.runner.seen.pipelinejobs
+    listed = copy.deepcopy(kube.objects[("pipelinejobs", name)])
+    listed["metadata"]["resourceVersion"] = "5"
+    controller.queue.schedule = type(controller.queue.schedule)()  # empty
+    controller.pipelinejobs_listed("imaging", [listed])
+    assert ("imaging", "gone") not in controller.runner.seen.pipelinejobs  # deleted while the watch was away
+    assert ("imaging", "gone") not in controller.runner.own_writes
+    assert ("elsewhere", "kept") in controller.runner.seen.pipelinejobs  # another namespace's list
+    assert ("imaging", name) in controller.runner.seen.pipelinejobs
+    assert len(controller.queue.schedule) == 1
+
+
+def test_startup_starts_the_controller_without_kopfs_handler_context():
+    """The controller starts from kopf's startup activity (not from a first event, which never
+    comes in an empty namespace), and no kopf handler watches PipelineJobs any more."""
+    import kopf
+
+    from clara_operator import handlers
+
+    started = []
+    memo = kopf.Memo()
+    memo.controller = type("C", (), {"start": lambda self: started.append(True)})()
+    asyncio.run(handlers.start_controller(memo=memo))
+    assert started == [True]
+    watched = {h.selector.any_name for h in handlers.registry._watching.get_all_handlers()}
+    assert "registerresults" in watched and "pipelinejobs" not in watched
