@@ -303,6 +303,7 @@ class Ingest:
             # nothing of this batch is committed, nothing published
             return [self._failed(route, inst, exc) if status is None else status
                     for (route, inst), status in zip(items, statuses)]
+        self.metrics.journal_batches.observe(len(items))
         for i, ((route, inst), outcome) in enumerate(zip(items, outcomes)):
             if outcome is None:
                 continue
