@@ -214,9 +214,33 @@ def _journal_commits(adapters: list[LocalAdapter]) -> float:
     return sum(metric_value(a.metrics(), "clara_journal_transaction_instances_count") for a in adapters)
 
 
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` (its reaped children included) and of its live children
+    (the PostgreSQL server: postmaster and backends)."""
+    total = 0
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError):
+            continue
+        if int(entry) == pid:
+            total += sum(int(v) for v in fields[11:15])
+        elif int(fields[1]) == pid:  # field 4 of stat: the parent
+            total += sum(int(v) for v in fields[11:13])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> float:
+    """CPU seconds every core of the machine spent busy (not idle, not waiting for I/O)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]  # guest time is in user
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def measure_replicas(label: str, n: int, journal: str | None, files: list[Path], parallel: int, repeat: int,
-                     state: Path) -> float:
-    """Best seconds for ``files`` over ``n`` replicas; prints instances/s (and server commits/s)."""
+                     state: Path, server_pid: int | None = None) -> float:
+    """Best seconds for ``files`` over ``n`` replicas; prints instances/s, the replicas' journal
+    commits and, for the best repetition, where the machine's CPU went."""
+    import resource
     from concurrent.futures import ThreadPoolExecutor
 
     extra = ["--log-level", "WARNING"] + (["--journal", journal] if journal else [])
@@ -224,16 +248,29 @@ def measure_replicas(label: str, n: int, journal: str | None, files: list[Path],
         adapters = list(pool.map(lambda _: LocalAdapter(state / "config.yaml", state / "shared", extra=extra),
                                  range(n)))
     try:
-        times, commits_made = [], []
+        times, commits_made, cpu = [], [], []
+
+        def sample() -> tuple[float, ...]:
+            senders = resource.getrusage(resource.RUSAGE_CHILDREN)
+            return (sum(cpu_seconds(a.proc.pid) for a in adapters),
+                    process_tree_cpu(server_pid) if server_pid else 0.0,
+                    senders.ru_utime + senders.ru_stime, machine_busy())
+
         for _ in range(repeat):
-            before = _journal_commits(adapters)
+            before, cpu_before = _journal_commits(adapters), sample()
             took = send([a.dicom_port for a in adapters], files, parallel, "CLARA")
+            cpu.append([b - a for a, b in zip(cpu_before, sample())])
             commits_made.append(_journal_commits(adapters) - before)
             times.append(took)
             wait_for(lambda: adapters[0].status()["instancesHeld"] == 0, 120, what="groups closed")
         best = min(times)
         made = commits_made[times.index(best)]
         commits = f"  {made / best:6.0f} commits/s, {len(files) / made:4.2f} instances/commit" if made else ""
+        ours, server, senders, busy = cpu[times.index(best)]
+        cores = os.cpu_count() or 1
+        commits += (f"\n  {'':<22} CPU, share of {cores} cores over the run: adapters {ours / best / cores:4.0%}, "
+                    f"PostgreSQL {server / best / cores:4.0%}, storescu {senders / best / cores:4.0%}, "
+                    f"whole machine {busy / best / cores:4.0%}")
         print(f"  {label:<22} best {best:6.2f}s  median {statistics.median(times):6.2f}s  "
               f"{len(files) / best:7.0f} inst/s{commits}  ({load()})")
         return best
@@ -257,7 +294,8 @@ def run_replicas(name: str, files: list[Path], replicas: int, parallel: int, rep
             state.mkdir()
             (state / "config.yaml").write_text(CONFIG)
             dsn = pg.fresh_database(f"bench_{name}_{n}")
-            results[n] = measure_replicas(f"{n} replica(s), PostgreSQL", n, dsn, files, parallel, repeat, state)
+            results[n] = measure_replicas(f"{n} replica(s), PostgreSQL", n, dsn, files, parallel, repeat, state,
+                                          server_pid=pg.proc.pid)
     print(f"  ratio (throughput): PostgreSQL/SQLite, 1 replica {sqlite / results[1]:.2f}x"
           + (f"; {replicas} replicas / 1 replica {results[1] / results[replicas]:.2f}x" if replicas > 1 else "")
           + f"  ({load()})")
