@@ -125,9 +125,10 @@ class _Session(threading.local):
         self.depth = 0
 
 
-# Ingest batches in flight at once (see the module docstring). Measured with
-# bench/ingest.py --replicas: see docs/scaling.md.
-CONCURRENT_TRANSACTIONS = 4
+# Ingest batches in flight at once (see the module docstring). 2 rather than 4:
+# at 4 nearly every instance became its own commit, and each commit costs CPU
+# (bench/ingest.py --replicas, docs/scaling.md).
+CONCURRENT_TRANSACTIONS = 2
 
 
 class PostgresJournal(JournalBase):
