@@ -29,8 +29,9 @@ up to ``concurrent_transactions`` batches commit at once and PostgreSQL's own
 group commit flushes their WAL together; to the database they are what the
 transactions of several replicas are, and the rules above make them safe the
 same way. Such a transaction never waits for the journal's lock while it holds
-database locks (it publishes after its commit), so a lock holder waiting for a
-row it locked cannot deadlock with it. Everything else runs under the lock as before.
+database locks (it publishes after its commit), so a holder of the lock that
+waits for one of its rows cannot deadlock with it. Everything else runs under
+the lock as before.
 """
 from __future__ import annotations
 
