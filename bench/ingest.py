@@ -28,8 +28,9 @@ Replicas (issue 16): ``--replicas N --journal postgresql`` runs, in the same
 run, one `up` on the SQLite journal (the anchor), one on a PostgreSQL journal
 and N sharing that PostgreSQL journal and one state folder, each fed the same
 instances over ``--associations`` parallel associations spread round-robin
-over the replicas; prints instances/s, the database's transactions/s and the
-ratios PostgreSQL/SQLite and N replicas/one replica.
+over the replicas; prints instances/s, the replicas' journal commits/s
+(and instances per commit) and the ratios PostgreSQL/SQLite and N
+replicas/one replica.
 
     python bench/ingest.py --replicas 2 --journal postgresql [--only ct|small] [--associations 4]
 """
@@ -48,7 +49,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from peers import LocalAdapter, Orthanc, StoreSCP, dcmtk, dcmtk_env, wait_for  # noqa: E402
+from peers import LocalAdapter, Orthanc, StoreSCP, dcmtk, dcmtk_env, metric_value, wait_for  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "clara-dicom" / "bench"
 
@@ -222,17 +223,39 @@ def run_adapter(label: str, count: str, name: str, files: list[Path], parallel: 
         adapter.stop()
 
 
-def _server_commits(dsn: str) -> int:
-    import psycopg
+def _journal_commits(adapters: list[LocalAdapter]) -> float:
+    """The receive path's journal transactions, summed over the replicas (their own count:
+    PostgreSQL 15's pg_stat_database lags by up to seconds, which distorts runs this short)."""
+    return sum(metric_value(a.metrics(), "clara_journal_transaction_instances_count") for a in adapters)
 
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        return int(conn.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
-                   .fetchone()[0])
+
+def process_tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` (its reaped children included) and of its live children
+    (the PostgreSQL server: postmaster and backends)."""
+    total = 0
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError):
+            continue
+        if int(entry) == pid:
+            total += sum(int(v) for v in fields[11:15])
+        elif int(fields[1]) == pid:  # field 4 of stat: the parent
+            total += sum(int(v) for v in fields[11:13])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> float:
+    """CPU seconds every core of the machine spent busy (not idle, not waiting for I/O)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]  # guest time is in user
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def measure_replicas(label: str, n: int, journal: str | None, files: list[Path], parallel: int, repeat: int,
-                     state: Path) -> float:
-    """Best seconds for ``files`` over ``n`` replicas; prints instances/s (and server commits/s)."""
+                     state: Path, server_pid: int | None = None) -> float:
+    """Best seconds for ``files`` over ``n`` replicas; prints instances/s, the replicas' journal
+    commits and, for the best repetition, where the machine's CPU went."""
+    import resource
     from concurrent.futures import ThreadPoolExecutor
 
     extra = ["--log-level", "WARNING"] + (["--journal", journal] if journal else [])
@@ -240,16 +263,29 @@ def measure_replicas(label: str, n: int, journal: str | None, files: list[Path],
         adapters = list(pool.map(lambda _: LocalAdapter(state / "config.yaml", state / "shared", extra=extra),
                                  range(n)))
     try:
-        times, rates = [], []
+        times, commits_made, cpu = [], [], []
+
+        def sample() -> tuple[float, ...]:
+            senders = resource.getrusage(resource.RUSAGE_CHILDREN)
+            return (sum(cpu_seconds(a.proc.pid) for a in adapters),
+                    process_tree_cpu(server_pid) if server_pid else 0.0,
+                    senders.ru_utime + senders.ru_stime, machine_busy())
+
         for _ in range(repeat):
-            before = _server_commits(journal) if journal else 0
+            before, cpu_before = _journal_commits(adapters), sample()
             took = send([a.dicom_port for a in adapters], files, parallel, "CLARA")
-            if journal:
-                rates.append((_server_commits(journal) - before) / took)
+            cpu.append([b - a for a, b in zip(cpu_before, sample())])
+            commits_made.append(_journal_commits(adapters) - before)
             times.append(took)
             wait_for(lambda: adapters[0].status()["instancesHeld"] == 0, 120, what="groups closed")
         best = min(times)
-        commits = f"  server {rates[times.index(best)]:6.0f} transactions/s (polls included)" if rates else ""
+        made = commits_made[times.index(best)]
+        commits = f"  {made / best:6.0f} commits/s, {len(files) / made:4.2f} instances/commit" if made else ""
+        ours, server, senders, busy = cpu[times.index(best)]
+        cores = os.cpu_count() or 1
+        commits += (f"\n  {'':<22} CPU, share of {cores} cores over the run: adapters {ours / best / cores:4.0%}, "
+                    f"PostgreSQL {server / best / cores:4.0%}, storescu {senders / best / cores:4.0%}, "
+                    f"whole machine {busy / best / cores:4.0%}")
         print(f"  {label:<22} best {best:6.2f}s  median {statistics.median(times):6.2f}s  "
               f"{len(files) / best:7.0f} inst/s{commits}  ({load()})")
         return best
@@ -273,7 +309,8 @@ def run_replicas(name: str, files: list[Path], replicas: int, parallel: int, rep
             state.mkdir()
             (state / "config.yaml").write_text(CONFIG)
             dsn = pg.fresh_database(f"bench_{name}_{n}")
-            results[n] = measure_replicas(f"{n} replica(s), PostgreSQL", n, dsn, files, parallel, repeat, state)
+            results[n] = measure_replicas(f"{n} replica(s), PostgreSQL", n, dsn, files, parallel, repeat, state,
+                                          server_pid=pg.proc.pid)
     print(f"  ratio (throughput): PostgreSQL/SQLite, 1 replica {sqlite / results[1]:.2f}x"
           + (f"; {replicas} replicas / 1 replica {results[1] / results[replicas]:.2f}x" if replicas > 1 else "")
           + f"  ({load()})")

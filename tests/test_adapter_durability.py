@@ -93,6 +93,15 @@ def in_threads(n: int, fn) -> list:
     return threads, results
 
 
+def journal_busy(h: Harness):
+    """While held, stores queue up for the next batch: the journal's lock (a group
+    closing) on SQLite; on a journal with concurrent batches (PostgreSQL) every
+    lane busy, which the group commit's pause stands for (real busy lanes:
+    tests/test_journal_postgres.py)."""
+    group_commit = h.ingest._group_commit
+    return h.journal.lock if group_commit.lanes == 1 else group_commit.paused()
+
+
 def wait_until(cond, timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
     while not cond():
@@ -139,7 +148,7 @@ def test_concurrent_commits_share_one_transaction_and_each_returns_after_its_own
         seen_committed[i] = committed(journal_on, tmp_path, f"1.2.9.{i}")
         return status
 
-    with h.journal.lock:  # the journal is busy (e.g. a group closing): stores queue up
+    with journal_busy(h):  # stores queue up
         threads, results = in_threads(n, send)
         wait_until(lambda: h.ingest._group_commit.queued() == n)
     for t in threads:
@@ -171,7 +180,7 @@ def test_a_failed_group_commit_fails_exactly_its_instances_and_leaves_memory_unt
     h.clock.advance(2)  # first: on a shared journal the group closer's polls commit too
     monkeypatch.setattr(h.journal, "_commit", commit)
     n = 6
-    with h.journal.lock:
+    with journal_busy(h):
         threads, results = in_threads(n, lambda i: h.send(study=f"1.{i % 2}", sop=f"1.2.9.{i}"))
         wait_until(lambda: h.ingest._group_commit.queued() == n)
     for t in threads:
@@ -200,7 +209,7 @@ def test_a_processor_error_fails_only_that_instance_of_the_batch(tmp_path, journ
         return real(inst, tx)
 
     proc.handle_instance = handle
-    with h.journal.lock:
+    with journal_busy(h):
         threads, results = in_threads(6, lambda i: h.send(study="1.1", sop=f"1.2.9.{i}"))
         wait_until(lambda: h.ingest._group_commit.queued() == 6)
     for t in threads:
@@ -213,7 +222,7 @@ def test_a_processor_error_fails_only_that_instance_of_the_batch(tmp_path, journ
 
 def test_duplicates_inside_one_batch_are_dropped(tmp_path, journal_on):
     h = Harness(tmp_path, {"pipelines": {"seg": "p1"}, "timeout": 5}, journal=journal_on(tmp_path))
-    with h.journal.lock:
+    with journal_busy(h):
         threads, results = in_threads(4, lambda i: h.send(study="1.1", sop="1.2.9.1"))
         wait_until(lambda: h.ingest._group_commit.queued() == 4)
     for t in threads:
@@ -240,7 +249,7 @@ def test_fsync_files_syncs_files_the_directory_once_per_batch_and_the_journal(tm
 
     monkeypatch.setattr(os, "fsync", record)
     assert h.journal._db.execute("PRAGMA synchronous").fetchone()[0] == (2 if fsync else 1)  # FULL / NORMAL
-    with h.journal.lock:
+    with journal_busy(h):
         threads, results = in_threads(4, lambda i: h.send(study="1.1", sop=f"1.2.9.{i}"))
         wait_until(lambda: h.ingest._group_commit.queued() == 4)
     for t in threads:

@@ -189,3 +189,77 @@ def test_a_version_2_database_is_migrated_once_by_replicas_opening_together(tmp_
     finally:
         for journal in opened_journals:
             journal.close()
+
+
+def test_concurrent_batches_wait_in_the_database_at_once_and_the_rest_form_one_batch(tmp_path, postgres_server):
+    """Concurrent transactions (journal_pg.py): with the study's group row locked by
+    another session (as a closer would), as many ingest batches as the journal
+    has lanes are inside the database at once, each on its own connection, waiting
+    for the row; the stores behind them queue up in the group commit and commit
+    together once a lane frees. Every store is acknowledged only after its own
+    commit, and the study makes one job with every instance once."""
+    import threading
+
+    import psycopg
+
+    dsn = postgres_server.fresh_database("lanes")
+    h = SharedHarness(tmp_path, {"pipelines": {"a": "p1"}, "timeout": 10}, dsn=dsn)
+    lanes = h.journal.concurrent_transactions
+    group_commit = h.ingest._group_commit
+    assert lanes > 1 and group_commit.lanes == lanes
+    assert h.send(study="1.1", sop="1.2.0") == SUCCESS  # opens the group
+    queued_behind = 5
+    statuses: dict[str, int] = {}
+    acked_before_commit: list[str] = []
+
+    def send(sop: str) -> None:
+        statuses[sop] = h.send(study="1.1", sop=sop)
+        with psycopg.connect(dsn, options="-c search_path=clara_adapter") as conn:  # committed, seen from outside?
+            if not conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid = %s", (sop,)).fetchone():
+                acked_before_commit.append(sop)
+
+    def waiting_in_database() -> int:
+        return admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                             "AND wait_event_type = 'Lock' AND query LIKE '%add_to_open_group%'").fetchone()[0]
+
+    commits_before = h.journal.commits
+    with psycopg.connect(dsn, autocommit=True) as admin, psycopg.connect(dsn) as locker:
+        locker.execute("SELECT id FROM clara_adapter.groups WHERE state = 'open' FOR UPDATE")  # held till rollback
+        first = [threading.Thread(target=send, args=(f"1.2.1.{i}",)) for i in range(lanes)]
+        for t in first:
+            t.start()
+        wait_for(lambda: waiting_in_database() == lanes, 20, interval=0.02, what="every lane in the database")
+        behind = [threading.Thread(target=send, args=(f"1.2.2.{i}",)) for i in range(queued_behind)]
+        for t in behind:
+            t.start()
+        wait_for(lambda: group_commit.queued() == queued_behind, 20, interval=0.02, what="stores queued")
+        assert statuses == {}  # nothing acknowledged while its record cannot commit
+        locker.rollback()
+    for t in first + behind:
+        t.join(30)
+    assert statuses == {sop: SUCCESS for sop in [f"1.2.1.{i}" for i in range(lanes)]
+                        + [f"1.2.2.{i}" for i in range(queued_behind)]}
+    assert acked_before_commit == []
+    assert h.journal.commits - commits_before == lanes + 1  # one per lane, then the queued stores together
+    h.clock.advance(10.01)
+    (job,) = h.jobs()
+    assert job["spec"]["payload"]["instances"] == 1 + lanes + queued_behind
+    h.closer.stop()
+    h.journal.close()
+
+
+def test_one_instance_sent_at_once_on_every_lane_is_kept_once(tmp_path, postgres_server):
+    """The duplicate rule under concurrent batches of one process: the same SOP
+    Instance UID stored from many threads at once joins its group once."""
+    dsn = postgres_server.fresh_database("lanes_dup")
+    h = SharedHarness(tmp_path, {"pipelines": {"a": "p1"}, "timeout": 10}, dsn=dsn)
+    assert h.send(study="1.1", sop="1.2.0") == SUCCESS
+    statuses, errors = start_together(12, lambda: h.send(study="1.1", sop="1.2.1"))
+    assert errors == [] and statuses == [SUCCESS] * 12
+    assert h.journal.count_instances() == 2
+    assert h.ctx.metrics.ignored.labels("CLARA", "duplicate")._value.get() == 11
+    h.clock.advance(10.01)
+    (job,) = h.jobs()
+    assert job["spec"]["payload"]["instances"] == 2
+    h.closer.stop()
+    h.journal.close()

@@ -96,7 +96,11 @@ class Ingest:
         self.processors: dict[str, JobProcessorBase] = {}  # owner -> instance (incl. retired)
         self.config = RenderedConfig()
         self.metrics = ctx.metrics
-        self._group_commit: GroupCommit = GroupCommit(self._commit_batch, self.journal.lock)
+        # One batch at a time under the journal's lock (SQLite); several at once on their own
+        # connections where the journal allows (PostgreSQL: journal_pg.py, "Concurrent transactions").
+        lanes = self.journal.concurrent_transactions
+        self._group_commit: GroupCommit = GroupCommit(self._commit_batch, self.journal.lock if lanes == 1 else None,
+                                                      lanes)
 
     # -- configuration --------------------------------------------------------
     def _make_processor(self, owner: str, ae_title: str, processor_name: str, spec: JobProcessorSpec,
@@ -279,7 +283,9 @@ class Ingest:
         statuses: list[int | None] = [None] * len(items)  # None: decided by the commit
         sched = self.ctx.scheduler
         try:
-            with self.journal.transaction(sched.now(), sched.mono()) as tx:
+            # Plug-ins that keep no process memory (replica-safe) may share the journal with other batches.
+            concurrent = all(route.processor.replica_safe for route, _ in items)
+            with self.journal.transaction(sched.now(), sched.mono(), concurrent=concurrent) as tx:
                 if len(items) == 1:  # alone: a failure rolls the whole transaction back, no savepoint needed
                     outcomes[0] = self._handle(*items[0], tx)
                 else:
@@ -297,6 +303,7 @@ class Ingest:
             # nothing of this batch is committed, nothing published
             return [self._failed(route, inst, exc) if status is None else status
                     for (route, inst), status in zip(items, statuses)]
+        self.metrics.journal_batches.observe(len(items))
         for i, ((route, inst), outcome) in enumerate(zip(items, outcomes)):
             if outcome is None:
                 continue

@@ -152,6 +152,10 @@ class Transaction:
     def after_commit(self, fn: Callable[[], None]) -> None:
         self._callbacks.append(fn)
 
+    @property
+    def has_callbacks(self) -> bool:
+        return bool(self._callbacks)
+
     @contextmanager
     def step(self) -> Iterator["Transaction"]:
         """A savepoint: if the body raises, its writes and its ``after_commit``
@@ -216,6 +220,9 @@ class JournalBase:
     shared_groups.py) instead of in one process's memory and timers."""
 
     shared = False
+    # Transactions that may run at once, each on its own connection (``transaction(concurrent=True)``);
+    # 1: every transaction is serialised under ``lock`` (SQLite: one connection, one writer).
+    concurrent_transactions = 1
 
     def _setup(self, root: Path) -> None:
         self.root = root
@@ -319,11 +326,13 @@ class JournalBase:
             log.warning("journal rollback failed: %s", exc)
 
     @contextmanager
-    def transaction(self, now: float, mono: float) -> Iterator[Transaction]:
+    def transaction(self, now: float, mono: float, concurrent: bool = False) -> Iterator[Transaction]:
         """Commit, then publish: the body's writes are committed together, then
         its ``after_commit`` callbacks run (still under the lock, so timers and
         other writers see memory and journal agree). On any failure nothing is
-        published."""
+        published. ``concurrent``: the body reads no process memory, so it may
+        overlap other transactions where the back-end allows (journal_pg.py);
+        here it is serialised all the same."""
         with self._lock:
             tx = Transaction(self, now, mono)
             with self.atomic():

@@ -21,19 +21,32 @@ now is skipped), then re-checks them with a fresh snapshot and marks them
 closed, so exactly one replica closes each, and never while an instance joins.
 Each replica heartbeats in ``replicas``; a closed group whose closer stopped
 heartbeating is taken over by another (shared_groups.py drives all this).
+
+Concurrent transactions: each thread's transaction has its own pooled
+connection. ``transaction(concurrent=True)`` (an ingest batch whose plug-ins
+keep no process memory: ``replica_safe``) runs without the journal's lock, so
+up to ``concurrent_transactions`` batches commit at once and PostgreSQL's own
+group commit flushes their WAL together; to the database they are what the
+transactions of several replicas are, and the rules above make them safe the
+same way. Such a transaction never waits for the journal's lock while it holds
+database locks (it publishes after its commit), so a holder of the lock that
+waits for one of its rows cannot deadlock with it. Everything else runs under
+the lock as before.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import threading
 import time
 import uuid
 import weakref
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from clara_adapter.journal import (_INSTANCE_COLUMNS, SCHEMA, GroupRecord, GroupTakenOver,  # noqa: F401
-                                   InstanceRecord, JournalBase, _group)
+                                   InstanceRecord, JournalBase, Transaction, _group)
 
 PG_SCHEMA_NAME = "clara_adapter"
 _SCHEMA_LOCK_KEY = 0x434C4152  # "CLAR": advisory lock id for schema creation
@@ -102,13 +115,33 @@ def redacted(dsn: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
 
 
+class _Session(threading.local):
+    """The calling thread's open transaction: its connection, the transaction
+    control not sent yet (see ``_flush``) and its nesting depth."""
+
+    def __init__(self) -> None:
+        self.conn: Any = None
+        self.conn_cm: Any = None
+        self.deferred: list[str] = []
+        self.depth = 0
+
+
+# Ingest batches in flight at once (see the module docstring). 2 rather than 4:
+# at 4 nearly every instance became its own commit, and each commit costs CPU
+# (bench/ingest.py --replicas, docs/scaling.md).
+CONCURRENT_TRANSACTIONS = 2
+
+
 class PostgresJournal(JournalBase):
     shared = True
 
-    def __init__(self, dsn: str, root: str | Path, max_connections: int = 4, timeout: float = 5.0,
-                 clock: Callable[[], float] | None = None):
+    def __init__(self, dsn: str, root: str | Path, max_connections: int | None = None, timeout: float = 5.0,
+                 clock: Callable[[], float] | None = None,
+                 concurrent_transactions: int = CONCURRENT_TRANSACTIONS):
         """``clock``: wall-clock seconds used instead of the database's clock
-        (tests on a controllable clock); None in production."""
+        (tests on a controllable clock); None in production. ``max_connections``:
+        the pool's size, by default the concurrent transactions plus three (the
+        journal's lock holder, the reachability probe, one spare)."""
         import psycopg
         from psycopg_pool import ConnectionPool
 
@@ -120,13 +153,17 @@ class PostgresJournal(JournalBase):
         self.replica = uuid.uuid4().hex[:12]  # this process, for closes and heartbeats
         self._setup(Path(root))
         self._probed_at, self._reachable = float("-inf"), True
-        self._conn: Any = None  # the connection of the open transaction
-        self._deferred: list[str] = []  # transaction control not sent yet (see _flush)
-        self._conn_cm: Any = None
+        self._tx = _Session()  # each thread's open transaction
+        self.concurrent_transactions = max(1, concurrent_transactions)
+        self._counts = threading.Lock()  # commits and the idle-check table, written by several threads
         self._checked_out_at: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self._closing: dict[int, int] = {}  # group id -> closer_epoch of the groups this replica closed or took over
+        if max_connections is None:
+            max_connections = self.concurrent_transactions + 3
         self._pool = ConnectionPool(
-            dsn, min_size=1, max_size=max_connections, timeout=timeout, open=False, name="clara-journal",
+            # min_size: the batches' connections are open before the first study arrives
+            dsn, min_size=min(max_connections, self.concurrent_transactions), max_size=max_connections,
+            timeout=timeout, open=False, name="clara-journal",
             check=self._check_if_idle,  # a server restart leaves idle connections broken
             # Give up a reconnection chain after ``timeout``: the pool's backoff doubles without a
             # cap, so after a long outage it could wait as long again; the next checkout starts anew.
@@ -145,8 +182,9 @@ class PostgresJournal(JournalBase):
         connection broken since its last use fails its transaction instead
         (answered 0xA700, nothing acknowledged) and the pool discards it."""
         now = time.monotonic()
-        last = self._checked_out_at.get(conn)
-        self._checked_out_at[conn] = now
+        with self._counts:
+            last = self._checked_out_at.get(conn)
+            self._checked_out_at[conn] = now
         if last is None or now - last >= self.IDLE_CHECK_SECONDS:
             conn.execute("")
 
@@ -335,7 +373,7 @@ class PostgresJournal(JournalBase):
             return self._reachable
         self._probed_at = now
         try:
-            with self._pool.connection(timeout=1.0) as conn:
+            with self._borrow(timeout=1.0) as conn:
                 conn.execute("SELECT 1")
             self._reachable = True
         except Exception:
@@ -364,67 +402,152 @@ class PostgresJournal(JournalBase):
     _CONTROL = ("BEGIN", "SAVEPOINT ", "RELEASE SAVEPOINT ")
 
     def _flush(self, then: str | None = None) -> None:
-        statements = self._deferred + ([then] if then else [])
-        self._deferred = []
+        tx = self._tx
+        statements = tx.deferred + ([then] if then else [])
+        tx.deferred = []
         if statements:
-            self._conn.execute("; ".join(statements))  # no parameters: one simple query
+            tx.conn.execute("; ".join(statements))  # no parameters: one simple query
 
     def _execute(self, sql: str, args: tuple = ()) -> list[tuple]:
-        if self._conn is not None:
+        tx = self._tx
+        if tx.conn is not None:
             if not args and sql.startswith(self._CONTROL):
-                self._deferred.append(sql)
+                tx.deferred.append(sql)
                 return []
             if not args and sql.startswith("ROLLBACK TO SAVEPOINT "):
                 self._flush(sql)
                 return []
-            if self._deferred:  # one round trip: the held-back control statements, then this one
-                deferred, self._deferred = self._deferred, []
-                cur = self._client_cursor(self._conn)
+            if tx.deferred:  # one round trip: the held-back control statements, then this one
+                deferred, tx.deferred = tx.deferred, []
+                cur = self._client_cursor(tx.conn)
                 cur.execute("; ".join(deferred + [self._sql(sql)]), args or None, prepare=False)
                 while cur.nextset():  # to the result of the last statement
                     pass
             else:
-                cur = self._conn.execute(self._sql(sql), args or None)
+                cur = tx.conn.execute(self._sql(sql), args or None)
             return cur.fetchall() if cur.description else []
-        with self._pool.connection() as conn:
+        with self._borrow() as conn:
             cur = conn.execute(self._sql(sql), args or None)
             return cur.fetchall() if cur.description else []
 
-    def _executemany(self, sql: str, rows: list[tuple]) -> None:
-        if self._conn is not None:
-            self._flush()
-            self._conn.cursor().executemany(self._sql(sql), rows)
+    @contextlib.contextmanager
+    def _borrow(self, timeout: float | None = None) -> Iterator[Any]:
+        """A pooled connection for one statement outside a transaction."""
+        with self._pool.connection(timeout=timeout) as conn:
+            try:
+                yield conn
+            except Exception:
+                self._checked_after_failure(conn)
+                raise
+
+    def _checked_after_failure(self, conn: Any) -> None:
+        """A connection found broken (the server restarted or went away): check the
+        pool's idle ones now, so each does not fail a transaction of its own later
+        (they are not pinged when used within ``IDLE_CHECK_SECONDS``)."""
+        if conn is None or not conn.broken:
             return
-        with self._pool.connection() as conn:
+        try:
+            self._pool.check()
+        except Exception:  # the pool is closing; or it reconnects in the background
+            pass
+
+    def _executemany(self, sql: str, rows: list[tuple]) -> None:
+        tx = self._tx
+        if tx.conn is not None:
+            self._flush()
+            tx.conn.cursor().executemany(self._sql(sql), rows)
+            return
+        with self._borrow() as conn:
             conn.cursor().executemany(self._sql(sql), rows)
 
+    # -- transactions: one per thread, each on its own pooled connection ---------
+    @contextlib.contextmanager
+    def atomic(self, exclusive: bool = True) -> Iterator["PostgresJournal"]:
+        """As JournalBase's, on this thread's connection; ``exclusive`` (the
+        default) holds the journal's lock for the whole transaction, as every
+        transaction did before concurrent ones. Nested calls join the thread's
+        open transaction and take no lock."""
+        tx = self._tx
+        if tx.depth:
+            tx.depth += 1
+            try:
+                yield self
+            finally:
+                tx.depth -= 1
+            return
+        with self._lock if exclusive else contextlib.nullcontext():
+            self._begin()
+            tx.depth = 1
+            try:
+                yield self
+            except BaseException:
+                tx.depth = 0
+                self._rollback()
+                raise
+            tx.depth = 0
+            try:
+                self._commit()
+            except BaseException:
+                self._rollback()
+                raise
+            with self._counts:
+                self.commits += 1
+
+    @contextlib.contextmanager
+    def transaction(self, now: float, mono: float, concurrent: bool = False) -> Iterator[Transaction]:
+        """JournalBase's commit, then publish. ``concurrent``: without the journal's
+        lock, on this thread's own connection, alongside other such transactions;
+        its ``after_commit`` callbacks still run under the lock, after the commit."""
+        if not concurrent or self._tx.depth:
+            with super().transaction(now, mono) as tx:
+                yield tx
+            return
+        tx = Transaction(self, now, mono)
+        with self.atomic(exclusive=False):
+            yield tx
+        if tx.has_callbacks:
+            with self._lock:
+                tx.publish()
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        if self._tx.depth:  # in this thread's transaction: its connection, and no lock (see the module docstring)
+            return self._execute(sql, args)
+        with self._lock:
+            return self._execute(sql, args)
+
     def _begin(self) -> None:
-        self._conn_cm = self._pool.connection()
-        self._conn = self._conn_cm.__enter__()
-        self._deferred = ["BEGIN"]
+        tx = self._tx
+        cm = self._pool.connection()
+        tx.conn = cm.__enter__()
+        tx.conn_cm = cm
+        tx.deferred = ["BEGIN"]
 
     def _commit(self) -> None:
-        began = "BEGIN" not in self._deferred
-        self._deferred = []
+        tx = self._tx
+        began = "BEGIN" not in tx.deferred
+        tx.deferred = []
         if began:
-            self._conn.execute("COMMIT")
+            tx.conn.execute("COMMIT")
         self._release()
 
     def _rollback_raw(self) -> None:
-        if self._conn is None:
+        tx = self._tx
+        if tx.conn is None:
             return
-        began = "BEGIN" not in self._deferred
-        self._deferred = []
+        began = "BEGIN" not in tx.deferred
+        tx.deferred = []
         try:
             if began:
-                self._conn.execute("ROLLBACK")
+                tx.conn.execute("ROLLBACK")
         finally:
             self._release()
 
     def _release(self) -> None:
-        cm, self._conn, self._conn_cm = self._conn_cm, None, None
+        tx = self._tx
+        conn, cm, tx.conn, tx.conn_cm = tx.conn, tx.conn_cm, None, None
         if cm is not None:
             cm.__exit__(None, None, None)  # the pool rolls back or discards a connection left in a bad state
+            self._checked_after_failure(conn)
 
     def close(self) -> None:
         with self._lock:

@@ -34,6 +34,10 @@ class AdapterMetrics:
         self.job_latency = Histogram("clara_job_creation_latency_seconds",
                                      "Group deadline to PipelineJob created", registry=r,
                                      buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+        # _count: the receive path's journal commits; _sum: the instances they held (the group commit's batching)
+        self.journal_batches = Histogram("clara_journal_transaction_instances",
+                                         "Instances per journal transaction of the receive path", registry=r,
+                                         buckets=(1, 2, 4, 8, 16, 32, 64))
         self.stow_requests = Counter("clara_stow_requests_total", "STOW-RS requests by HTTP status", ["status"],
                                      registry=r)
         self.exports = Counter("clara_export_results_total", "Export tasks by outcome", ["outcome"], registry=r)

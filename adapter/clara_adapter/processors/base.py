@@ -43,7 +43,9 @@ Contract — commit, then publish:
   PostgreSQL), memory is per process. A plug-in that keeps its state in the
   journal sets ``replica_safe = True`` (the AE Title processor does); otherwise
   every starting replica is offered every held instance of the owner, which
-  suits only a single replica.
+  suits only a single replica. On such a journal a replica-safe plug-in's
+  ``handle_instance`` may also run in several threads of one process at once
+  (concurrent batches, journal_pg.py), exactly as it runs in several replicas.
 """
 from __future__ import annotations
 
