@@ -267,7 +267,7 @@ def measure_replicas(label: str, n: int, journal: str | None, files: list[Path],
 
         def sample() -> tuple[float, ...]:
             senders = resource.getrusage(resource.RUSAGE_CHILDREN)
-            return (sum(cpu_seconds(a.proc.pid) for a in adapters),
+            return (sum(sum(cpu_seconds(a.proc.pid).values()) for a in adapters),  # each adapter's session
                     process_tree_cpu(server_pid) if server_pid else 0.0,
                     senders.ru_utime + senders.ru_stime, machine_busy())
 
