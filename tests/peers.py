@@ -95,6 +95,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
         time.sleep(interval)
 
 
+def http_ready(base_url: str) -> bool:
+    """``base_url``/health/ready answers 200 (every component's readiness; no token needed)."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/health/ready", timeout=1) as rsp:
+            return rsp.status == 200
+    except OSError:
+        return False
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.2):
@@ -281,11 +290,7 @@ class LocalAdapter(Process):
             raise RuntimeError(f"adapter exited: {self.log()[-3000:]}")
 
     def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/health/ready", timeout=1) as rsp:
-                return rsp.status == 200
-        except OSError:
-            return False
+        return http_ready(f"http://127.0.0.1:{self.http_port}")
 
     def status(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/health/status", timeout=5) as rsp:
@@ -323,12 +328,7 @@ class ResultsService(Process):
             self.wait_ready()
 
     def ready(self) -> bool:
-        """/health/ready answers 200 (it needs no token)."""
-        try:
-            with urllib.request.urlopen(f"{self.url}/health/ready", timeout=1) as rsp:
-                return rsp.status == 200
-        except OSError:
-            return False
+        return http_ready(self.url)
 
     def wait_ready(self, timeout: float = 60) -> None:
         wait_for(lambda: self.ready() or not self.alive(), timeout, interval=0.1, what="Results Service ready")

@@ -46,7 +46,7 @@ def test_an_evicted_pipeline_pod_runs_again_and_the_pipelinejob_succeeds(k8s_clu
                       60, "a replacement pod", interval=0.2)[0]
     (job,) = jobs(rest, ns)
     assert not job["status"].get("failed"), job["status"]  # not counted against backoffLimit 0
-    assert (phase(rest, ns, "liver-evict", "Failed") or None) is None
+    assert phase(rest, ns, "liver-evict", "Failed") is None
 
     wait_for(lambda: any(p["metadata"]["name"] == second and p["status"].get("phase") == "Running"
                          for p in pods_of(rest, ns, "liver-evict")), 60, "the replacement running", interval=0.2)
