@@ -10,7 +10,6 @@ import os
 import subprocess
 import time
 import tomllib
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from clara_dicom.cli import SUBCOMMANDS
 from clara_dicom.synthetic import write_study
 from clara_results.client import ResultsClient, TaskState
 from container_lib import REPO, RLIMITS, Image, chart_security_flags, podman
-from peers import Process, free_port, storescu, wait_for
+from peers import Process, free_port, http_ready, storescu, wait_for
 
 pytestmark = [pytest.mark.container, pytest.mark.dcmtk]
 
@@ -121,14 +120,6 @@ spec: {{aeTitle: STORESCU, host: {source_host}}}
     return world_readable(folder)
 
 
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1) as rsp:
-            return rsp.status == 200
-    except OSError:
-        return False
-
-
 def _running(name: str) -> bool:
     res = podman("inspect", "--format", "{{.State.Running}}", name, check=False, timeout=60)
     return res.stdout.strip() == "true"
@@ -148,7 +139,7 @@ def test_adapter_container_receives_a_study_through_a_published_port(image, name
            image.name, "clara-dicom", "up", "--config", "/config", "--state", "/state", "--host", "0.0.0.0",
            "--dicom-port", "11112", "--http-port", "8080", "--results-port", "0")
     try:
-        wait_for(lambda: _ready(http_port) or not _running(name), timeout=180, interval=0.5, what="adapter ready")
+        wait_for(lambda: http_ready(f"http://127.0.0.1:{http_port}") or not _running(name), timeout=180, interval=0.5, what="adapter ready")
         assert _running(name), podman("logs", name, check=False).stderr[-3000:]
 
         files = write_study(tmp_path / "study", slices=3, rows=32, cols=32)
