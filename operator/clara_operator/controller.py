@@ -73,6 +73,8 @@ class Controller:
             self.runner.seen.pipelinejob(body)
             # No Job yet: ahead of the status updates of running ones (p95 created → Job during a burst).
             waits_for_job = not (body.get("status") or {}).get("jobName")
+            if waits_for_job:
+                self.runner.noticed(meta["namespace"], meta["name"])
             self.queue.add((PIPELINEJOB, meta["namespace"], meta["name"]), first=waits_for_job)
 
     def pipelinejobs_listed(self, namespace: str | None, pipelinejobs: list[dict[str, Any]]) -> None:
