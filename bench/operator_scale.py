@@ -248,7 +248,7 @@ def enable_audit(cluster: kc.Cluster, work: Path) -> Path:
     bench's nor the operator's watch delivery in them. About 2 lines per PipelineJob."""
     policy, audit = work / "audit-policy.yaml", work / "audit.log"
     policy.write_text(json.dumps(AUDIT_POLICY))
-    cluster.stop_component("kube-apiserver")
+    cluster.stop_component("kube-apiserver", timeout=5)  # its graceful stop waits ~30 s for open watches
     cluster.start_component("kube-apiserver", [f"--audit-policy-file={policy}", f"--audit-log-path={audit}",
                                                "--audit-log-format=json", "--audit-log-mode=blocking"])
     return audit
