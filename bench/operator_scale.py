@@ -128,6 +128,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def cpu_by_process(cluster: kc.Cluster, operator_pid: int) -> dict[str, float]:
+    """CPU seconds so far of each control-plane process, the operator, the bench itself, and the whole machine."""
+    out = {c.name: cpu_seconds(c.pid) for c in cluster.components if Path(f"/proc/{c.pid}").exists()}
+    out["operator"], out["bench"] = cpu_seconds(operator_pid), cpu_seconds(os.getpid())
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    out["machine (all)"] = (sum(map(int, fields)) - int(fields[3]) - int(fields[4])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def cpu_shares(start: tuple[dict[str, float], float], now: dict[str, float]) -> dict[str, float]:
+    """Cores used by each since ``start`` (CPU seconds / wall seconds)."""
+    before, t0 = start
+    wall = max(1e-6, time.monotonic() - t0)
+    return {k: (now[k] - before[k]) / wall for k in now if k in before}
+
+
 OPERATOR_SA = "clara-dicom-operator"
 
 
@@ -413,6 +429,7 @@ def main() -> int:
                                          "--rate", "50", "--output", args.profile, "--nonblocking"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cpu_start = cpu_seconds(operator.pid)
+        shares_start = cpu_by_process(cluster, operator.pid), time.monotonic()
         start = time.monotonic()
         with ThreadPoolExecutor(args.clients) as creators:
             list(creators.map(create, range(args.jobs)))
@@ -421,6 +438,7 @@ def main() -> int:
               f"client threads, keep-alive connections) load {os.getloadavg()[0]:.1f}", flush=True)
         deadline = start + args.timeout
         cpu_jobs = None  # the operator's CPU seconds when the bench's watch saw the last Job (lags under load)
+        shares: dict[str, float] = {}
         load_burst = None
         try:
             while len(pj_done) < args.jobs and time.monotonic() < deadline:
@@ -429,6 +447,7 @@ def main() -> int:
                     raise SystemExit("the operator exited")
                 if cpu_jobs is None and len(job_added) >= args.jobs:
                     cpu_jobs, load_burst = cpu_seconds(operator.pid) - cpu_start, os.getloadavg()
+                    shares = cpu_shares(shares_start, cpu_by_process(cluster, operator.pid))
                     print(f"all {args.jobs} Jobs created, {time.monotonic() - start:.1f}s; load {load_burst}",
                           flush=True)
                     stop_profile(profiler)
@@ -496,6 +515,9 @@ def main() -> int:
             print(f"  Job created -> Job Complete: p50 {statistics.median(run):.1f}s, p95 {pct(run, 0.95):.1f}s, "
                   f"max {max(run):.1f}s (Job controller, scheduler, kwok)")
             print(f"  first create -> all Succeeded: {finish - start:.1f}s")
+        if shares:
+            print("CPU during the burst (first create -> the bench saw the last Job), in cores of the machine's "
+                  f"{os.cpu_count()}: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1])))
         if cpu_jobs is not None:
             print(f"operator CPU: {cpu_jobs:.1f}s until the bench saw the last Job = {1000 * cpu_jobs / args.jobs:.1f} ms "
                   f"per PipelineJob (load then {load_burst[0]:.1f})")
