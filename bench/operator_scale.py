@@ -327,6 +327,9 @@ def main() -> int:
     ap.add_argument("--nodes", type=int, default=20)
     ap.add_argument("--gpu-nodes", type=int, default=8)
     ap.add_argument("--clients", type=int, default=16, help="threads creating PipelineJobs")
+    ap.add_argument("--rate", type=float, default=0,
+                    help="PipelineJobs per second at most (default: as fast as the clients go); the latency "
+                         "against the arrival rate shows what is the operator's and what the machine's")
     ap.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds")
     ap.add_argument("--kubeconfig", help="use this running cluster (from `e2e/cluster up`) instead of starting one")
     ap.add_argument("--controllers-qps", type=int, default=0,
@@ -416,6 +419,8 @@ def main() -> int:
 
         def create(i: int) -> None:
             body = pipelinejob(i)
+            if args.rate:  # paced: PipelineJob i is sent no earlier than i / rate seconds into the burst
+                time.sleep(max(0.0, start + i / args.rate - time.monotonic()))
             sent = time.monotonic()  # before the request: the lag below is an upper bound
             sent_wall[body["metadata"]["name"]] = time.time()
             status, answer = pool.post(path, body)
