@@ -2,7 +2,8 @@
 """The operator at hospital scale: a burst of PipelineJobs on the real control plane.
 
     python bench/operator_scale.py --jobs 1000 --controllers-qps 200     # ~5-10 min
-    python bench/operator_scale.py --jobs 5000 --controllers-qps 200 --timeout 1500
+    python bench/operator_scale.py --jobs 5000 --controllers-qps 200 --timeout 2400    # ~30 min
+    python bench/operator_scale.py --jobs 500 --rate 10 --controllers-qps 200         # paced arrivals
 
 Starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok
 (e2e/k8s_cluster.py; binaries from e2e/build.sh) with --nodes fake nodes (default 20),
