@@ -53,8 +53,13 @@ class EventQueue:
     it never blocks nor raises; a full backlog drops the Event (``dropped`` counts them)."""
 
     def __init__(self, create: Callable[[str, dict[str, Any]], Any], posters: int = EVENT_POSTERS,
-                 backlog: int = EVENT_BACKLOG, instance: str | None = None, retry_delay: float = 1.0) -> None:
+                 backlog: int = EVENT_BACKLOG, instance: str | None = None, retry_delay: float = 1.0,
+                 busy: Callable[[], bool] | None = None, busy_poll: float = 0.25) -> None:
         self._create = create  # async (namespace, Event body)
+        # While busy() (Job creates pending), one poster only: Events wait, creates should not
+        # share the API server with them. The others look again every busy_poll seconds.
+        self.busy = busy
+        self._busy_poll = busy_poll
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(backlog)
         self._posters = posters
         self._retry_delay = retry_delay
@@ -83,10 +88,12 @@ class EventQueue:
             log.debug("event dropped (backlog full): %s %s", reason, meta.get("name"))
 
     async def run(self) -> None:
-        await asyncio.gather(*(self._post_forever() for _ in range(self._posters)))
+        await asyncio.gather(*(self._post_forever(i) for i in range(self._posters)))
 
-    async def _post_forever(self) -> None:
+    async def _post_forever(self, index: int) -> None:
         while True:
+            while index and self.busy is not None and self.busy():
+                await asyncio.sleep(self._busy_poll)
             event = await self._queue.get()
             for attempt in (1, 2):  # one retry, as kopf's backoffs=(1,)
                 try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import logging
+import time
 from typing import Any, Protocol
 
 from clara_operator.conditions import Cond, merge, now_rfc3339, transitions
@@ -127,6 +128,13 @@ class Runner:
         self.seen = Seen()  # the latest watched PipelineJobs and Jobs (fed by the controller's triggers)
         # (namespace, name) → resourceVersion of our last status write: its watch event is no news.
         self.own_writes: dict[tuple[str, str], str] = {}
+        # (namespace, name) → when a PipelineJob still without a Job was first seen (monotonic): the
+        # "created Job" log line says how long it waited here, and where (queue, POST).
+        self.seen_at: dict[tuple[str, str], float] = {}
+
+    def noticed(self, namespace: str, name: str) -> None:
+        """A watch event of this PipelineJob, which has no Job yet."""
+        self.seen_at.setdefault((namespace, name), time.monotonic())
 
     # ---- the reconcile
     async def reconcile(self, namespace: str, name: str) -> float | None:
@@ -134,6 +142,7 @@ class Runner:
         (None: when something changes). A Job created now is followed by that next reconcile,
         not in this one: during a burst the worker goes on to the next create at once, and a
         Job that starts meanwhile costs one status write (Running) instead of two."""
+        started = time.monotonic()
         body = self.seen.pipelinejobs.get((namespace, name)) or await self.kube.get(PIPELINEJOBS, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
@@ -153,7 +162,7 @@ class Runner:
                                          "message": f"Job {status['jobName']} was deleted before it finished",
                                          "completionTime": now_rfc3339()})
                 return None
-            job, created = await self._create(body)
+            job, created = await self._create(body, started)
             if job is None:
                 return None
             if created and self.follow_delay is not None:
@@ -163,7 +172,7 @@ class Runner:
             await self._register(fresh, job)
         return None
 
-    async def _create(self, body: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
+    async def _create(self, body: dict[str, Any], started: float | None = None) -> tuple[dict[str, Any] | None, bool]:
         """The Job of this PipelineJob (None: it waits or failed; the status says why), and
         whether this call created it (False: it existed, AlreadyExists)."""
         meta, spec = body["metadata"], body.get("spec") or {}
@@ -181,6 +190,7 @@ class Runner:
             await self._write(body, {"phase": "Failed", "reason": exc.reason, "message": exc.message,
                                      "completionTime": now_rfc3339()})
             return None, False
+        posted = time.monotonic()
         try:
             job = await self.kube.create_job(manifest)
         except Exception as exc:  # noqa: BLE001 - refused or unreachable: say why, then retry
@@ -192,6 +202,7 @@ class Runner:
                 log.debug("PipelineJob %s/%s: status not written: %s", ns, name, write_exc)
             raise Retry(f"{reason}: {message}") from None
         created = job is not None
+        seen = self.seen_at.pop((ns, name), None)
         if job is None:  # AlreadyExists: ours from before a restart (or a name conflict, see _follow)
             job = await self.kube.get_job(ns, manifest["metadata"]["name"])
             if job is None:
@@ -199,8 +210,13 @@ class Runner:
         else:
             self.jobs_created += 1
             self.seen.job(job)  # until its watch event arrives: no GET when the key comes back first
-            log.info("PipelineJob %s/%s: created Job %s (pipeline %s, priority %s)", ns, name,
-                     job["metadata"]["name"], spec.get("pipeline"), spec.get("priority"))
+            now = time.monotonic()
+            started = posted if started is None else started
+            seen = started if seen is None else seen
+            log.info("PipelineJob %s/%s: created Job %s (pipeline %s, priority %s) %.0f ms after the PipelineJob "
+                     "was seen: %.0f ms queued, %.0f ms reconciling, %.0f ms POST", ns, name, job["metadata"]["name"],
+                     spec.get("pipeline"), spec.get("priority"), 1000 * (now - seen), 1000 * max(0.0, started - seen),
+                     1000 * (posted - started), 1000 * (now - posted))
         return job, created
 
     async def _follow(self, body: dict[str, Any], job: dict[str, Any]) -> dict[str, Any] | None:
@@ -336,6 +352,7 @@ class Runner:
     def forget(self, namespace: str, name: str) -> None:
         """Nothing more to do for this PipelineJob: drop what we keep of it and its Job."""
         self.own_writes.pop((namespace, name), None)
+        self.seen_at.pop((namespace, name), None)
         self.seen.forget_pipelinejob(namespace, name)
         self.seen.forget_job(namespace, job_name(name))
 

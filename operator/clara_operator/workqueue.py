@@ -57,6 +57,7 @@ class Schedule:
         self._due: dict[Key, tuple[float, bool]] = {}  # key → (due, in the first lane)
         self._seq = itertools.count()
         self._active: set[Key] = set()
+        self._active_first: set[Key] = set()  # the active keys popped from the first lane
         self._again: dict[Key, float] = {}  # added while active: due then
         self._again_first: set[Key] = set()
         self.failures: dict[Key, int] = {}
@@ -89,25 +90,36 @@ class Schedule:
             heapq.heappop(heap)  # superseded by an earlier add or another lane
         return None
 
-    def next_due(self) -> float | None:
-        dues = [d for d in (self._head(True), self._head(False)) if d is not None]
+    def next_due(self, ordinary: bool = True) -> float | None:
+        """When the next key is due (``ordinary`` False: the next first-lane key)."""
+        dues = [d for d in (self._head(True), self._head(False) if ordinary else None) if d is not None]
         return min(dues) if dues else None
 
-    def pop(self, now: float) -> Key | None:
+    def first_pending(self) -> bool:
+        """Is a first-lane key waiting or being reconciled (during a burst: Job creates pending)?"""
+        return bool(self._active_first) or self._head(True) is not None
+
+    def ordinary_active(self) -> int:
+        return len(self._active) - len(self._active_first)
+
+    def pop(self, now: float, ordinary: bool = True) -> Key | None:
         """A key due by ``now`` (now being reconciled), the first lane's before the other's,
-        each lane earliest first; or None."""
-        for lane in (True, False):
+        each lane earliest first; or None. ``ordinary`` False: first-lane keys only."""
+        for lane in (True, False) if ordinary else (True,):
             due = self._head(lane)
             if due is not None and due <= now:
                 _, _, key = heapq.heappop(self._heaps[lane])
                 del self._due[key]
                 self._active.add(key)
+                if lane:
+                    self._active_first.add(key)
                 return key
         return None
 
     def done(self, key: Key, now: float, failed: bool, delay: float | None = None) -> float | None:
         """A reconcile of ``key`` ended; returns the delay of its retry, if it failed."""
         self._active.discard(key)
+        self._active_first.discard(key)
         retry = None
         if failed:
             n = self.failures[key] = self.failures.get(key, 0) + 1
@@ -124,13 +136,21 @@ class Schedule:
 
 
 class WorkQueue:
-    """Workers reconciling the keys of a :class:`Schedule`."""
+    """Workers reconciling the keys of a :class:`Schedule`.
+
+    While first-lane keys wait or run (a burst of new PipelineJobs: Job creates pending), at
+    most ``ordinary_share`` of the workers reconcile ordinary keys (status writes of running
+    PipelineJobs): the rest stay free for the creates the moment they arrive, and the status
+    writes, which would compete with the creates at the API server, go on at a bounded rate
+    instead of stopping."""
 
     def __init__(self, reconcile: Callable[[Key], Awaitable[None]], workers: int = 8,
-                 backoff: Backoff = Backoff(), clock: Callable[[], float] = time.monotonic) -> None:
+                 backoff: Backoff = Backoff(), clock: Callable[[], float] = time.monotonic,
+                 ordinary_share: float = 1.0) -> None:
         self.schedule = Schedule(backoff)
         self._reconcile = reconcile
         self._workers = workers
+        self._ordinary_cap = max(1, int(workers * ordinary_share))
         self._clock = clock
         self._wake = asyncio.Event()
         self._ready: asyncio.Queue[Key] = asyncio.Queue()
@@ -168,12 +188,17 @@ class WorkQueue:
                 raise
             self._ready.put_nowait(key)
 
+    def creating(self) -> bool:
+        """First-lane keys wait or run (others may hold back what competes with them)."""
+        return self.schedule.first_pending()
+
     async def _next_due(self) -> Key:
         while True:
-            key = self.schedule.pop(self._clock())
+            ordinary = self.schedule.ordinary_active() < self._ordinary_cap or not self.schedule.first_pending()
+            key = self.schedule.pop(self._clock(), ordinary=ordinary)
             if key is not None:
                 return key
-            due = self.schedule.next_due()
+            due = self.schedule.next_due(ordinary=ordinary)
             timeout = None if due is None else max(0.0, due - self._clock())
             self._wake.clear()
             try:

@@ -39,7 +39,11 @@ async def test_job_watch_lists_watches_relists_and_forgets(k8s_cluster, k8s_name
     cfg = await k8s_cluster.kubernetes_asyncio_configuration()
     async with client.ApiClient(configuration=cfg) as api:
         kube = Kube(api)
-        assert await kube.create_job(job(ns, "before")) is not None
+        created = await kube.create_job(job(ns, "before"))
+        # answered with the stored metadata only (no pod template back), which is what the runner keeps
+        assert created["kind"] == "PartialObjectMetadata" and "spec" not in created, created
+        assert created["metadata"]["name"] == "before" and created["metadata"]["uid"]
+        assert created["metadata"]["labels"] == {LABEL_COMPONENT: COMPONENT_PIPELINE}
         assert await kube.create_job(job(ns, "before")) is None  # AlreadyExists: None, as the runner expects
         await kube.create_job(job(ns, "other", component="register"))  # not selected
 

@@ -124,6 +124,52 @@ def test_the_queue_hands_a_key_to_a_worker_only_when_one_is_free_so_new_pipeline
     assert ran == ["busy", "new-1", "new-2", "status-1", "status-2"]
 
 
+def test_while_creates_are_pending_status_writes_get_a_share_of_the_workers_only():
+    """During a burst new PipelineJobs find a free worker at once: the status writes of running
+    ones (ordinary keys) may hold only the controller's share of the workers while first-lane
+    keys wait or run, and all of them again once the creates are done."""
+    from clara_operator.controller import ORDINARY_SHARE_WHILE_CREATING
+    from clara_operator.workqueue import WorkQueue
+
+    now = [0.0]
+    running: set[str] = set()
+    finish = {k: asyncio.Event() for k in ("create-1", "create-2", "s1", "s2", "s3", "s4")}
+
+    async def scenario():
+        async def reconcile(key):
+            running.add(key)
+            await finish[key].wait()
+            running.discard(key)
+
+        async def settle():
+            for _ in range(20):
+                await asyncio.sleep(0)
+
+        queue = WorkQueue(reconcile, workers=8, clock=lambda: now[0], ordinary_share=ORDINARY_SHARE_WHILE_CREATING)
+        queue.start()
+        queue.add("create-1", first=True)
+        for k in ("s1", "s2", "s3", "s4"):
+            queue.add(k)
+        await settle()
+        assert running == {"create-1", "s1", "s2"}  # 8 workers x 0.25: two status writes at once
+        queue.add("create-2", first=True)
+        await settle()
+        assert running == {"create-1", "create-2", "s1", "s2"}  # a free worker took it at once
+        finish["s1"].set()
+        await settle()
+        assert running == {"create-1", "create-2", "s2", "s3"}  # bounded, never stopped
+        finish["create-1"].set()
+        finish["create-2"].set()
+        await settle()
+        assert running == {"s2", "s3", "s4"}  # no creates pending: every worker again
+        for event in finish.values():
+            event.set()
+        await settle()
+        await queue.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
 # --------------------------------------------------------------------------- refusals
 
 
@@ -574,6 +620,46 @@ def test_the_resyncs_brief_pipelinejob_decides_as_the_whole_one():
 # --------------------------------------------------------------------------- the controller's own watches and Events
 
 
+def test_events_go_out_one_at_a_time_while_the_controller_creates_jobs():
+    """While Job creates are pending (the work queue's first lane), one poster only; all of
+    them once the creates are done. Nothing is dropped meanwhile."""
+    from clara_operator.controller import Controller
+    from clara_operator.events import EVENT_POSTERS
+
+    in_flight, peak, posted = [0], [0], []
+    gate = asyncio.Event()
+
+    class Kube:
+        async def create_event(self, namespace, event):
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+            await gate.wait()
+            in_flight[0] -= 1
+            posted.append(event["reason"])
+
+    async def scenario():
+        controller = Controller(Kube(), SETTINGS, ["imaging"])
+        controller.queue.schedule.add(("PipelineJob", "imaging", "new"), 0.0, first=True)  # a create pending
+        controller.events._busy_poll = 0.01
+        task = asyncio.create_task(controller.events.run())
+        for i in range(20):
+            controller.events.post(pjob(), "Normal", f"r{i}", "m")
+        await asyncio.sleep(0.1)
+        assert peak[0] == 1
+        controller.queue.schedule.pop(controller.queue._clock())
+        controller.queue.schedule.done(("PipelineJob", "imaging", "new"), controller.queue._clock(), failed=False)
+        await asyncio.sleep(0.1)
+        assert peak[0] == EVENT_POSTERS  # the creates are done: every poster
+        gate.set()
+        while len(posted) < 20:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert sorted(posted) == sorted(f"r{i}" for i in range(20))
+
+
 def test_event_queue_posts_as_kopf_did_retries_once_and_drops_past_its_backlog():
     from clara_operator.events import REPORTING_COMPONENT, EventQueue
 
@@ -658,3 +744,23 @@ def test_startup_starts_the_controller_without_kopfs_handler_context():
     assert started == [True]
     watched = {h.selector.any_name for h in handlers.registry._watching.get_all_handlers()}
     assert "registerresults" in watched and "pipelinejobs" not in watched
+
+
+def test_kopfs_job_watch_asks_the_server_for_register_jobs_only():
+    """kopf filters a handler's labels in the client: without a server-side selector its Job watch
+    received every pipeline Job event (a third of the operator's CPU in a 1,000 burst)."""
+    import kopf
+    from kopf._cogs.structs.references import Resource
+
+    from clara_operator.handlers import configure
+    from clara_operator.jobspec import LABEL_COMPONENT
+    from clara_operator.registerjob import COMPONENT_REGISTER
+
+    settings = kopf.OperatorSettings()
+    configure(settings)
+    jobs = Resource(group="batch", version="v1", plural="jobs", kind="Job", singular="job", namespaced=True)
+    assert settings.watching.label_selectors.collect(jobs) == [f"{LABEL_COMPONENT}={COMPONENT_REGISTER}"]
+    others = [Resource(group="dicom.clara.io", version="v1alpha1", plural=p, namespaced=True)
+              for p in ("registerresults", "clarapipelines", "claraaetitles")]
+    others.append(Resource(group="", version="v1", plural="configmaps", kind="ConfigMap", namespaced=True))
+    assert all(settings.watching.label_selectors.collect(r) == [] for r in others)
