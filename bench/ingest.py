@@ -294,7 +294,9 @@ def measure_replicas(label: str, n: int, journal: str | None, files: list[Path],
         commits = f"  {made / best:6.0f} commits/s, {len(files) / made:4.2f} instances/commit" if made else ""
         ours, server, senders, busy = cpu[times.index(best)]
         cores = os.cpu_count() or 1
-        commits += (f"\n  {'':<22} CPU, share of {cores} cores over the run: adapters {ours / best / cores:4.0%}, "
+        per_instance = statistics.median(c[0] for c in cpu) * 1000 / len(files)
+        commits += (f"\n  {'':<22} adapters' CPU {per_instance:4.2f} ms/instance (median of the repetitions)"
+                    f"\n  {'':<22} CPU, share of {cores} cores over the run: adapters {ours / best / cores:4.0%}, "
                     f"PostgreSQL {server / best / cores:4.0%}, storescu {senders / best / cores:4.0%}, "
                     f"whole machine {busy / best / cores:4.0%}")
         print(f"  {label:<22} best {best:6.2f}s  median {statistics.median(times):6.2f}s  "

@@ -263,3 +263,47 @@ def test_one_instance_sent_at_once_on_every_lane_is_kept_once(tmp_path, postgres
     assert job["spec"]["payload"]["instances"] == 2
     h.closer.stop()
     h.journal.close()
+
+
+def test_a_transaction_with_a_failed_statement_is_not_reported_committed(tmp_path, postgres_server):
+    """PostgreSQL answers COMMIT of a failed transaction with ROLLBACK, not an error: the
+    journal must raise, or an instance whose record was rolled back would be acknowledged."""
+    import psycopg
+
+    from clara_adapter.journal import TransactionAborted
+
+    journal = PostgresJournal(postgres_server.fresh_database("failed_commit"), root=tmp_path)
+    try:
+        with pytest.raises(TransactionAborted):
+            with journal.atomic():
+                journal._execute("INSERT INTO replicas (id, seen_at) VALUES (?, ?)", ("kept?", 1.0))
+                with pytest.raises(psycopg.errors.DivisionByZero):
+                    journal._execute("SELECT 1 / ?", (0,))  # swallowed: the transaction is failed now
+        assert journal._query("SELECT count(*) FROM replicas WHERE id = ?", ("kept?",)) == [(0,)]
+        with journal.atomic():  # the connection went back to the pool usable
+            journal._execute("INSERT INTO replicas (id, seen_at) VALUES (?, ?)", ("kept", 1.0))
+        assert journal._query("SELECT count(*) FROM replicas WHERE id = ?", ("kept",)) == [(1,)]
+    finally:
+        journal.close()
+
+
+def test_arguments_of_every_kind_round_trip_through_a_transaction(tmp_path, postgres_server):
+    """The transactions' statements go to the server as one simple query with the arguments
+    as literals (journal_pg._simple_query): quotes, backslashes, non-ASCII text, NULL, big and
+    negative numbers and non-finite floats come back as they were sent."""
+    journal = PostgresJournal(postgres_server.fresh_database("literals"), root=tmp_path)
+    texts = ["O'Brien", "back\\slash \\' E'x'", "Müller 山田 ?", "; DROP TABLE groups; --", "", "$1 $$ %s"]
+    try:
+        with journal.atomic():
+            journal._execute("CREATE TEMP TABLE lit (t text, i bigint, f double precision, n text)")
+            for k, text in enumerate(texts):
+                journal._execute("INSERT INTO lit VALUES (?, ?, ?, ?)", (text, -2**62 + k, [-0.5, float("inf"),
+                                 float("-inf"), 1e300, 2.5e-300, 3.0][k], None))
+            rows = journal._execute("SELECT t, i, f, n FROM lit ORDER BY i")
+        assert [r[0] for r in rows] == texts
+        assert [r[1] for r in rows] == [-2**62 + k for k in range(len(texts))]
+        assert [r[2] for r in rows] == [-0.5, float("inf"), float("-inf"), 1e300, 2.5e-300, 3.0]
+        assert {r[3] for r in rows} == {None}
+        assert journal._query("SELECT count(*) FROM groups") == [(0,)]  # the DROP was text, nothing else
+    finally:
+        journal.close()
