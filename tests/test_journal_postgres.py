@@ -307,3 +307,51 @@ def test_arguments_of_every_kind_round_trip_through_a_transaction(tmp_path, post
         assert journal._query("SELECT count(*) FROM groups") == [(0,)]  # the DROP was text, nothing else
     finally:
         journal.close()
+
+
+def test_one_instance_joining_its_open_group_commits_in_one_round_trip(tmp_path, postgres_server):
+    """A transaction ``alone`` (one instance, as the group commit's batch of one): joining
+    the open group is its only statement and commits it, one round trip; the record is
+    committed when the transaction returns, and nothing may be written after it. Opening
+    a group (or a duplicate) still runs as one transaction with BEGIN/COMMIT."""
+    from clara_adapter.journal import InstanceRecord
+
+    journal = PostgresJournal(postgres_server.fresh_database("alone"), root=tmp_path)
+    other = PostgresJournal(journal.dsn, root=tmp_path)
+    settings = {"spec": {"timeout": 60}, "processor": "p", "aeTitle": "CLARA"}
+    seen: list[tuple] = []  # per join: (server transaction status after the fast statement, record visible then)
+
+    def record(uid: str) -> InstanceRecord:
+        return InstanceRecord(owner="clara", ae_title="CLARA", calling_ae="SCU", sop_instance_uid=uid,
+                              sop_class_uid="1.2", transfer_syntax="1.2.840.10008.1.2.1", study_uid="1.9",
+                              series_uid="1.9.1", path=tmp_path / f"{uid}.dcm", size=1, acked_at=0.0,
+                              group_value="1.9")
+
+    def visible(uid: str) -> int:
+        return other._query("SELECT count(*) FROM instances WHERE sop_instance_uid = ?", (uid,))[0][0]
+
+    def join(rec: InstanceRecord, alone: bool = True) -> bool:
+        with journal.transaction(0.0, 0.0, concurrent=True, alone=alone):
+            joined = journal.add_to_open_group(rec) is not None
+            seen.append((journal._tx.conn.pgconn.transaction_status, visible(rec.sop_instance_uid)))
+            if joined:
+                return True
+            rec.group_id, _ = journal.join_group("clara", "CLARA", "p", "1.9", settings, 60)
+            return journal.add_member(rec) is not None
+
+    IDLE, INTRANS = 0, 2  # libpq's PQtransactionStatus
+    try:
+        assert join(record("1")) is True  # no open group: the fast statement journals nothing ...
+        assert seen[-1] == (IDLE, 0) and visible("1") == 1  # ... and the group is opened in a transaction
+        assert join(record("2")) is True
+        assert seen[-1] == (IDLE, 1)  # committed by its one statement: no transaction left open, no COMMIT to send
+        assert join(record("2")) is False and visible("2") == 1  # the duplicate: not journaled again
+        with pytest.raises(RuntimeError, match="committed"):
+            with journal.transaction(0.0, 0.0, concurrent=True, alone=True):
+                assert journal.add_to_open_group(record("3")) is not None
+                journal.refresh_member(1, 5)  # a write after the commit would be in no transaction
+        assert join(record("4"), alone=False) is True  # not alone: BEGIN … COMMIT as before
+        assert seen[-1] == (INTRANS, 0) and visible("4") == 1
+    finally:
+        other.close()
+        journal.close()

@@ -136,6 +136,8 @@ class _Session(threading.local):
     def __init__(self) -> None:
         self.conn: Any = None
         self.deferred: list[str] = []
+        self.alone = False  # one instance's transaction: add_to_open_group may commit it (see there)
+        self.committed = False  # ... and did: nothing more may be written in it
         self.depth = 0
 
 
@@ -252,17 +254,36 @@ class PostgresJournal(JournalBase):
     def add_to_open_group(self, rec: InstanceRecord) -> int | None:
         """The common case in one round trip: journal ``rec`` in the open group of
         (rec.owner, rec.group_value), under the same KEY SHARE lock as ``join_group``.
-        None when there is no open group or the instance is a duplicate in it."""
-        rows = self._query(
+        None when there is no open group or the instance is a duplicate in it.
+
+        In a transaction opened ``alone`` (one instance, nothing sent yet) the statement
+        goes without BEGIN, as its own transaction: when it journals the instance, that
+        is the whole transaction (the processor returns at once), committed with this one
+        round trip instead of two; when it journals nothing, nothing was written and the
+        transaction goes on as usual (BEGIN is sent with the next statement)."""
+        tx = self._tx
+        if tx.alone and tx.depth == 1 and tx.deferred == ["BEGIN"]:
+            tx.deferred = []
+            try:
+                rows = self._execute(*self._add_to_open_group_sql(rec))
+            finally:
+                tx.deferred = ["BEGIN"]  # after a failure too: a rollback then has nothing to undo
+            if rows:
+                tx.deferred, tx.committed = [], True
+        else:
+            rows = self._query(*self._add_to_open_group_sql(rec))
+        if not rows:
+            return None
+        rec.id, rec.acked_at, rec.group_id = int(rows[0][0]), float(rows[0][1]), int(rows[0][2])
+        return rec.id
+
+    def _add_to_open_group_sql(self, rec: InstanceRecord) -> tuple[str, tuple]:
+        return (
             "SELECT instance_id, acked_at, group_id FROM add_to_open_group(?,?,?,?,?,?,?,?,?,?,?::bigint,"
             "?::double precision)",
             (rec.owner, rec.group_value, rec.ae_title, rec.calling_ae, rec.sop_instance_uid, rec.sop_class_uid,
              rec.transfer_syntax, rec.study_uid, rec.series_uid, self._rel(rec.path), rec.size, self._now_arg()),
         )
-        if not rows:
-            return None
-        rec.id, rec.acked_at, rec.group_id = int(rows[0][0]), float(rows[0][1]), int(rows[0][2])
-        return rec.id
 
     def add_member(self, rec: InstanceRecord) -> int | None:
         """Journal ``rec`` in its group, acknowledged now (database clock); None if the
@@ -425,6 +446,8 @@ class PostgresJournal(JournalBase):
     def _execute(self, sql: str, args: tuple = ()) -> list[tuple]:
         tx = self._tx
         if tx.conn is not None:
+            if tx.committed and not sql.startswith("RELEASE SAVEPOINT "):
+                raise RuntimeError("a write after add_to_open_group committed this instance's transaction")
             if not args and sql.startswith(self._CONTROL):
                 tx.deferred.append(sql)
                 return []
@@ -547,17 +570,23 @@ class PostgresJournal(JournalBase):
                 self.commits += 1
 
     @contextlib.contextmanager
-    def transaction(self, now: float, mono: float, concurrent: bool = False) -> Iterator[Transaction]:
+    def transaction(self, now: float, mono: float, concurrent: bool = False,
+                    alone: bool = False) -> Iterator[Transaction]:
         """JournalBase's commit, then publish. ``concurrent``: without the journal's
         lock, on this thread's own connection, alongside other such transactions;
-        its ``after_commit`` callbacks still run under the lock, after the commit."""
+        its ``after_commit`` callbacks still run under the lock, after the commit.
+        ``alone`` (with ``concurrent``): see JournalBase and ``add_to_open_group``."""
         if not concurrent or self._tx.depth:
             with super().transaction(now, mono) as tx:
                 yield tx
             return
         tx = Transaction(self, now, mono)
         with self.atomic(exclusive=False):
-            yield tx
+            self._tx.alone = alone
+            try:
+                yield tx
+            finally:
+                self._tx.alone = False
         if tx.has_callbacks:
             with self._lock:
                 tx.publish()
@@ -577,8 +606,8 @@ class PostgresJournal(JournalBase):
 
     def _commit(self) -> None:
         tx = self._tx
-        began = "BEGIN" not in tx.deferred
-        tx.deferred = []
+        began = "BEGIN" not in tx.deferred and not tx.committed  # committed: by add_to_open_group
+        tx.deferred, tx.committed = [], False
         if began:
             from psycopg import errors
             from psycopg.pq import ExecStatus
@@ -594,8 +623,8 @@ class PostgresJournal(JournalBase):
         tx = self._tx
         if tx.conn is None:
             return
-        began = "BEGIN" not in tx.deferred
-        tx.deferred = []
+        began = "BEGIN" not in tx.deferred and not tx.committed
+        tx.deferred, tx.committed = [], False
         try:
             if began:
                 tx.conn.execute("ROLLBACK")
