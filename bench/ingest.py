@@ -33,6 +33,12 @@ over the replicas; prints instances/s, the replicas' journal commits/s
 replicas/one replica.
 
     python bench/ingest.py --replicas 2 --journal postgresql [--only ct|small] [--associations 4]
+
+``--profile DIR`` covers the replicas too: each replica's every repetition, one file each
+(``DIR/small-pg-1-r0-0.txt``: small study, 1 PostgreSQL replica, replica 0, repetition 0);
+``--pg-only`` skips the SQLite anchor.
+
+    python bench/ingest.py --replicas 1 --journal postgresql --only small --repeat 1 --pg-only --profile /tmp/prof
 """
 from __future__ import annotations
 
@@ -158,7 +164,7 @@ def start_profile(pid: int, out: Path) -> subprocess.Popen:
     """py-spy sampling ``pid`` (and its receive workers) at 500 Hz, native frames and idle threads
     included, as collapsed stacks in ``out`` (summarise with bench/profile_summary.py)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--native", "--idle", "--threads",
+    spy = subprocess.Popen([shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--native", "--idle", "--threads",
                             "--subprocesses", "-r", "500", "-f", "raw", "-o", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # py-spy attaches
@@ -252,9 +258,10 @@ def machine_busy() -> float:
 
 
 def measure_replicas(label: str, n: int, journal: str | None, files: list[Path], parallel: int, repeat: int,
-                     state: Path, server_pid: int | None = None) -> float:
+                     state: Path, server_pid: int | None = None, profile: Path | None = None) -> float:
     """Best seconds for ``files`` over ``n`` replicas; prints instances/s, the replicas' journal
-    commits and, for the best repetition, where the machine's CPU went."""
+    commits and, for the best repetition, where the machine's CPU went. ``profile``: record each
+    replica's every repetition with py-spy into ``profile``-r{replica}-{repetition}.txt."""
     import resource
     from concurrent.futures import ThreadPoolExecutor
 
@@ -271,10 +278,14 @@ def measure_replicas(label: str, n: int, journal: str | None, files: list[Path],
                     process_tree_cpu(server_pid) if server_pid else 0.0,
                     senders.ru_utime + senders.ru_stime, machine_busy())
 
-        for _ in range(repeat):
+        for i in range(repeat):
+            spies = [start_profile(a.proc.pid, profile.with_name(f"{profile.name}-r{k}-{i}.txt"))
+                     for k, a in enumerate(adapters)] if profile else []
             before, cpu_before = _journal_commits(adapters), sample()
             took = send([a.dicom_port for a in adapters], files, parallel, "CLARA")
             cpu.append([b - a for a, b in zip(cpu_before, sample())])
+            for spy in spies:
+                stop_profile(spy)
             commits_made.append(_journal_commits(adapters) - before)
             times.append(took)
             wait_for(lambda: adapters[0].status()["instancesHeld"] == 0, 120, what="groups closed")
@@ -283,7 +294,9 @@ def measure_replicas(label: str, n: int, journal: str | None, files: list[Path],
         commits = f"  {made / best:6.0f} commits/s, {len(files) / made:4.2f} instances/commit" if made else ""
         ours, server, senders, busy = cpu[times.index(best)]
         cores = os.cpu_count() or 1
-        commits += (f"\n  {'':<22} CPU, share of {cores} cores over the run: adapters {ours / best / cores:4.0%}, "
+        per_instance = statistics.median(c[0] for c in cpu) * 1000 / len(files)
+        commits += (f"\n  {'':<22} adapters' CPU {per_instance:4.2f} ms/instance (median of the repetitions)"
+                    f"\n  {'':<22} CPU, share of {cores} cores over the run: adapters {ours / best / cores:4.0%}, "
                     f"PostgreSQL {server / best / cores:4.0%}, storescu {senders / best / cores:4.0%}, "
                     f"whole machine {busy / best / cores:4.0%}")
         print(f"  {label:<22} best {best:6.2f}s  median {statistics.median(times):6.2f}s  "
@@ -294,7 +307,8 @@ def measure_replicas(label: str, n: int, journal: str | None, files: list[Path],
             a.stop()
 
 
-def run_replicas(name: str, files: list[Path], replicas: int, parallel: int, repeat: int, tmp: Path) -> None:
+def run_replicas(name: str, files: list[Path], replicas: int, parallel: int, repeat: int, tmp: Path,
+                 profile: Path | None = None, only_pg: bool = False) -> None:
     from postgres_server import DurablePostgresServer, running
 
     mb = sum(f.stat().st_size for f in files) / 1e6
@@ -302,7 +316,9 @@ def run_replicas(name: str, files: list[Path], replicas: int, parallel: int, rep
     with running(DurablePostgresServer) as pg:  # durable defaults, as in production
         (tmp / f"{name}-sqlite").mkdir()
         (tmp / f"{name}-sqlite" / "config.yaml").write_text(CONFIG)
-        sqlite = measure_replicas("1 replica, SQLite", 1, None, files, parallel, repeat, tmp / f"{name}-sqlite")
+        sqlite = None if only_pg else measure_replicas(
+            "1 replica, SQLite", 1, None, files, parallel, repeat, tmp / f"{name}-sqlite",
+            profile=profile / f"{name}-sqlite-1" if profile else None)
         results = {}
         for n in sorted({1, replicas}):
             state = tmp / f"{name}-pg-{n}"
@@ -310,8 +326,10 @@ def run_replicas(name: str, files: list[Path], replicas: int, parallel: int, rep
             (state / "config.yaml").write_text(CONFIG)
             dsn = pg.fresh_database(f"bench_{name}_{n}")
             results[n] = measure_replicas(f"{n} replica(s), PostgreSQL", n, dsn, files, parallel, repeat, state,
-                                          server_pid=pg.proc.pid)
-    print(f"  ratio (throughput): PostgreSQL/SQLite, 1 replica {sqlite / results[1]:.2f}x"
+                                          server_pid=pg.proc.pid,
+                                          profile=profile / f"{name}-pg-{n}" if profile else None)
+    print("  ratio (throughput): "
+          + (f"PostgreSQL/SQLite, 1 replica {sqlite / results[1]:.2f}x" if sqlite else "")
           + (f"; {replicas} replicas / 1 replica {results[1] / results[replicas]:.2f}x" if replicas > 1 else "")
           + f"  ({load()})")
 
@@ -334,6 +352,8 @@ def main() -> int:
                     help="compare N `up` replicas on a shared journal with one (needs --journal postgresql)")
     ap.add_argument("--journal", choices=("postgresql",), help="the shared journal of --replicas")
     ap.add_argument("--associations", type=int, default=4, help="parallel associations with --replicas (default 4)")
+    ap.add_argument("--pg-only", action="store_true",
+                    help="with --replicas: skip the SQLite anchor (profiling; prints no PostgreSQL/SQLite ratio)")
     args = ap.parse_args()
     workers = args.workers or ["default"]
     if args.replicas:
@@ -341,9 +361,11 @@ def main() -> int:
             ap.error("--replicas needs --journal postgresql (replicas share a PostgreSQL journal)")
         with tempfile.TemporaryDirectory(prefix="clara-bench-") as tmp:
             if args.only in (None, "ct"):
-                run_replicas("ct", study(args.slices), args.replicas, args.associations, args.repeat, Path(tmp))
+                run_replicas("ct", study(args.slices), args.replicas, args.associations, args.repeat, Path(tmp),
+                             args.profile, args.pg_only)
             if args.only in (None, "small"):
-                run_replicas("small", study(args.small, 64), args.replicas, args.associations, args.repeat, Path(tmp))
+                run_replicas("small", study(args.small, 64), args.replicas, args.associations, args.repeat,
+                             Path(tmp), args.profile, args.pg_only)
         return 0
     with tempfile.TemporaryDirectory(prefix="clara-bench-") as tmp:
         tmp = Path(tmp)

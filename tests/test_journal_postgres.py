@@ -263,3 +263,95 @@ def test_one_instance_sent_at_once_on_every_lane_is_kept_once(tmp_path, postgres
     assert job["spec"]["payload"]["instances"] == 2
     h.closer.stop()
     h.journal.close()
+
+
+def test_a_transaction_with_a_failed_statement_is_not_reported_committed(tmp_path, postgres_server):
+    """PostgreSQL answers COMMIT of a failed transaction with ROLLBACK, not an error: the
+    journal must raise, or an instance whose record was rolled back would be acknowledged."""
+    import psycopg
+
+    from clara_adapter.journal import TransactionAborted
+
+    journal = PostgresJournal(postgres_server.fresh_database("failed_commit"), root=tmp_path)
+    try:
+        with pytest.raises(TransactionAborted):
+            with journal.atomic():
+                journal._execute("INSERT INTO replicas (id, seen_at) VALUES (?, ?)", ("kept?", 1.0))
+                with pytest.raises(psycopg.errors.DivisionByZero):
+                    journal._execute("SELECT 1 / ?", (0,))  # swallowed: the transaction is failed now
+        assert journal._query("SELECT count(*) FROM replicas WHERE id = ?", ("kept?",)) == [(0,)]
+        with journal.atomic():  # the connection went back to the pool usable
+            journal._execute("INSERT INTO replicas (id, seen_at) VALUES (?, ?)", ("kept", 1.0))
+        assert journal._query("SELECT count(*) FROM replicas WHERE id = ?", ("kept",)) == [(1,)]
+    finally:
+        journal.close()
+
+
+def test_arguments_of_every_kind_round_trip_through_a_transaction(tmp_path, postgres_server):
+    """The transactions' statements go to the server as one simple query with the arguments
+    as literals (journal_pg._simple_query): quotes, backslashes, non-ASCII text, NULL, big and
+    negative numbers and non-finite floats come back as they were sent."""
+    journal = PostgresJournal(postgres_server.fresh_database("literals"), root=tmp_path)
+    texts = ["O'Brien", "back\\slash \\' E'x'", "Müller 山田 ?", "; DROP TABLE groups; --", "", "$1 $$ %s"]
+    try:
+        with journal.atomic():
+            journal._execute("CREATE TEMP TABLE lit (t text, i bigint, f double precision, n text)")
+            for k, text in enumerate(texts):
+                journal._execute("INSERT INTO lit VALUES (?, ?, ?, ?)", (text, -2**62 + k, [-0.5, float("inf"),
+                                 float("-inf"), 1e300, 2.5e-300, 3.0][k], None))
+            rows = journal._execute("SELECT t, i, f, n FROM lit ORDER BY i")
+        assert [r[0] for r in rows] == texts
+        assert [r[1] for r in rows] == [-2**62 + k for k in range(len(texts))]
+        assert [r[2] for r in rows] == [-0.5, float("inf"), float("-inf"), 1e300, 2.5e-300, 3.0]
+        assert {r[3] for r in rows} == {None}
+        assert journal._query("SELECT count(*) FROM groups") == [(0,)]  # the DROP was text, nothing else
+    finally:
+        journal.close()
+
+
+def test_one_instance_joining_its_open_group_commits_in_one_round_trip(tmp_path, postgres_server):
+    """A transaction ``alone`` (one instance, as the group commit's batch of one): joining
+    the open group is its only statement and commits it, one round trip; the record is
+    committed when the transaction returns, and nothing may be written after it. Opening
+    a group (or a duplicate) still runs as one transaction with BEGIN/COMMIT."""
+    from clara_adapter.journal import InstanceRecord
+
+    journal = PostgresJournal(postgres_server.fresh_database("alone"), root=tmp_path)
+    other = PostgresJournal(journal.dsn, root=tmp_path)
+    settings = {"spec": {"timeout": 60}, "processor": "p", "aeTitle": "CLARA"}
+    seen: list[tuple] = []  # per join: (server transaction status after the fast statement, record visible then)
+
+    def record(uid: str) -> InstanceRecord:
+        return InstanceRecord(owner="clara", ae_title="CLARA", calling_ae="SCU", sop_instance_uid=uid,
+                              sop_class_uid="1.2", transfer_syntax="1.2.840.10008.1.2.1", study_uid="1.9",
+                              series_uid="1.9.1", path=tmp_path / f"{uid}.dcm", size=1, acked_at=0.0,
+                              group_value="1.9")
+
+    def visible(uid: str) -> int:
+        return other._query("SELECT count(*) FROM instances WHERE sop_instance_uid = ?", (uid,))[0][0]
+
+    def join(rec: InstanceRecord, alone: bool = True) -> bool:
+        with journal.transaction(0.0, 0.0, concurrent=True, alone=alone):
+            joined = journal.add_to_open_group(rec) is not None
+            seen.append((journal._tx.conn.pgconn.transaction_status, visible(rec.sop_instance_uid)))
+            if joined:
+                return True
+            rec.group_id, _ = journal.join_group("clara", "CLARA", "p", "1.9", settings, 60)
+            return journal.add_member(rec) is not None
+
+    IDLE, INTRANS = 0, 2  # libpq's PQtransactionStatus
+    try:
+        assert join(record("1")) is True  # no open group: the fast statement journals nothing ...
+        assert seen[-1] == (IDLE, 0) and visible("1") == 1  # ... and the group is opened in a transaction
+        assert join(record("2")) is True
+        assert seen[-1] == (IDLE, 1)  # committed by its one statement: no transaction left open, no COMMIT to send
+        assert join(record("2")) is False and visible("2") == 1  # the duplicate: not journaled again
+        with pytest.raises(RuntimeError, match="committed"):
+            with journal.transaction(0.0, 0.0, concurrent=True, alone=True):
+                assert journal.add_to_open_group(record("3")) is not None
+                journal.refresh_member(1, 5)  # a write after the commit would be in no transaction
+        assert join(record("4"), alone=False) is True  # not alone: BEGIN … COMMIT as before
+        assert seen[-1] == (INTRANS, 0) and visible("4") == 1
+    finally:
+        other.close()
+        journal.close()

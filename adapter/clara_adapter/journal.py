@@ -326,13 +326,16 @@ class JournalBase:
             log.warning("journal rollback failed: %s", exc)
 
     @contextmanager
-    def transaction(self, now: float, mono: float, concurrent: bool = False) -> Iterator[Transaction]:
+    def transaction(self, now: float, mono: float, concurrent: bool = False,
+                    alone: bool = False) -> Iterator[Transaction]:
         """Commit, then publish: the body's writes are committed together, then
         its ``after_commit`` callbacks run (still under the lock, so timers and
         other writers see memory and journal agree). On any failure nothing is
         published. ``concurrent``: the body reads no process memory, so it may
         overlap other transactions where the back-end allows (journal_pg.py);
-        here it is serialised all the same."""
+        here it is serialised all the same. ``alone``: the body journals one
+        instance and nothing after it (a back-end may commit with that write:
+        journal_pg.py); ignored here."""
         with self._lock:
             tx = Transaction(self, now, mono)
             with self.atomic():

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from clara_adapter.journal import (_INSTANCE_COLUMNS, SCHEMA, GroupRecord, GroupTakenOver,  # noqa: F401
-                                   InstanceRecord, JournalBase, Transaction, _group)
+                                   InstanceRecord, JournalBase, Transaction, TransactionAborted, _group)
 
 PG_SCHEMA_NAME = "clara_adapter"
 _SCHEMA_LOCK_KEY = 0x434C4152  # "CLAR": advisory lock id for schema creation
@@ -115,14 +115,29 @@ def redacted(dsn: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
 
 
+def _float_literal(value: float, escape: Any) -> str:
+    return repr(value) if value == value and value not in (float("inf"), float("-inf")) else f"'{value}'::float8"
+
+
+# SQL literals of the argument types the journal's transactions pass (others go through psycopg's cursor).
+_LITERALS: dict[type, Callable[[Any, Any], str]] = {
+    type(None): lambda value, escape: "NULL",
+    bool: lambda value, escape: "true" if value else "false",
+    int: lambda value, escape: f"({int(value)})",
+    float: lambda value, escape: f"({_float_literal(value, escape)})",
+    str: lambda value, escape: escape(value),
+}
+
+
 class _Session(threading.local):
     """The calling thread's open transaction: its connection, the transaction
     control not sent yet (see ``_flush``) and its nesting depth."""
 
     def __init__(self) -> None:
         self.conn: Any = None
-        self.conn_cm: Any = None
         self.deferred: list[str] = []
+        self.alone = False  # one instance's transaction: add_to_open_group may commit it (see there)
+        self.committed = False  # ... and did: nothing more may be written in it
         self.depth = 0
 
 
@@ -157,6 +172,7 @@ class PostgresJournal(JournalBase):
         self.concurrent_transactions = max(1, concurrent_transactions)
         self._counts = threading.Lock()  # commits and the idle-check table, written by several threads
         self._checked_out_at: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._wire: weakref.WeakKeyDictionary[Any, tuple] = weakref.WeakKeyDictionary()  # see _simple_query
         self._closing: dict[int, int] = {}  # group id -> closer_epoch of the groups this replica closed or took over
         if max_connections is None:
             max_connections = self.concurrent_transactions + 3
@@ -238,17 +254,36 @@ class PostgresJournal(JournalBase):
     def add_to_open_group(self, rec: InstanceRecord) -> int | None:
         """The common case in one round trip: journal ``rec`` in the open group of
         (rec.owner, rec.group_value), under the same KEY SHARE lock as ``join_group``.
-        None when there is no open group or the instance is a duplicate in it."""
-        rows = self._query(
+        None when there is no open group or the instance is a duplicate in it.
+
+        In a transaction opened ``alone`` (one instance, nothing sent yet) the statement
+        goes without BEGIN, as its own transaction: when it journals the instance, that
+        is the whole transaction (the processor returns at once), committed with this one
+        round trip instead of two; when it journals nothing, nothing was written and the
+        transaction goes on as usual (BEGIN is sent with the next statement)."""
+        tx = self._tx
+        if tx.alone and tx.depth == 1 and tx.deferred == ["BEGIN"]:
+            tx.deferred = []
+            try:
+                rows = self._execute(*self._add_to_open_group_sql(rec))
+            finally:
+                tx.deferred = ["BEGIN"]  # after a failure too: a rollback then has nothing to undo
+            if rows:
+                tx.deferred, tx.committed = [], True
+        else:
+            rows = self._query(*self._add_to_open_group_sql(rec))
+        if not rows:
+            return None
+        rec.id, rec.acked_at, rec.group_id = int(rows[0][0]), float(rows[0][1]), int(rows[0][2])
+        return rec.id
+
+    def _add_to_open_group_sql(self, rec: InstanceRecord) -> tuple[str, tuple]:
+        return (
             "SELECT instance_id, acked_at, group_id FROM add_to_open_group(?,?,?,?,?,?,?,?,?,?,?::bigint,"
             "?::double precision)",
             (rec.owner, rec.group_value, rec.ae_title, rec.calling_ae, rec.sop_instance_uid, rec.sop_class_uid,
              rec.transfer_syntax, rec.study_uid, rec.series_uid, self._rel(rec.path), rec.size, self._now_arg()),
         )
-        if not rows:
-            return None
-        rec.id, rec.acked_at, rec.group_id = int(rows[0][0]), float(rows[0][1]), int(rows[0][2])
-        return rec.id
 
     def add_member(self, rec: InstanceRecord) -> int | None:
         """Journal ``rec`` in its group, acknowledged now (database clock); None if the
@@ -411,12 +446,16 @@ class PostgresJournal(JournalBase):
     def _execute(self, sql: str, args: tuple = ()) -> list[tuple]:
         tx = self._tx
         if tx.conn is not None:
+            if tx.committed and not sql.startswith("RELEASE SAVEPOINT "):
+                raise RuntimeError("a write after add_to_open_group committed this instance's transaction")
             if not args and sql.startswith(self._CONTROL):
                 tx.deferred.append(sql)
                 return []
             if not args and sql.startswith("ROLLBACK TO SAVEPOINT "):
                 self._flush(sql)
                 return []
+            if all(type(a) in _LITERALS for a in args):
+                return self._simple_query(tx, sql, args)
             if tx.deferred:  # one round trip: the held-back control statements, then this one
                 deferred, tx.deferred = tx.deferred, []
                 cur = self._client_cursor(tx.conn)
@@ -429,6 +468,43 @@ class PostgresJournal(JournalBase):
         with self._borrow() as conn:
             cur = conn.execute(self._sql(sql), args or None)
             return cur.fetchall() if cur.description else []
+
+    def _simple_query(self, tx: _Session, sql: str, args: tuple) -> list[tuple]:
+        """``sql`` (after the held-back control statements) in one simple query on the
+        transaction's connection, straight through libpq (``PQexec``, which releases the
+        GIL while it waits) with the arguments as literals. Why not the cursor: psycopg's
+        cursor and wait machinery cost twice the client CPU of this whole exchange
+        (docs/scaling.md); the rows are still loaded by psycopg's own loaders."""
+        from psycopg import errors
+        from psycopg.pq import ExecStatus
+
+        conn = tx.conn
+        wire = self._wire.get(conn)
+        if wire is None:
+            from psycopg.adapt import Transformer
+            from psycopg.pq import Escaping
+
+            # the connection's encoding, its literal escaping and psycopg's text loaders for its types
+            encoding, escape_bytes = conn.info.encoding, Escaping(conn.pgconn).escape_literal
+            wire = self._wire[conn] = (encoding, lambda text: escape_bytes(text.encode(encoding)).decode(encoding),
+                                       Transformer(conn))
+        encoding, escape, loader = wire
+        parts = sql.split("?")
+        if len(parts) != len(args) + 1:
+            raise ValueError(f"{len(args)} arguments for {len(parts) - 1} placeholders")
+        query = [parts[0]]
+        for value, part in zip(args, parts[1:]):
+            query.append(_LITERALS[type(value)](value, escape))
+            query.append(part)
+        statements = tx.deferred + ["".join(query)]
+        tx.deferred = []
+        result = conn.pgconn.exec_("; ".join(statements).encode(encoding))
+        if result.status == ExecStatus.TUPLES_OK:
+            loader.set_pgresult(result)
+            return loader.load_rows(0, result.ntuples, tuple)
+        if result.status == ExecStatus.COMMAND_OK:
+            return []
+        raise errors.error_from_result(result, encoding=encoding)
 
     @contextlib.contextmanager
     def _borrow(self, timeout: float | None = None) -> Iterator[Any]:
@@ -494,17 +570,23 @@ class PostgresJournal(JournalBase):
                 self.commits += 1
 
     @contextlib.contextmanager
-    def transaction(self, now: float, mono: float, concurrent: bool = False) -> Iterator[Transaction]:
+    def transaction(self, now: float, mono: float, concurrent: bool = False,
+                    alone: bool = False) -> Iterator[Transaction]:
         """JournalBase's commit, then publish. ``concurrent``: without the journal's
         lock, on this thread's own connection, alongside other such transactions;
-        its ``after_commit`` callbacks still run under the lock, after the commit."""
+        its ``after_commit`` callbacks still run under the lock, after the commit.
+        ``alone`` (with ``concurrent``): see JournalBase and ``add_to_open_group``."""
         if not concurrent or self._tx.depth:
             with super().transaction(now, mono) as tx:
                 yield tx
             return
         tx = Transaction(self, now, mono)
         with self.atomic(exclusive=False):
-            yield tx
+            self._tx.alone = alone
+            try:
+                yield tx
+            finally:
+                self._tx.alone = False
         if tx.has_callbacks:
             with self._lock:
                 tx.publish()
@@ -517,25 +599,32 @@ class PostgresJournal(JournalBase):
 
     def _begin(self) -> None:
         tx = self._tx
-        cm = self._pool.connection()
-        tx.conn = cm.__enter__()
-        tx.conn_cm = cm
+        # getconn/putconn rather than the pool's context manager, whose ``with conn`` runs psycopg's
+        # commit() machinery on every return (a no-op here: COMMIT or ROLLBACK was sent already)
+        tx.conn = self._pool.getconn()
         tx.deferred = ["BEGIN"]
 
     def _commit(self) -> None:
         tx = self._tx
-        began = "BEGIN" not in tx.deferred
-        tx.deferred = []
+        began = "BEGIN" not in tx.deferred and not tx.committed  # committed: by add_to_open_group
+        tx.deferred, tx.committed = [], False
         if began:
-            tx.conn.execute("COMMIT")
+            from psycopg import errors
+            from psycopg.pq import ExecStatus
+
+            result = tx.conn.pgconn.exec_(b"COMMIT")  # as in _simple_query: no cursor machinery
+            if result.status != ExecStatus.COMMAND_OK:
+                raise errors.error_from_result(result, encoding=tx.conn.info.encoding)
+            if result.command_status != b"COMMIT":  # "ROLLBACK": the transaction had failed
+                raise TransactionAborted(f"COMMIT answered {result.command_status!r}")
         self._release()
 
     def _rollback_raw(self) -> None:
         tx = self._tx
         if tx.conn is None:
             return
-        began = "BEGIN" not in tx.deferred
-        tx.deferred = []
+        began = "BEGIN" not in tx.deferred and not tx.committed
+        tx.deferred, tx.committed = [], False
         try:
             if began:
                 tx.conn.execute("ROLLBACK")
@@ -544,9 +633,9 @@ class PostgresJournal(JournalBase):
 
     def _release(self) -> None:
         tx = self._tx
-        conn, cm, tx.conn, tx.conn_cm = tx.conn, tx.conn_cm, None, None
-        if cm is not None:
-            cm.__exit__(None, None, None)  # the pool rolls back or discards a connection left in a bad state
+        conn, tx.conn = tx.conn, None
+        if conn is not None:
+            self._pool.putconn(conn)  # the pool rolls back or discards a connection left in a bad state
             self._checked_after_failure(conn)
 
     def close(self) -> None:
