@@ -137,12 +137,17 @@ def cpu_split(session: int, before: dict[int, float], after: dict[int, float]) -
 
 def measure(name: str, port: int, files: list[Path], parallel: int, repeat: int, called: str,
             after: callable = None, pid: int | None = None, profile: Path | None = None) -> float:
-    times, cpu, lead, rest = [], [], [], []
+    import resource
+
+    times, cpu, lead, rest, clients = [], [], [], [], []
     for i in range(repeat):
         spy = start_profile(pid, profile.with_name(f"{profile.name}-{i}.txt")) if profile else None
         before = cpu_seconds(pid) if pid else {}
+        senders = resource.getrusage(resource.RUSAGE_CHILDREN)  # the storescu processes, once reaped
         times.append(send([port], files, parallel, called))
         split = cpu_split(pid, before, cpu_seconds(pid)) if pid else (0.0, 0.0)
+        after_senders = resource.getrusage(resource.RUSAGE_CHILDREN)
+        clients.append(after_senders.ru_utime + after_senders.ru_stime - senders.ru_utime - senders.ru_stime)
         lead.append(split[0])
         rest.append(split[1])
         cpu.append(sum(split))
@@ -156,7 +161,8 @@ def measure(name: str, port: int, files: list[Path], parallel: int, repeat: int,
     split = (f" (main {per * statistics.median(lead):.2f} + workers {per * statistics.median(rest):.2f})"
              if name.startswith("clara-w") and not name.startswith("clara-w0") else "")
     print(f"  {name:<10} best {best:6.2f}s  median {statistics.median(times):6.2f}s  "
-          f"{len(files) / best:7.0f} inst/s  CPU {per * statistics.median(cpu):5.2f} ms/inst{split}")
+          f"{len(files) / best:7.0f} inst/s  CPU {per * statistics.median(cpu):5.2f} ms/inst{split}"
+          f"  storescu CPU {per * statistics.median(clients):5.2f} ms/inst")
     return best
 
 

@@ -7,18 +7,21 @@ a temporary name and renamed, so a crash never leaves a half-written ``.dcm``.
 
 Streaming (the C-STORE receive path, STOW-RS parts)::
 
-    writer = store.open(file_header(...))   # disk guard checked; temp file created
+    writer = store.open(file_header(...))   # disk guard checked; temp file created (or a spare taken)
     writer.write(chunk)                       # as the bytes arrive; DiskFull on ENOSPC
     path, size = writer.finalize()            # fsync (if set), rename into place
     # or writer.discard()                     # delete the temp file (failure, abort)
 """
 from __future__ import annotations
 
+import collections
 import errno
 import itertools
+import logging
 import os
 import shutil
 import struct
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,6 +36,11 @@ IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_BE = "1.2.840.10008.1.2.2"
 DEFLATED_LE = "1.2.840.10008.1.2.1.99"
 TMP_PREFIX = ".tmp-"
+SPARE_FOLDER = ".spare-files"  # beside the incoming folder (same file system)
+SPARE_MAX_AGE = 300.0  # seconds; a replica's start-up sweep spares temp files younger than 600 s
+SPARE_PREFIX = "spare-"
+
+log = logging.getLogger(__name__)
 
 
 class DiskFull(Exception):
@@ -127,21 +135,30 @@ class InstanceStore:
         self.guard = guard
         self.fsync = fsync
         self.tmp_prefix = TMP_PREFIX + tmp_tag  # a receive worker's tag: its leftovers can be found by name
+        self.spares: SpareFiles | None = None
+
+    def start_spares(self, count: int) -> None:
+        """Keep ``count`` empty temporary files created ahead by a thread of their own
+        in ``<root>/../.spare-files`` (see `SpareFiles`); `open` takes one when there is one."""
+        if self.spares is None and count > 0:
+            self.spares = SpareFiles(self.root.parent / SPARE_FOLDER, count)
+
+    def stop_spares(self) -> None:
+        """Stop the thread and delete the spare files left."""
+        spares, self.spares = self.spares, None
+        if spares is not None:
+            spares.close()
 
     def open(self, header: bytes, expected_size: int = 0) -> "InstanceWriter":
-        """A new temporary file with ``header`` written; raises DiskFull when the
-        guard refuses (``expected_size``: bytes still to come, if known)."""
+        """A new temporary file (``header`` goes out with its first write); raises
+        DiskFull when the guard refuses (``expected_size``: bytes still to come, if known)."""
         if self.guard is not None:
             problem = self.guard.check(len(header) + expected_size)
             if problem:
                 raise DiskFull(problem)
-        writer = InstanceWriter(self.root, self.fsync, self.tmp_prefix)
-        try:
-            writer.write(header)
-        except BaseException:
-            writer.discard()
-            raise
-        return writer
+        spare = self.spares.take() if self.spares is not None else None
+        # the header is written with the first dataset bytes (InstanceWriter)
+        return InstanceWriter(self.root, self.fsync, self.tmp_prefix, spare, header)
 
     def write(self, header: bytes, dataset: bytes | memoryview) -> tuple[Path, int]:
         """Write header + dataset under a temporary name, then rename. Returns (path, size)."""
@@ -210,17 +227,30 @@ class InstanceWriter:
     ``write`` appends (raises DiskFull on ENOSPC/EDQUOT, OSError otherwise);
     ``finalize`` closes, fsyncs if asked and renames to ``<unique name>.dcm``;
     ``discard`` closes and deletes the temporary file. Not thread-safe: one
-    owner at a time (the receive loop writes, a worker thread may finalize)."""
+    owner at a time (the receive loop writes, a worker thread may finalize).
 
-    __slots__ = ("tmp", "final", "size", "_fd", "_fsync")
+    ``header`` (the preamble and file meta) goes out with the first dataset
+    bytes in one ``writev``: one system call per small instance, not two."""
 
-    def __init__(self, root: Path, fsync: bool = False, tmp_prefix: str = TMP_PREFIX):
-        name = unique_name()
-        self.tmp = root / f"{tmp_prefix}{name}"
-        self.final = root / f"{name}.dcm"
-        self.size = 0
+    __slots__ = ("_tmp", "final", "size", "_fd", "_fsync", "_header")
+
+    def __init__(self, root: Path, fsync: bool = False, tmp_prefix: str = TMP_PREFIX,
+                 spare: "tuple[int, str, str] | None" = None, header: bytes = b""):
+        """``spare``: (fd, path, name) of an empty temporary file created ahead (`SpareFiles`)."""
         self._fsync = fsync
-        self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        if spare is not None:
+            self._fd, self._tmp, name = spare
+        else:
+            name = unique_name()
+            self._tmp = os.path.join(root, tmp_prefix + name)
+            self._fd = os.open(self._tmp, _CREATE, 0o644)
+        self.final = root / f"{name}.dcm"
+        self._header = header
+        self.size = len(header)
+
+    @property
+    def tmp(self) -> Path:
+        return Path(self._tmp)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         fd = self._fd
@@ -228,16 +258,28 @@ class InstanceWriter:
             raise ValueError("writer is closed")
         total = len(data)
         try:
-            done = os.write(fd, data)
-            if done < total:  # regular files write fully unless the disk is full
-                view = memoryview(data)
-                while done < total:
-                    done += os.write(fd, view[done:])
+            if self._header:
+                self._write_all(fd, self._header, data)
+                self._header = b""
+            else:
+                done = os.write(fd, data)
+                if done < total:  # regular files write fully unless the disk is full
+                    self._write_all(fd, memoryview(data)[done:])
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFull(os.strerror(exc.errno)) from exc
             raise
         self.size += total
+
+    @staticmethod
+    def _write_all(fd: int, *pieces: bytes | bytearray | memoryview) -> None:
+        views = [memoryview(p).cast("B") for p in pieces if len(p)]
+        while views:
+            done = os.writev(fd, views)
+            while views and done >= len(views[0]):
+                done -= len(views.pop(0))
+            if views and done:
+                views[0] = views[0][done:]
 
     def close(self) -> None:
         """fsync (if set) and close, leaving the file under its temporary name
@@ -246,18 +288,23 @@ class InstanceWriter:
         if fd is None:
             raise ValueError("writer is closed")
         try:
+            if self._header:  # nothing followed it
+                self._write_all(fd, self._header)
+                self._header = b""
             if self._fsync:
                 os.fsync(fd)
-        except OSError:
+        except OSError as exc:
             os.close(fd)
             self._unlink()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(os.strerror(exc.errno)) from exc
             raise
         os.close(fd)
 
     def finalize(self) -> tuple[Path, int]:
         self.close()
         try:
-            os.rename(self.tmp, self.final)
+            os.rename(self._tmp, self.final)
         except OSError:
             self._unlink()
             raise
@@ -271,9 +318,107 @@ class InstanceWriter:
 
     def _unlink(self) -> None:
         try:
-            os.unlink(self.tmp)
+            os.unlink(self._tmp)
         except FileNotFoundError:
             pass
+
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
+class SpareFiles:
+    """Empty temporary files created ahead of need by a thread of their own.
+
+    Why: creating a file is the costliest system call of an instance (the
+    kernel's inode allocation; on ext4 without a journal it scans every
+    recently deleted inode of the block group: up to a millisecond per file
+    under churn, see bench/receive_profile.py). Done here it runs without the
+    GIL, on another core, while the receive loop goes on; the loop only pops a
+    ready descriptor, and `InstanceWriter.finalize` renames the file from
+    ``folder`` into the incoming folder (same file system: a sibling folder).
+
+    Bounded: at most ``count`` files; one older than ``max_age`` is deleted
+    rather than used. They live in ``folder``, not in the incoming folder, so
+    nothing there looks like a partial instance; `close` deletes them, and at
+    start files there older than twice ``max_age`` (left by a crash, ours or
+    another replica's) are deleted. Only the process that made them takes them
+    (never shared across fork)."""
+
+    def __init__(self, folder: Path, count: int, max_age: float = SPARE_MAX_AGE,
+                 clock: "Callable[[], float]" = time.monotonic):
+        self.folder = str(folder)
+        os.makedirs(self.folder, exist_ok=True)
+        self.count = count
+        self.max_age = max_age
+        self.clock = clock
+        self.pid = os.getpid()
+        self._ready: collections.deque[tuple[int, str, str, float]] = collections.deque()  # fd, path, name, made
+        self._wanted = threading.Event()
+        self._stopped = False
+        self._remove_stale()
+        self._thread = threading.Thread(target=self._run, name="spare-files", daemon=True)
+        self._thread.start()
+
+    def take(self) -> tuple[int, str, str] | None:
+        """(fd, path, name) of a spare file, or None when none is ready (the caller creates its own)."""
+        if os.getpid() != self.pid:
+            return None
+        while True:
+            try:
+                fd, path, name, made = self._ready.popleft()
+            except IndexError:
+                self._wanted.set()
+                return None
+            if len(self._ready) <= self.count // 2 and not self._wanted.is_set():
+                self._wanted.set()  # refilled in batches: one thread wake-up per count/2 files
+            if self.clock() - made <= self.max_age:
+                return fd, path, name
+            _close_and_unlink(fd, path)
+
+    def _run(self) -> None:
+        while not self._stopped:
+            while len(self._ready) < self.count and not self._stopped:
+                name = unique_name()
+                path = os.path.join(self.folder, SPARE_PREFIX + name)
+                try:
+                    fd = os.open(path, _CREATE, 0o644)
+                except OSError as exc:  # disk full, folder gone: the receive path creates (and reports) its own
+                    log.debug("cannot create a spare temporary file: %s", exc)
+                    break
+                self._ready.append((fd, path, name, self.clock()))
+            self._wanted.wait(self.max_age / 2)
+            self._wanted.clear()
+            while self._ready and self.clock() - self._ready[0][3] > self.max_age:  # idle: renew the oldest
+                try:
+                    fd, path, _, _ = self._ready.popleft()
+                except IndexError:
+                    break
+                _close_and_unlink(fd, path)
+
+    def _remove_stale(self) -> None:
+        oldest = time.time() - 2 * self.max_age
+        for entry in os.scandir(self.folder):
+            try:
+                if entry.name.startswith(SPARE_PREFIX) and entry.stat(follow_symlinks=False).st_mtime < oldest:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        self._stopped = True
+        self._wanted.set()
+        self._thread.join(5)
+        while self._ready:
+            fd, path, _, _ = self._ready.popleft()
+            _close_and_unlink(fd, path)
+
+
+def _close_and_unlink(fd: int, path: str) -> None:
+    os.close(fd)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
