@@ -194,3 +194,40 @@ def test_instance_file_names_are_unique(tmp_path):
     os.close(read_end)
     parent = unique_name()
     assert len(child) == 32 and child[:24] != parent[:24]
+
+
+# --- the header goes out with the first dataset bytes (one system call per small instance)
+
+WRITEV_HEADER = file_header("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1", "SCU")
+
+
+def test_the_header_goes_out_with_the_first_dataset_bytes_in_one_system_call(tmp_path, monkeypatch):
+    store = InstanceStore(tmp_path)
+    writer = store.open(WRITEV_HEADER)
+    calls = []
+    real_write, real_writev = os.write, os.writev
+    monkeypatch.setattr(os, "write", lambda fd, data: calls.append("write") or real_write(fd, data))
+    monkeypatch.setattr(os, "writev", lambda fd, bufs: calls.append("writev") or real_writev(fd, bufs))
+    writer.write(memoryview(bytearray(b"\x08\x00\x18\x00UI\x02\x001\x00")))
+    writer.write(b"\x10\x00\x10\x00PN\x02\x00AB")
+    monkeypatch.undo()
+    path, size = writer.finalize()
+    assert calls == ["writev", "write"]
+    assert path.read_bytes() == WRITEV_HEADER + b"\x08\x00\x18\x00UI\x02\x001\x00\x10\x00\x10\x00PN\x02\x00AB"
+    assert size == len(path.read_bytes())
+
+
+def test_a_header_without_dataset_bytes_is_still_written(tmp_path):
+    path, size = InstanceStore(tmp_path).open(WRITEV_HEADER).finalize()
+    assert path.read_bytes() == WRITEV_HEADER and size == len(WRITEV_HEADER)
+
+
+def test_partial_writev_is_completed(tmp_path, monkeypatch):
+    """A short writev (disk nearly full, signals) goes on where it stopped."""
+    writer = InstanceStore(tmp_path).open(WRITEV_HEADER)
+    real_writev = os.writev
+    monkeypatch.setattr(os, "writev", lambda fd, bufs: real_writev(fd, [bytes(bufs[0])[:7]]))
+    writer.write(b"0123456789" * 3)
+    monkeypatch.undo()
+    path, _ = writer.finalize()
+    assert path.read_bytes() == WRITEV_HEADER + b"0123456789" * 3

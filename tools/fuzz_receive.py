@@ -129,7 +129,7 @@ def main() -> int:
     finally:
         adapter.stop()
     log = adapter.log()
-    leftovers = list((root / "state").rglob(".tmp*")) + list((root / "state").rglob("spare-*"))
+    leftovers = list((root / "state").rglob(".tmp*"))
     if leftovers:
         problems.append(f"{len(leftovers)} temporary files left, e.g. {leftovers[0]}")
     if "Traceback" in log:

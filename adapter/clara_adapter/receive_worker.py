@@ -179,8 +179,6 @@ class WorkerIngest:
 class WorkerSCP(StorageSCP):
     """The acceptor with admission and commits done by the coordinator."""
 
-    spare_files = 0  # the coordinator renames a worker's file from the incoming folder, by name
-
     def __init__(self, link: CoordinatorLink, store: InstanceStore, settings: Any):
         metrics = RemoteMetrics(link)
         associations = _Counter(link, "associations")

@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 REJECT_PROTOCOL_VERSION = (0x01, 0x02, 0x02)  # permanent, service provider (ACSE), protocol version not supported
 REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)  # permanent, service user, application context not supported
 SWEEP_SECONDS = 0.5
-SPARE_FILES = 8  # temporary files created ahead by a thread (storage.SpareFiles): file creation off the loop
 
 
 class LoopFuture:
@@ -94,8 +93,6 @@ class LoopFuture:
 
 class StorageSCP:
     """Binds the DICOM port and routes associations to `Ingest`."""
-
-    spare_files = SPARE_FILES
 
     def __init__(self, ingest: Ingest, settings: Any, on_association: Callable[[str], None] | None = None):
         self.ingest = ingest
@@ -266,9 +263,6 @@ class StorageSCP:
         (`serve_connection`)."""
         ssl_context = self.ssl_context = self._ssl_context()
         ignore_pydicom_value_warnings()
-        store = getattr(self.ingest, "store", None)
-        if self.spare_files and store is not None and hasattr(store, "start_spares"):
-            store.start_spares(self.spare_files)
         if listen:
             import pynetdicom.sop_class  # noqa: F401  (its SOP class tables, now rather than at the first association)
         loop = self.loop = asyncio.new_event_loop()
@@ -288,7 +282,6 @@ class StorageSCP:
             self.server = asyncio.run_coroutine_threadsafe(listen_on(), loop).result()
         except BaseException:
             self._stop_loop()
-            self.stop_spares()
             raise
         loop.call_soon_threadsafe(loop.call_later, SWEEP_SECONDS, self._sweep)
 
@@ -360,13 +353,6 @@ class StorageSCP:
         """Stop the event loop and the commit threads (after a drain or abort_all)."""
         self._stop_loop()
         self.pool.shutdown(wait=True)
-        self.stop_spares()
-
-    def stop_spares(self) -> None:
-        """Delete the temporary files created ahead (nothing else is left to receive into them)."""
-        store = getattr(self.ingest, "store", None)
-        if store is not None and hasattr(store, "stop_spares"):
-            store.stop_spares()
 
     def _stop_loop(self) -> None:
         if self.loop is not None and self.loop.is_running():

@@ -7,21 +7,18 @@ a temporary name and renamed, so a crash never leaves a half-written ``.dcm``.
 
 Streaming (the C-STORE receive path, STOW-RS parts)::
 
-    writer = store.open(file_header(...))   # disk guard checked; temp file created (or a spare taken)
+    writer = store.open(file_header(...))   # disk guard checked; temp file created
     writer.write(chunk)                       # as the bytes arrive; DiskFull on ENOSPC
     path, size = writer.finalize()            # fsync (if set), rename into place
     # or writer.discard()                     # delete the temp file (failure, abort)
 """
 from __future__ import annotations
 
-import collections
 import errno
 import itertools
-import logging
 import os
 import shutil
 import struct
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,11 +33,6 @@ IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_BE = "1.2.840.10008.1.2.2"
 DEFLATED_LE = "1.2.840.10008.1.2.1.99"
 TMP_PREFIX = ".tmp-"
-SPARE_FOLDER = ".spare-files"  # beside the incoming folder (same file system)
-SPARE_MAX_AGE = 300.0  # seconds; a replica's start-up sweep spares temp files younger than 600 s
-SPARE_PREFIX = "spare-"
-
-log = logging.getLogger(__name__)
 
 
 class DiskFull(Exception):
@@ -135,19 +127,6 @@ class InstanceStore:
         self.guard = guard
         self.fsync = fsync
         self.tmp_prefix = TMP_PREFIX + tmp_tag  # a receive worker's tag: its leftovers can be found by name
-        self.spares: SpareFiles | None = None
-
-    def start_spares(self, count: int) -> None:
-        """Keep ``count`` empty temporary files created ahead by a thread of their own
-        in ``<root>/../.spare-files`` (see `SpareFiles`); `open` takes one when there is one."""
-        if self.spares is None and count > 0:
-            self.spares = SpareFiles(self.root.parent / SPARE_FOLDER, count)
-
-    def stop_spares(self) -> None:
-        """Stop the thread and delete the spare files left."""
-        spares, self.spares = self.spares, None
-        if spares is not None:
-            spares.close()
 
     def open(self, header: bytes, expected_size: int = 0) -> "InstanceWriter":
         """A new temporary file (``header`` goes out with its first write); raises
@@ -156,9 +135,8 @@ class InstanceStore:
             problem = self.guard.check(len(header) + expected_size)
             if problem:
                 raise DiskFull(problem)
-        spare = self.spares.take() if self.spares is not None else None
         # the header is written with the first dataset bytes (InstanceWriter)
-        return InstanceWriter(self.root, self.fsync, self.tmp_prefix, spare, header)
+        return InstanceWriter(self.root, self.fsync, self.tmp_prefix, header)
 
     def write(self, header: bytes, dataset: bytes | memoryview) -> tuple[Path, int]:
         """Write header + dataset under a temporary name, then rename. Returns (path, size)."""
@@ -235,15 +213,11 @@ class InstanceWriter:
     __slots__ = ("_tmp", "final", "size", "_fd", "_fsync", "_header")
 
     def __init__(self, root: Path, fsync: bool = False, tmp_prefix: str = TMP_PREFIX,
-                 spare: "tuple[int, str, str] | None" = None, header: bytes = b""):
-        """``spare``: (fd, path, name) of an empty temporary file created ahead (`SpareFiles`)."""
+                 header: bytes = b""):
         self._fsync = fsync
-        if spare is not None:
-            self._fd, self._tmp, name = spare
-        else:
-            name = unique_name()
-            self._tmp = os.path.join(root, tmp_prefix + name)
-            self._fd = os.open(self._tmp, _CREATE, 0o644)
+        name = unique_name()
+        self._tmp = os.path.join(root, tmp_prefix + name)
+        self._fd: int | None = os.open(self._tmp, _CREATE, 0o644)
         self.final = root / f"{name}.dcm"
         self._header = header
         self.size = len(header)
@@ -324,101 +298,6 @@ class InstanceWriter:
 
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-
-
-class SpareFiles:
-    """Empty temporary files created ahead of need by a thread of their own.
-
-    Why: creating a file is the costliest system call of an instance (the
-    kernel's inode allocation; on ext4 without a journal it scans every
-    recently deleted inode of the block group: up to a millisecond per file
-    under churn, see bench/receive_profile.py). Done here it runs without the
-    GIL, on another core, while the receive loop goes on; the loop only pops a
-    ready descriptor, and `InstanceWriter.finalize` renames the file from
-    ``folder`` into the incoming folder (same file system: a sibling folder).
-
-    Bounded: at most ``count`` files; one older than ``max_age`` is deleted
-    rather than used. They live in ``folder``, not in the incoming folder, so
-    nothing there looks like a partial instance; `close` deletes them, and at
-    start files there older than twice ``max_age`` (left by a crash, ours or
-    another replica's) are deleted. Only the process that made them takes them
-    (never shared across fork)."""
-
-    def __init__(self, folder: Path, count: int, max_age: float = SPARE_MAX_AGE,
-                 clock: "Callable[[], float]" = time.monotonic):
-        self.folder = str(folder)
-        os.makedirs(self.folder, exist_ok=True)
-        self.count = count
-        self.max_age = max_age
-        self.clock = clock
-        self.pid = os.getpid()
-        self._ready: collections.deque[tuple[int, str, str, float]] = collections.deque()  # fd, path, name, made
-        self._wanted = threading.Event()
-        self._stopped = False
-        self._remove_stale()
-        self._thread = threading.Thread(target=self._run, name="spare-files", daemon=True)
-        self._thread.start()
-
-    def take(self) -> tuple[int, str, str] | None:
-        """(fd, path, name) of a spare file, or None when none is ready (the caller creates its own)."""
-        if os.getpid() != self.pid:
-            return None
-        while True:
-            try:
-                fd, path, name, made = self._ready.popleft()
-            except IndexError:
-                self._wanted.set()
-                return None
-            if len(self._ready) <= self.count // 2 and not self._wanted.is_set():
-                self._wanted.set()  # refilled in batches: one thread wake-up per count/2 files
-            if self.clock() - made <= self.max_age:
-                return fd, path, name
-            _close_and_unlink(fd, path)
-
-    def _run(self) -> None:
-        while not self._stopped:
-            while len(self._ready) < self.count and not self._stopped:
-                name = unique_name()
-                path = os.path.join(self.folder, SPARE_PREFIX + name)
-                try:
-                    fd = os.open(path, _CREATE, 0o644)
-                except OSError as exc:  # disk full, folder gone: the receive path creates (and reports) its own
-                    log.debug("cannot create a spare temporary file: %s", exc)
-                    break
-                self._ready.append((fd, path, name, self.clock()))
-            self._wanted.wait(self.max_age / 2)
-            self._wanted.clear()
-            while self._ready and self.clock() - self._ready[0][3] > self.max_age:  # idle: renew the oldest
-                try:
-                    fd, path, _, _ = self._ready.popleft()
-                except IndexError:
-                    break
-                _close_and_unlink(fd, path)
-
-    def _remove_stale(self) -> None:
-        oldest = time.time() - 2 * self.max_age
-        for entry in os.scandir(self.folder):
-            try:
-                if entry.name.startswith(SPARE_PREFIX) and entry.stat(follow_symlinks=False).st_mtime < oldest:
-                    os.unlink(entry.path)
-            except FileNotFoundError:
-                pass
-
-    def close(self) -> None:
-        self._stopped = True
-        self._wanted.set()
-        self._thread.join(5)
-        while self._ready:
-            fd, path, _, _ = self._ready.popleft()
-            _close_and_unlink(fd, path)
-
-
-def _close_and_unlink(fd: int, path: str) -> None:
-    os.close(fd)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
