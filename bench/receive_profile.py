@@ -8,7 +8,7 @@ the leaf that names a step of the receive path decides (so the ``send`` of a
 C-STORE-RSP issued from inside the commit callback counts as "response", the
 ``rename`` inside the commit as "close + rename"). Idle samples (the loop
 waiting in ``epoll_wait``) are a bucket of their own; the other threads' busy samples
-(e.g. ``spare-files``, creating temporary files ahead) are rows of their own.
+(e.g. the commit threads) are rows of their own.
 Samples are turned into microseconds per instance with ``--cpu-us`` (the
 adapter's CPU per instance, as bench/ingest.py prints it), shared by every
 busy sample of every thread; only proportions come from the samples, so
