@@ -32,7 +32,11 @@ over the replicas; prints instances/s, the replicas' journal commits/s
 (and instances per commit) and the ratios PostgreSQL/SQLite and N
 replicas/one replica.
 
-    python bench/ingest.py --replicas 2 --journal postgresql [--only ct|small] [--associations 4]
+    python bench/ingest.py --replicas 2 --journal postgresql [--only ct|small] [--associations 4] [--studies 4]
+
+``--studies K`` splits each workload into K studies (with K = associations, each
+association sends a study of its own, and two replicas join different group
+rows); the default, one study, has every replica join the same group row.
 
 ``--profile DIR`` covers the replicas too: each replica's every repetition, one file each
 (``DIR/small-pg-1-r0-0.txt``: small study, 1 PostgreSQL replica, replica 0, repetition 0);
@@ -83,14 +87,24 @@ spec: {aeTitle: STORESCU, host: 127.0.0.1}
 """
 
 
-def study(slices: int, size: int = 512) -> list[Path]:
-    folder = CACHE / f"ct-{slices}x{size}x{size}-v1"
+def study(slices: int, size: int = 512, studies: int = 1) -> list[Path]:
+    """``slices`` instances: one study, or ``studies`` studies of ``slices // studies``
+    instances, interleaved so that ``files[i::studies]`` is study i (with as many
+    associations as studies, each association sends one study of its own)."""
+    if studies > 1:
+        per_study = [study_folder(CACHE / f"ct-{slices}x{size}x{size}-{studies}studies-v1" / f"study{k}",
+                                  slices // studies, size, f"BENCH-{k + 1:04d}") for k in range(studies)]
+        return [f for row in zip(*per_study) for f in row]
+    return study_folder(CACHE / f"ct-{slices}x{size}x{size}-v1", slices, size, "BENCH-0001")
+
+
+def study_folder(folder: Path, slices: int, size: int, patient_id: str) -> list[Path]:
     files = sorted(folder.glob("*.dcm"))
     if len(files) != slices:
         from clara_dicom.synthetic import write_study
 
         shutil.rmtree(folder, ignore_errors=True)
-        files = write_study(folder, slices=slices, patient_id="BENCH-0001", rows=size, cols=size)
+        files = write_study(folder, slices=slices, patient_id=patient_id, rows=size, cols=size)
     return files
 
 
@@ -358,31 +372,34 @@ def main() -> int:
                     help="compare N `up` replicas on a shared journal with one (needs --journal postgresql)")
     ap.add_argument("--journal", choices=("postgresql",), help="the shared journal of --replicas")
     ap.add_argument("--associations", type=int, default=4, help="parallel associations with --replicas (default 4)")
+    ap.add_argument("--studies", type=int, default=1, metavar="K",
+                    help="split each workload into K studies, study i sent on association i when K equals the "
+                         "associations (default 1: one study, every instance joins the same group)")
     ap.add_argument("--pg-only", action="store_true",
                     help="with --replicas: skip the SQLite anchor (profiling; prints no PostgreSQL/SQLite ratio)")
     args = ap.parse_args()
+    if args.studies < 1:
+        ap.error("--studies must be at least 1")
     workers = args.workers or ["default"]
+    tag = f"-{args.studies}studies" if args.studies > 1 else ""
+    workloads = [(name + tag, files) for name, files in
+                 (("ct", lambda: study(args.slices, studies=args.studies)),
+                  ("small", lambda: study(args.small, 64, args.studies)))
+                 if args.only in (None, name)]
     if args.replicas:
         if args.journal != "postgresql":
             ap.error("--replicas needs --journal postgresql (replicas share a PostgreSQL journal)")
         with tempfile.TemporaryDirectory(prefix="clara-bench-") as tmp:
-            if args.only in (None, "ct"):
-                run_replicas("ct", study(args.slices), args.replicas, args.associations, args.repeat, Path(tmp),
+            for name, files in workloads:
+                run_replicas(name, files(), args.replicas, args.associations, args.repeat, Path(tmp),
                              args.profile, args.pg_only)
-            if args.only in (None, "small"):
-                run_replicas("small", study(args.small, 64), args.replicas, args.associations, args.repeat,
-                             Path(tmp), args.profile, args.pg_only)
         return 0
     with tempfile.TemporaryDirectory(prefix="clara-bench-") as tmp:
         tmp = Path(tmp)
         (tmp / "config.yaml").write_text(CONFIG)
         assocs = tuple(args.associations_only or (1, 4))
-        if args.only in (None, "ct"):
-            run_workload("ct", study(args.slices), args.repeat, tmp, workers, args.profile, assocs,
-                         not args.no_anchors)
-        if args.only in (None, "small"):
-            run_workload("small", study(args.small, 64), args.repeat, tmp, workers, args.profile, assocs,
-                         not args.no_anchors)
+        for name, files in workloads:
+            run_workload(name, files(), args.repeat, tmp, workers, args.profile, assocs, not args.no_anchors)
     return 0
 
 
