@@ -287,6 +287,33 @@ def test_a_transaction_with_a_failed_statement_is_not_reported_committed(tmp_pat
         journal.close()
 
 
+def test_a_connection_lost_mid_transaction_is_the_database_out_of_reach(tmp_path, postgres_server):
+    """A statement whose connection died (the server went away) must raise what the rest of
+    the adapter reads as "database out of reach" (answered 0xA700, retried by the modality),
+    never a bare DatabaseError (answered as a processing failure): the libpq path gets
+    results without SQLSTATE there, which psycopg's error_from_result alone does not map."""
+    import psycopg
+
+    from clara_adapter.journal import is_out_of_resources
+
+    dsn = postgres_server.fresh_database("lost_connection")
+    journal = PostgresJournal(dsn, root=tmp_path)
+    try:
+        with pytest.raises(Exception) as raised:
+            with journal.atomic():
+                ((pid,),) = journal._execute("SELECT pg_backend_pid() + ?", (0,))
+                with psycopg.connect(dsn, autocommit=True) as other:
+                    other.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                    wait_for(lambda: not other.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s",
+                                                       (pid,)).fetchall(), 10, what="backend gone")
+                journal._execute("INSERT INTO replicas (id, seen_at) VALUES (?, ?)", ("lost", 1.0))
+        assert isinstance(raised.value, psycopg.OperationalError), repr(raised.value)
+        assert is_out_of_resources(raised.value)
+        assert journal._query("SELECT count(*) FROM replicas WHERE id = ?", ("lost",)) == [(0,)]
+    finally:
+        journal.close()
+
+
 def test_arguments_of_every_kind_round_trip_through_a_transaction(tmp_path, postgres_server):
     """The transactions' statements go to the server as one simple query with the arguments
     as literals (journal_pg._simple_query): quotes, backslashes, non-ASCII text, NULL, big and

@@ -129,6 +129,23 @@ _LITERALS: dict[type, Callable[[Any, Any], str]] = {
 }
 
 
+def _result_error(result: Any, conn: Any) -> Exception:
+    """The exception psycopg's own cursor would raise for a failed ``PQexec`` result. A
+    result without SQLSTATE (the server went away: socket closed, connection lost) is an
+    ``OperationalError`` there, as here, so the database being out of reach is answered
+    0xA700 (out of resources), not as a processing failure; ``error_from_result`` alone
+    would make it a bare ``DatabaseError``."""
+    import psycopg
+    from psycopg import errors
+    from psycopg.pq import ConnStatus, DiagnosticField
+
+    encoding = conn.info.encoding
+    if conn.pgconn.status == ConnStatus.BAD or not result.error_field(DiagnosticField.SQLSTATE):
+        message = result.get_error_message(encoding).strip() or "the connection to the database is lost"
+        return psycopg.OperationalError(message)
+    return errors.error_from_result(result, encoding=encoding)
+
+
 class _Session(threading.local):
     """The calling thread's open transaction: its connection, the transaction
     control not sent yet (see ``_flush``) and its nesting depth."""
@@ -475,7 +492,6 @@ class PostgresJournal(JournalBase):
         GIL while it waits) with the arguments as literals. Why not the cursor: psycopg's
         cursor and wait machinery cost twice the client CPU of this whole exchange
         (docs/scaling.md); the rows are still loaded by psycopg's own loaders."""
-        from psycopg import errors
         from psycopg.pq import ExecStatus
 
         conn = tx.conn
@@ -504,7 +520,7 @@ class PostgresJournal(JournalBase):
             return loader.load_rows(0, result.ntuples, tuple)
         if result.status == ExecStatus.COMMAND_OK:
             return []
-        raise errors.error_from_result(result, encoding=encoding)
+        raise _result_error(result, conn)
 
     @contextlib.contextmanager
     def _borrow(self, timeout: float | None = None) -> Iterator[Any]:
@@ -609,12 +625,11 @@ class PostgresJournal(JournalBase):
         began = "BEGIN" not in tx.deferred and not tx.committed  # committed: by add_to_open_group
         tx.deferred, tx.committed = [], False
         if began:
-            from psycopg import errors
             from psycopg.pq import ExecStatus
 
             result = tx.conn.pgconn.exec_(b"COMMIT")  # as in _simple_query: no cursor machinery
             if result.status != ExecStatus.COMMAND_OK:
-                raise errors.error_from_result(result, encoding=tx.conn.info.encoding)
+                raise _result_error(result, tx.conn)
             if result.command_status != b"COMMIT":  # "ROLLBACK": the transaction had failed
                 raise TransactionAborted(f"COMMIT answered {result.command_status!r}")
         self._release()
