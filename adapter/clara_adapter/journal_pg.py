@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import threading
 import time
@@ -115,16 +116,17 @@ def redacted(dsn: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
 
 
-def _float_literal(value: float, escape: Any) -> str:
-    return repr(value) if value == value and value not in (float("inf"), float("-inf")) else f"'{value}'::float8"
+def _float_literal(value: float) -> str:
+    return repr(value) if math.isfinite(value) else f"'{value}'::float8"  # 'nan', 'inf', '-inf'
 
 
-# SQL literals of the argument types the journal's transactions pass (others go through psycopg's cursor).
+# SQL literals of the argument types the journal's transactions pass (others go through psycopg's cursor);
+# ``escape`` is the connection's libpq string escaping, needed by text only.
 _LITERALS: dict[type, Callable[[Any, Any], str]] = {
     type(None): lambda value, escape: "NULL",
     bool: lambda value, escape: "true" if value else "false",
-    int: lambda value, escape: f"({int(value)})",
-    float: lambda value, escape: f"({_float_literal(value, escape)})",
+    int: lambda value, escape: f"({value})",
+    float: lambda value, escape: f"({_float_literal(value)})",
     str: lambda value, escape: escape(value),
 }
 

@@ -33,6 +33,7 @@ IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_BE = "1.2.840.10008.1.2.2"
 DEFLATED_LE = "1.2.840.10008.1.2.1.99"
 TMP_PREFIX = ".tmp-"
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC  # a new temporary file, never an existing one
 
 
 class DiskFull(Exception):
@@ -295,9 +296,6 @@ class InstanceWriter:
             os.unlink(self._tmp)
         except FileNotFoundError:
             pass
-
-
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
