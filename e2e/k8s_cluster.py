@@ -492,6 +492,22 @@ class Cluster:
 
     def start_apiserver(self, timeout: float = 120) -> None:
         self.start_component("kube-apiserver", timeout=timeout)
+        self.wait_controllers_caught_up(timeout)
+
+    def wait_controllers_caught_up(self, timeout: float = 120) -> None:
+        """After an API server restart, return once the controller-manager acts on new
+        objects again: its watches fail while RBAC warms up and client-go then backs off
+        (up to 30 s, jittered to 60), so a namespace made meanwhile gets its "default"
+        ServiceAccount late and the next test's pods cannot be created."""
+        probe = f"probe-{secrets.token_hex(4)}"
+        self.kubectl("create", "namespace", probe)
+        try:
+            wait_until(lambda: self.kubectl("get", "serviceaccount", "default", "-n", probe,
+                                            check=False).returncode == 0,
+                       timeout, "the controller-manager to make ServiceAccount default in a new namespace "
+                       "after the API server restart", alive=self.alive_check)
+        finally:
+            self.kubectl("delete", "namespace", probe, "--wait=false", check=False)
 
     def _component(self, name: str) -> Component:
         for comp in self.components:

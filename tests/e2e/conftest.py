@@ -108,7 +108,7 @@ def k8s_namespace(k8s_cluster):
     k8s_cluster.kubectl("create", "namespace", name)
     # Pods need the namespace's "default" ServiceAccount (made by the controller-manager).
     kc.wait_until(lambda: k8s_cluster.kubectl("get", "sa", "default", "-n", name, check=False).returncode == 0,
-                  60, f"ServiceAccount {name}/default")
+                  60, f"ServiceAccount {name}/default", alive=k8s_cluster.alive_check)
     yield name
     k8s_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,12 @@ class Stack:
             return json.loads(out.stdout)["version"]
         except ValueError:
             return None
+
+    def settled(self) -> bool:
+        """Every group closed and its jobs submitted (the adapter's /health/status)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/health/status", timeout=5) as rsp:
+            status = json.load(rsp)
+        return status["groupsOpen"] == 0 and status["jobSubmissionsPending"] == 0
 
     def in_sync(self) -> bool:
         rendered = self.rendered_version()
@@ -182,6 +189,7 @@ def start_apiserver(cluster, argv: list[bytes], comp) -> None:
                              cwd=cluster.workdir, start_new_session=True)
     comp.pid, comp.popen = popen.pid, popen
     wait_for(lambda: _safe_ready(cluster), 90, interval=0.5, what="kube-apiserver ready again")
+    cluster.wait_controllers_caught_up()  # or the next test's namespace waits for its ServiceAccount
 
 
 def _safe_ready(cluster) -> bool:
@@ -207,8 +215,8 @@ def test_api_outage_while_a_group_closes_creates_each_job_once(stack, tmp_path, 
         storescu(more, stack.dicom_port)
     finally:
         start_apiserver(k8s_cluster, argv, comp)
-    jobs = wait_for(lambda: len(stack.jobs()) >= 4 and stack.jobs(), 60, what="jobs after the outage")
-    time.sleep(2)
+    wait_for(lambda: len(stack.jobs()) >= 4, 60, what="jobs after the outage")
+    wait_for(lambda: stack.settled(), 60, what="no open group and no pending job submission")
     jobs = stack.jobs()
     assert len(jobs) == 4 and len({j["metadata"]["name"] for j in jobs}) == 4
     assert sorted(j["spec"]["payload"]["instances"] for j in jobs) == [2, 2, 6, 6]
@@ -235,8 +243,9 @@ def test_adapter_sigkill_mid_study_loses_and_duplicates_nothing(stack, tmp_path)
     stack.start_adapter()
     wait_for(stack.accepted, 30, interval=0.1, what="restarted adapter accepts")
     storescu(files[acked:], stack.dicom_port)
-    (job,) = wait_for(lambda: stack.jobs(), timeout + 30, what="the job")
-    time.sleep(timeout + 1)  # long enough for a second (split) group's job to show
+    wait_for(lambda: stack.jobs(), timeout + 30, what="the job")
+    # Nothing open and nothing waiting to be submitted: a second (split) group would have made its job.
+    wait_for(lambda: stack.settled(), timeout + 30, what="no open group and no pending job submission")
     (job,) = stack.jobs()
     import pydicom
 
