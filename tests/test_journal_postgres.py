@@ -117,6 +117,44 @@ def test_unreachable_journal_at_start_is_one_line(tmp_path):
     assert "Traceback" not in out.stderr and "secret" not in out.stderr
 
 
+# A password in every place libpq takes one, and schemes that are not PostgreSQL's:
+# `up` must answer one line without the password, and never make a SQLite file named
+# after the DSN (before: the key=value and foreign-scheme DSNs became SQLite files,
+# the password in their names; `?password=` and an empty user were echoed).
+@pytest.mark.parametrize("dsn", [
+    "postgresql://127.0.0.1:1/x?user=clara&password=secret",
+    "postgresql://:secret@127.0.0.1:1/x",
+    "host=127.0.0.1 port=1 user=clara password=secret dbname=x",
+    "POSTGRESQL://clara:secret@127.0.0.1:1/x",
+    "postgresql+psycopg://clara:secret@127.0.0.1:1/x",
+])
+def test_a_bad_journal_dsn_is_one_line_without_its_password_and_no_sqlite_file(tmp_path, dsn):
+    config = write_config(tmp_path / "cfg")
+    out = subprocess.run(adapter_command("up", "--config", str(config), "--state", str(tmp_path / "s"),
+                                         "--journal", dsn, "--http-port", "0", "--results-port", "0"),
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("clara-dicom up: error: journal "), last
+    assert "Traceback" not in out.stderr and "secret" not in out.stderr, out.stderr
+    assert not [p for p in tmp_path.rglob("*") if "secret" in str(p) or p.suffix == ".sqlite"]
+
+
+def test_a_key_value_dsn_opens_the_postgres_journal(tmp_path, postgres_server, monkeypatch):
+    """libpq's other DSN form, as the Results Service takes it: the shared journal, not a SQLite file."""
+    monkeypatch.chdir(tmp_path)  # where a SQLite file named after the DSN would land
+    url = postgres_server.fresh_database("keyvalue")
+    by_keywords = open_journal(f"user=postgres host=127.0.0.1 port={postgres_server.port} dbname=keyvalue", tmp_path)
+    by_url = open_journal(url, tmp_path)
+    try:
+        assert isinstance(by_keywords, PostgresJournal) and by_keywords.shared
+        assert by_url.next_sequence() == by_keywords.next_sequence() - 1  # one database, one sequence
+    finally:
+        by_keywords.close()
+        by_url.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_journals_opening_together_on_an_empty_database_agree(tmp_path, postgres_server):
     """Replicas starting at the same moment: schema creation is serialised, one epoch for all."""
     dsn = postgres_server.fresh_database("together")

@@ -46,6 +46,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from clara_dicom.dsn import redacted
 from clara_adapter.journal import (_INSTANCE_COLUMNS, SCHEMA, GroupRecord, GroupTakenOver,  # noqa: F401
                                    InstanceRecord, JournalBase, Transaction, TransactionAborted, _group)
 
@@ -109,11 +110,6 @@ _DUE = ("COALESCE((SELECT max(i.acked_at) FROM instances i WHERE i.group_id = gr
         "+ groups.timeout")
 # The database's clock, unless a test gave the journal its own (one ``?`` argument).
 _NOW = "COALESCE(?::double precision, extract(epoch from clock_timestamp())::double precision)"
-
-
-def redacted(dsn: str) -> str:
-    """The DSN without its password, for logs."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
 
 
 def _float_literal(value: float) -> str:

@@ -42,6 +42,7 @@ import time
 import uuid
 from typing import Any, Callable, Iterator, Sequence
 
+from clara_dicom.dsn import is_foreign_url, is_postgres_dsn, redacted
 from clara_results.models import NewTask, Task, TaskState
 
 log = logging.getLogger(__name__)
@@ -556,17 +557,9 @@ class PostgresStore(TaskStore):
 
 def describe_database(dsn: str) -> str:
     """A loggable description of a DSN (no password)."""
-    if dsn.startswith(("postgresql://", "postgres://")):
-        rest = dsn.split("://", 1)[1]
-        host = rest.rsplit("@", 1)[-1]
-        return f"postgresql://{host}"
-    if is_postgres_dsn(dsn):
-        return "postgresql (key=value DSN)"
+    if is_postgres_dsn(dsn) or is_foreign_url(dsn):
+        return redacted(dsn)
     return f"sqlite:{sqlite_path(dsn)}"
-
-
-def is_postgres_dsn(dsn: str) -> bool:
-    return dsn.startswith(("postgresql://", "postgres://")) or dsn.strip().startswith(("host=", "dbname="))
 
 
 def sqlite_path(dsn: str) -> str:
@@ -586,4 +579,7 @@ def open_store(dsn: str, **kwargs: Any) -> TaskStore:
     file path → SQLite. Raises StoreUnavailable (with a one-line message) on failure."""
     if is_postgres_dsn(dsn):
         return PostgresStore(dsn, **kwargs)
+    if is_foreign_url(dsn):  # not a file name: refused, not made a SQLite file named after it
+        raise StoreUnavailable("not a postgresql:// DSN (the scheme is lowercase postgresql:// or postgres://), "
+                               "nor sqlite:///PATH or a file path")
     return SQLiteStore(sqlite_path(dsn), **kwargs)
