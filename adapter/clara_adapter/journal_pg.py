@@ -165,13 +165,23 @@ CONCURRENT_TRANSACTIONS = 2
 class PostgresJournal(JournalBase):
     shared = True
 
+    # A transaction idle this long between statements belongs to a replica that stalled
+    # (SIGSTOP, a frozen node, a partition with the TCP connection still up): the server
+    # ends its session, so the row locks it holds (a closer's FOR UPDATE blocks every
+    # replica's joins of that group; a joiner's KEY SHARE keeps the group from closing)
+    # do not stall the others until it resumes. Its transaction then fails and is
+    # answered 0xA700, nothing acknowledged. Legitimate gaps are milliseconds.
+    IDLE_IN_TRANSACTION_SECONDS = 10.0
+
     def __init__(self, dsn: str, root: str | Path, max_connections: int | None = None, timeout: float = 5.0,
                  clock: Callable[[], float] | None = None,
-                 concurrent_transactions: int = CONCURRENT_TRANSACTIONS):
+                 concurrent_transactions: int = CONCURRENT_TRANSACTIONS,
+                 idle_in_transaction: float = IDLE_IN_TRANSACTION_SECONDS):
         """``clock``: wall-clock seconds used instead of the database's clock
         (tests on a controllable clock); None in production. ``max_connections``:
         the pool's size, by default the concurrent transactions plus three (the
-        journal's lock holder, the reachability probe, one spare)."""
+        journal's lock holder, the reachability probe, one spare).
+        ``idle_in_transaction``: see IDLE_IN_TRANSACTION_SECONDS."""
         import psycopg
         from psycopg_pool import ConnectionPool
 
@@ -199,7 +209,9 @@ class PostgresJournal(JournalBase):
             # Give up a reconnection chain after ``timeout``: the pool's backoff doubles without a
             # cap, so after a long outage it could wait as long again; the next checkout starts anew.
             reconnect_timeout=timeout,
-            kwargs={"autocommit": True, "options": f"-c search_path={PG_SCHEMA_NAME}", "connect_timeout": 5},
+            kwargs={"autocommit": True, "connect_timeout": 5,
+                    "options": f"-c search_path={PG_SCHEMA_NAME} "
+                               f"-c idle_in_transaction_session_timeout={max(1, round(idle_in_transaction * 1000))}"},
         )
         self._pool.open(wait=True, timeout=timeout)
         self._create_or_migrate_schema()
