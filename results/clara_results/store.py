@@ -28,7 +28,10 @@ leases"):
   ``retries < max_retries``, else Failed.
 * ``purge``: finished tasks older than ``retention_seconds`` are deleted.
 
-Times come from ``clock`` (seconds since the epoch) so tests can control them.
+Times come from ``clock`` (seconds since the epoch) so tests can control them. On
+PostgreSQL the default clock is the database's: replicas of the service compare
+lease expiries on one clock, so one whose host clock runs ahead cannot hand out a
+lease another holds.
 """
 from __future__ import annotations
 
@@ -501,8 +504,9 @@ class PostgresStore(TaskStore):
     SCHEMA_LOCK = 7316541
 
     def __init__(self, dsn: str, pool_size: int = 8, connect_timeout: float = 5.0,
-                 pool_timeout: float = 10.0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+                 pool_timeout: float = 10.0, clock: Callable[[], float] | None = None, **kwargs: Any) -> None:
+        """``clock``: for tests; by default the database's clock (see the module docstring)."""
+        super().__init__(clock=clock or self._database_now, **kwargs)
         import psycopg
         from psycopg_pool import ConnectionPool
 
@@ -550,6 +554,11 @@ class PostgresStore(TaskStore):
             raise StoreUnavailable("the store is closed") from exc
         except psycopg.OperationalError as exc:
             raise StoreUnavailable(f"PostgreSQL: {_first_line(exc)}") from exc
+
+    def _database_now(self) -> float:
+        with self._transaction() as cur:
+            cur.execute("SELECT extract(epoch from clock_timestamp())::double precision")
+            return float(cur.fetchone()[0])
 
     def close(self) -> None:
         self._pool.close()

@@ -97,3 +97,42 @@ def test_concurrent_store_openings_on_an_empty_database(postgres_dsn):
     finally:
         for s in stores:
             s.close()
+
+
+def _clock_ahead(folder, seconds: float) -> dict:
+    """The environment of a process whose host clock runs ``seconds`` ahead (time.time,
+    as the service reads it): a sitecustomize module on its PYTHONPATH."""
+    import os
+
+    shim = folder / f"clock-ahead-{int(seconds)}"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import time\n_real = time.time\n"
+        f"time.time = lambda: _real() + {seconds!r}\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def test_a_replica_whose_clock_runs_ahead_does_not_hand_out_a_live_lease(postgres_dsn, tmp_path):
+    """Two services on one database, one on a host whose clock is 5 minutes ahead. A task
+    leased for 60 s through the first is not handed out again through the second, and its
+    holder can still renew and report; lease times come from the database's clock."""
+    on_time = ResultsService(postgres_dsn, tmp_path, "--lease-seconds", "60", token=TOKEN)
+    ahead = ResultsService(postgres_dsn, tmp_path, "--lease-seconds", "60", token=TOKEN,
+                           env=_clock_ahead(tmp_path, 300.0))
+    try:
+        with ResultsClient(on_time.url, TOKEN) as first, ResultsClient(ahead.url, TOKEN) as second:
+            task = first.create_task(job_id="job", pipeline_id="p", payload_id="pl", agent="ClaraSCU",
+                                     uris=["1.dcm"], parameters='"Orthanc"')
+            (leased,) = first.lease("ClaraSCU", 1)
+            assert leased.id == task.id
+            assert second.lease("ClaraSCU", 1) == []  # before: the lease looked 4 minutes expired
+            second.renew(task.id, leased.lease_id)
+            assert second.lease("ClaraSCU", 1) == []
+            done = second.report_success(task.id, leased.lease_id)
+            assert done.state == TaskState.SUCCEEDED and done.retries == 0
+    finally:
+        for service in (on_time, ahead):
+            service.signal(signal.SIGTERM)
+            service.stop(30)
