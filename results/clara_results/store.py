@@ -524,8 +524,20 @@ class PostgresStore(TaskStore):
 
     @classmethod
     def _create_schema(cls, conn: Any) -> None:
+        """DDL only when something is missing: even ``ALTER TABLE … IF NOT EXISTS`` and
+        ``CREATE INDEX IF NOT EXISTS`` lock the table, so a replica starting (a rolling
+        update) would wait for every open transaction on ``tasks`` and make every other
+        replica's requests queue behind it."""
         with conn.transaction(), conn.cursor() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (cls.SCHEMA_LOCK,))
+            cur.execute("SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass('tasks') "
+                        "AND attname = 'lease_id' AND NOT attisdropped")
+            current = cur.fetchone()[0] == 1
+            for ddl in _INDEXES:
+                cur.execute("SELECT to_regclass(%s)", (ddl.split(" IF NOT EXISTS ")[1].split()[0],))
+                current = current and cur.fetchone()[0] is not None
+            if current:
+                return
             cur.execute("CREATE TABLE IF NOT EXISTS tasks (seq BIGSERIAL PRIMARY KEY,"
                         + _TABLE_COLUMNS.format(real="DOUBLE PRECISION") + ")")
             cur.execute("ALTER TABLE tasks ADD COLUMN IF NOT EXISTS lease_id TEXT")

@@ -136,3 +136,38 @@ def test_a_replica_whose_clock_runs_ahead_does_not_hand_out_a_live_lease(postgre
         for service in (on_time, ahead):
             service.signal(signal.SIGTERM)
             service.stop(30)
+
+
+def test_a_replica_starting_beside_an_open_transaction_neither_waits_nor_stalls_the_others(postgres_dsn):
+    """A rolling update starts a replica while another holds a transaction on ``tasks`` (here:
+    one frozen with a row locked). Before: its start-up DDL (``ALTER TABLE … IF NOT EXISTS``)
+    waited for that transaction, and every other replica's requests queued behind it."""
+    import psycopg
+
+    from clara_results.models import NewTask
+    from clara_results.store import open_store
+
+    running = open_store(postgres_dsn)
+    frozen = psycopg.connect(postgres_dsn)
+    started: dict = {}
+    try:
+        for i in range(2):
+            running.create(NewTask(job_id="job", pipeline_id="p", payload_id="pl", agent="ClaraSCU",
+                                   uris=(f"{i}.dcm",), idempotency_key=f"k{i}"))
+        frozen.execute("SELECT seq FROM tasks ORDER BY seq LIMIT 1 FOR UPDATE")  # and then nothing
+        starting = threading.Thread(target=lambda: started.update(store=open_store(postgres_dsn)), daemon=True)
+        starting.start()
+        starting.join(5)
+        assert not starting.is_alive(), "the new replica waits for the frozen one's transaction"
+        leasing = threading.Thread(target=lambda: started.update(leased=running.lease("ClaraSCU", 2)), daemon=True)
+        leasing.start()
+        leasing.join(5)
+        assert not leasing.is_alive(), "the running replica's lease waits behind the new one's DDL"
+        assert [list(t.uris) for t in started["leased"]] == [["1.dcm"]]  # the locked task is skipped, the other leased
+    finally:
+        frozen.rollback()
+        frozen.close()
+        for name in ("store",):
+            if name in started:
+                started[name].close()
+        running.close()
