@@ -503,14 +503,21 @@ class PostgresStore(TaskStore):
     #: pg_advisory_xact_lock key serialising schema creation and migrations.
     SCHEMA_LOCK = 7316541
 
+    # A transaction idle this long between statements belongs to a replica that stalled
+    # (SIGSTOP, a frozen node): the server ends its session, so the task row it locked
+    # can be leased and reported again instead of waiting until it resumes (its own
+    # transaction then fails). Legitimate gaps are milliseconds.
+    IDLE_IN_TRANSACTION_SECONDS = 10.0
+
     def __init__(self, dsn: str, pool_size: int = 8, connect_timeout: float = 5.0,
-                 pool_timeout: float = 10.0, clock: Callable[[], float] | None = None, **kwargs: Any) -> None:
+                 pool_timeout: float = 10.0, clock: Callable[[], float] | None = None,
+                 idle_in_transaction: float = IDLE_IN_TRANSACTION_SECONDS, **kwargs: Any) -> None:
         """``clock``: for tests; by default the database's clock (see the module docstring)."""
         super().__init__(clock=clock or self._database_now, **kwargs)
         import psycopg
         from psycopg_pool import ConnectionPool
 
-        connect_kwargs = {"connect_timeout": max(1, int(connect_timeout))}
+        connect_kwargs: dict[str, Any] = {"connect_timeout": max(1, int(connect_timeout))}
         # The schema on a connection of its own: its failure carries libpq's own reason
         # (a pool would only say it timed out).
         try:
@@ -519,6 +526,7 @@ class PostgresStore(TaskStore):
         except psycopg.Error as exc:
             # The DSN may hold a password: never echo it.
             raise StoreUnavailable(f"cannot use PostgreSQL: {_first_line(exc)}") from exc
+        connect_kwargs["options"] = f"-c idle_in_transaction_session_timeout={max(1, round(idle_in_transaction * 1000))}"
         self._pool = ConnectionPool(dsn, kwargs=connect_kwargs, min_size=1, max_size=pool_size,
                                     timeout=pool_timeout, name="clara-results", open=True)
 
@@ -564,7 +572,8 @@ class PostgresStore(TaskStore):
             raise StoreUnavailable(f"no PostgreSQL connection available: {_first_line(exc)}") from exc
         except PoolClosed as exc:
             raise StoreUnavailable("the store is closed") from exc
-        except psycopg.OperationalError as exc:
+        except (psycopg.OperationalError, psycopg.errors.IdleInTransactionSessionTimeout) as exc:
+            # the latter: this replica stalled mid-transaction and the server ended its session
             raise StoreUnavailable(f"PostgreSQL: {_first_line(exc)}") from exc
 
     def _database_now(self) -> float:

@@ -171,3 +171,45 @@ def test_a_replica_starting_beside_an_open_transaction_neither_waits_nor_stalls_
             if name in started:
                 started[name].close()
         running.close()
+
+
+def test_a_replica_frozen_with_a_task_row_locked_is_cut_off_and_the_task_moves_on(postgres_dsn):
+    """A replica frozen in the middle of a report (its transaction holds the task's row):
+    the server ends its session after ``idle_in_transaction``, so another replica's report
+    on that task is answered then, not when the frozen one resumes; the frozen one's
+    transaction fails instead of committing."""
+    from clara_results.models import NewTask
+    from clara_results.store import PostgresStore, StoreUnavailable
+
+    frozen_store = PostgresStore(postgres_dsn, idle_in_transaction=1.0)
+    other = PostgresStore(postgres_dsn, idle_in_transaction=1.0)
+    holding, resume, outcome, reported = threading.Event(), threading.Event(), {}, {}
+    try:
+        other.create(NewTask(job_id="job", pipeline_id="p", payload_id="pl", agent="ClaraSCU", uris=("1.dcm",)))
+        (task,) = other.lease("ClaraSCU", 1)
+
+        def frozen() -> None:
+            try:
+                with frozen_store._transaction() as cur:  # what report_success holds: the row, FOR UPDATE
+                    cur.execute("SELECT id FROM tasks WHERE id = %s FOR UPDATE", (task.id,))
+                    holding.set()
+                    resume.wait(60)
+                outcome["committed"] = True
+            except StoreUnavailable as exc:
+                outcome["error"] = exc
+
+        freezer = threading.Thread(target=frozen, daemon=True)
+        freezer.start()
+        assert holding.wait(10)
+        reporter = threading.Thread(
+            target=lambda: reported.update(task=other.report_success(task.id, task.lease_id)), daemon=True)
+        reporter.start()
+        reporter.join(15)
+        assert not reporter.is_alive(), "the report waits for the frozen replica to resume"
+        assert reported["task"].state == TaskState.SUCCEEDED
+    finally:
+        resume.set()
+        freezer.join(30)
+        frozen_store.close()
+        other.close()
+    assert "committed" not in outcome and "error" in outcome, outcome
