@@ -3,7 +3,11 @@ restart recovery, an unreachable database answered with 0xA700 and nothing
 acknowledged lost, and `clara-dicom up --journal DSN` end to end with dcmtk."""
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import subprocess
+import threading
 
 import pytest
 
@@ -18,7 +22,7 @@ from clara_adapter.processors.base import ProcessorContext
 from clara_adapter.shared_groups import SharedGroupCloser
 from clara_adapter.storage import InstanceStore
 from clara_adapter.submitter import JobSubmitter
-from local_setup import write_config
+from local_setup import require, write_config
 from peers import adapter_command, start_together, storescu, wait_for
 from postgres_server import own_postgres_server, postgres_server  # noqa: F401 (fixtures)
 from test_processor_unit import manifests
@@ -419,4 +423,58 @@ def test_one_instance_joining_its_open_group_commits_in_one_round_trip(tmp_path,
         assert seen[-1] == (INTRANS, 0) and visible("4") == 1
     finally:
         other.close()
+        journal.close()
+
+
+@contextlib.contextmanager
+def packets_dropped(port: int):
+    """The network between here and ``port`` on 127.0.0.1 drops every packet (a partition:
+    no reset, nothing answered), with iptables, for this test's own server port only."""
+    rules = [["OUTPUT", "-o", "lo", "-p", "tcp", flag, str(port), "-j", "DROP"] for flag in ("--dport", "--sport")]
+    usable = shutil.which("iptables") is not None and os.geteuid() == 0 and subprocess.run(
+        ["iptables", "-S", "OUTPUT"], capture_output=True).returncode == 0
+    require(usable, "iptables as root (apt-get install iptables)")
+    added = []
+    try:
+        for rule in rules:
+            subprocess.run(["iptables", "-I", *rule], check=True)
+            added.append(rule)
+        yield
+    finally:
+        for rule in added:
+            subprocess.run(["iptables", "-D", *rule], check=True)
+
+
+def test_a_database_cut_off_by_the_network_is_unreachable_within_the_timeout(tmp_path, own_postgres_server):
+    """Packets to the database dropped (a partition, not a stopped server): a transaction
+    fails as OperationalError (answered 0xA700) and the reachability probe says no, within
+    ``network_timeout``, instead of blocking until TCP gives up (about 15 minutes); once the
+    network is back the journal works again."""
+    import psycopg
+
+    journal = PostgresJournal(own_postgres_server.dsn, root=tmp_path, network_timeout=2.0)
+    outcome: dict = {}
+
+    def attempt(name: str, call) -> None:
+        try:
+            outcome[name] = call()
+        except Exception as exc:
+            outcome[name] = exc
+
+    try:
+        journal.next_sequence()
+        with packets_dropped(own_postgres_server.port):
+            journal.PROBE_SECONDS = 0.0  # probe now, not within the last second's answer
+            calls = [threading.Thread(target=attempt, args=(name, call), daemon=True)
+                     for name, call in (("commit", journal.next_sequence), ("available", journal.available))]
+            for thread in calls:
+                thread.start()
+            for thread in calls:
+                thread.join(20)
+            assert not any(t.is_alive() for t in calls), f"still blocked after 20 s: {outcome}"
+        assert isinstance(outcome["commit"], psycopg.OperationalError), outcome
+        assert outcome["available"] is False
+        wait_for(lambda: journal.available(), 30, what="the journal reachable again")
+        assert journal.next_sequence() > 0
+    finally:
         journal.close()

@@ -112,6 +112,13 @@ _DUE = ("COALESCE((SELECT max(i.acked_at) FROM instances i WHERE i.group_id = gr
 _NOW = "COALESCE(?::double precision, extract(epoch from clock_timestamp())::double precision)"
 
 
+def _network_timeouts(seconds: float) -> dict[str, int]:
+    """libpq options that fail a connection whose peer stopped answering for ``seconds``."""
+    return {"tcp_user_timeout": max(1, round(seconds * 1000)), "keepalives": 1,
+            "keepalives_idle": max(1, round(seconds / 2)), "keepalives_interval": 1,
+            "keepalives_count": max(1, round(seconds / 2))}
+
+
 def _float_literal(value: float) -> str:
     return repr(value) if math.isfinite(value) else f"'{value}'::float8"  # 'nan', 'inf', '-inf'
 
@@ -172,16 +179,22 @@ class PostgresJournal(JournalBase):
     # do not stall the others until it resumes. Its transaction then fails and is
     # answered 0xA700, nothing acknowledged. Legitimate gaps are milliseconds.
     IDLE_IN_TRANSACTION_SECONDS = 10.0
+    # The database cut off by the network (packets dropped, no reset): sent data not
+    # acknowledged for this long fails the connection (libpq's tcp_user_timeout;
+    # keepalives for idle ones), so a transaction or the reachability probe answers
+    # "unreachable" (0xA700, refusal) instead of blocking until TCP gives up (~15 min).
+    NETWORK_TIMEOUT_SECONDS = 10.0
 
     def __init__(self, dsn: str, root: str | Path, max_connections: int | None = None, timeout: float = 5.0,
                  clock: Callable[[], float] | None = None,
                  concurrent_transactions: int = CONCURRENT_TRANSACTIONS,
-                 idle_in_transaction: float = IDLE_IN_TRANSACTION_SECONDS):
+                 idle_in_transaction: float = IDLE_IN_TRANSACTION_SECONDS,
+                 network_timeout: float = NETWORK_TIMEOUT_SECONDS):
         """``clock``: wall-clock seconds used instead of the database's clock
         (tests on a controllable clock); None in production. ``max_connections``:
         the pool's size, by default the concurrent transactions plus three (the
         journal's lock holder, the reachability probe, one spare).
-        ``idle_in_transaction``: see IDLE_IN_TRANSACTION_SECONDS."""
+        ``idle_in_transaction``, ``network_timeout``: see IDLE_IN_TRANSACTION_SECONDS, NETWORK_TIMEOUT_SECONDS."""
         import psycopg
         from psycopg_pool import ConnectionPool
 
@@ -209,7 +222,7 @@ class PostgresJournal(JournalBase):
             # Give up a reconnection chain after ``timeout``: the pool's backoff doubles without a
             # cap, so after a long outage it could wait as long again; the next checkout starts anew.
             reconnect_timeout=timeout,
-            kwargs={"autocommit": True, "connect_timeout": 5,
+            kwargs={"autocommit": True, "connect_timeout": 5, **_network_timeouts(network_timeout),
                     "options": f"-c search_path={PG_SCHEMA_NAME} "
                                f"-c idle_in_transaction_session_timeout={max(1, round(idle_in_transaction * 1000))}"},
         )
