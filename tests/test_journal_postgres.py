@@ -3,9 +3,6 @@ restart recovery, an unreachable database answered with 0xA700 and nothing
 acknowledged lost, and `clara-dicom up --journal DSN` end to end with dcmtk."""
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
 import subprocess
 import threading
 
@@ -22,9 +19,9 @@ from clara_adapter.processors.base import ProcessorContext
 from clara_adapter.shared_groups import SharedGroupCloser
 from clara_adapter.storage import InstanceStore
 from clara_adapter.submitter import JobSubmitter
-from local_setup import require, write_config
+from local_setup import write_config
 from peers import adapter_command, start_together, storescu, wait_for
-from postgres_server import own_postgres_server, postgres_server  # noqa: F401 (fixtures)
+from postgres_server import own_postgres_server, packets_dropped, postgres_server  # noqa: F401 (fixtures)
 from test_processor_unit import manifests
 from test_shared_groups import SharedHarness
 
@@ -424,25 +421,6 @@ def test_one_instance_joining_its_open_group_commits_in_one_round_trip(tmp_path,
     finally:
         other.close()
         journal.close()
-
-
-@contextlib.contextmanager
-def packets_dropped(port: int):
-    """The network between here and ``port`` on 127.0.0.1 drops every packet (a partition:
-    no reset, nothing answered), with iptables, for this test's own server port only."""
-    rules = [["OUTPUT", "-o", "lo", "-p", "tcp", flag, str(port), "-j", "DROP"] for flag in ("--dport", "--sport")]
-    usable = shutil.which("iptables") is not None and os.geteuid() == 0 and subprocess.run(
-        ["iptables", "-S", "OUTPUT"], capture_output=True).returncode == 0
-    require(usable, "iptables as root (apt-get install iptables)")
-    added = []
-    try:
-        for rule in rules:
-            subprocess.run(["iptables", "-I", *rule], check=True)
-            added.append(rule)
-        yield
-    finally:
-        for rule in added:
-            subprocess.run(["iptables", "-D", *rule], check=True)
 
 
 def test_a_database_cut_off_by_the_network_is_unreachable_within_the_timeout(tmp_path, own_postgres_server):

@@ -508,16 +508,24 @@ class PostgresStore(TaskStore):
     # can be leased and reported again instead of waiting until it resumes (its own
     # transaction then fails). Legitimate gaps are milliseconds.
     IDLE_IN_TRANSACTION_SECONDS = 10.0
+    # The database cut off by the network (packets dropped): a request fails (503) after
+    # this long without an acknowledgement (libpq tcp_user_timeout; keepalives for idle
+    # connections), instead of hanging until TCP gives up (~15 min).
+    NETWORK_TIMEOUT_SECONDS = 10.0
 
     def __init__(self, dsn: str, pool_size: int = 8, connect_timeout: float = 5.0,
                  pool_timeout: float = 10.0, clock: Callable[[], float] | None = None,
-                 idle_in_transaction: float = IDLE_IN_TRANSACTION_SECONDS, **kwargs: Any) -> None:
+                 idle_in_transaction: float = IDLE_IN_TRANSACTION_SECONDS,
+                 network_timeout: float = NETWORK_TIMEOUT_SECONDS, **kwargs: Any) -> None:
         """``clock``: for tests; by default the database's clock (see the module docstring)."""
         super().__init__(clock=clock or self._database_now, **kwargs)
         import psycopg
         from psycopg_pool import ConnectionPool
 
-        connect_kwargs: dict[str, Any] = {"connect_timeout": max(1, int(connect_timeout))}
+        connect_kwargs: dict[str, Any] = {
+            "connect_timeout": max(1, int(connect_timeout)), "tcp_user_timeout": max(1, round(network_timeout * 1000)),
+            "keepalives": 1, "keepalives_idle": max(1, round(network_timeout / 2)), "keepalives_interval": 1,
+            "keepalives_count": max(1, round(network_timeout / 2))}
         # The schema on a connection of its own: its failure carries libpq's own reason
         # (a pool would only say it timed out).
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -213,3 +214,41 @@ def test_a_replica_frozen_with_a_task_row_locked_is_cut_off_and_the_task_moves_o
         frozen_store.close()
         other.close()
     assert "committed" not in outcome and "error" in outcome, outcome
+
+
+def test_a_database_cut_off_by_the_network_is_a_503_within_the_timeout(postgres_dsn):
+    """Packets to the database dropped (a partition, no reset): a request fails as
+    StoreUnavailable (503, retried by agents) within ``network_timeout``, instead of
+    hanging until TCP gives up (about 15 minutes); the store works again afterwards."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from clara_results.store import PostgresStore, StoreUnavailable
+    from postgres_server import packets_dropped
+
+    store = PostgresStore(postgres_dsn, network_timeout=2.0)
+    outcome: dict = {}
+
+    def lease() -> None:
+        try:
+            outcome["lease"] = store.lease("ClaraSCU", 1)
+        except Exception as exc:
+            outcome["lease"] = exc
+
+    try:
+        assert store.lease("ClaraSCU", 1) == []
+        with packets_dropped(int(conninfo_to_dict(postgres_dsn)["port"])):
+            leasing = threading.Thread(target=lease, daemon=True)
+            leasing.start()
+            leasing.join(20)
+            assert not leasing.is_alive(), "the request hangs on the unanswered connection"
+        assert isinstance(outcome["lease"], StoreUnavailable), outcome
+        wait_for_lease = [None]
+        for _ in range(100):  # the pool reconnects in the background
+            try:
+                wait_for_lease[0] = store.lease("ClaraSCU", 1)
+                break
+            except StoreUnavailable:
+                time.sleep(0.2)
+        assert wait_for_lease[0] == []
+    finally:
+        store.close()
