@@ -3,7 +3,8 @@
 # Orthanc and its DICOMweb plugin, PostgreSQL, openssl (test certificates);
 # buildah, podman, runc and debootstrap for the image tests (tools/image/build.sh,
 # tests/container); containerd, the CNI plugins and a static busybox for the e2e
-# real node (e2e/real_node.py). Skips apt entirely when everything is already
+# real node (e2e/real_node.py); iptables (a database cut off by the network,
+# tests/test_journal_postgres.py). Skips apt entirely when everything is already
 # there. One check per line: `command -v TOOL || need+=(PACKAGE)`.
 set -euo pipefail
 need=()
@@ -19,6 +20,7 @@ command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v containerd >/dev/null || need+=(containerd)
 [ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)  # static: it runs alone in an image
+command -v iptables >/dev/null || need+=(iptables)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

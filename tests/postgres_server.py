@@ -152,3 +152,24 @@ def own_postgres_server() -> Iterator[PostgresServer]:
     """A server of this test's own, which the test may halt and launch again."""
     with running() as pg:
         yield pg
+
+
+@contextlib.contextmanager
+def packets_dropped(port: int):
+    """The network between here and ``port`` on 127.0.0.1 drops every packet (a partition:
+    no reset, nothing answered), with iptables, for this test's own server port only."""
+    rules = [["OUTPUT", "-o", "lo", "-p", "tcp", flag, str(port), "-j", "DROP"] for flag in ("--dport", "--sport")]
+    usable = shutil.which("iptables") is not None and os.geteuid() == 0 and subprocess.run(
+        ["iptables", "-S", "OUTPUT"], capture_output=True).returncode == 0
+    from local_setup import require
+
+    require(usable, "iptables as root (apt-get install iptables)")
+    added = []
+    try:
+        for rule in rules:
+            subprocess.run(["iptables", "-I", *rule], check=True)
+            added.append(rule)
+        yield
+    finally:
+        for rule in added:
+            subprocess.run(["iptables", "-D", *rule], check=True)

@@ -4,6 +4,7 @@ acknowledged lost, and `clara-dicom up --journal DSN` end to end with dcmtk."""
 from __future__ import annotations
 
 import subprocess
+import threading
 
 import pytest
 
@@ -20,7 +21,7 @@ from clara_adapter.storage import InstanceStore
 from clara_adapter.submitter import JobSubmitter
 from local_setup import write_config
 from peers import adapter_command, start_together, storescu, wait_for
-from postgres_server import own_postgres_server, postgres_server  # noqa: F401 (fixtures)
+from postgres_server import own_postgres_server, packets_dropped, postgres_server  # noqa: F401 (fixtures)
 from test_processor_unit import manifests
 from test_shared_groups import SharedHarness
 
@@ -115,6 +116,44 @@ def test_unreachable_journal_at_start_is_one_line(tmp_path):
     assert last.startswith("clara-dicom up: error: journal postgresql://clara:***@127.0.0.1:1/x: cannot open")
     assert "refused" in last, last
     assert "Traceback" not in out.stderr and "secret" not in out.stderr
+
+
+# A password in every place libpq takes one, and schemes that are not PostgreSQL's:
+# `up` must answer one line without the password, and never make a SQLite file named
+# after the DSN (before: the key=value and foreign-scheme DSNs became SQLite files,
+# the password in their names; `?password=` and an empty user were echoed).
+@pytest.mark.parametrize("dsn", [
+    "postgresql://127.0.0.1:1/x?user=clara&password=secret",
+    "postgresql://:secret@127.0.0.1:1/x",
+    "host=127.0.0.1 port=1 user=clara password=secret dbname=x",
+    "POSTGRESQL://clara:secret@127.0.0.1:1/x",
+    "postgresql+psycopg://clara:secret@127.0.0.1:1/x",
+])
+def test_a_bad_journal_dsn_is_one_line_without_its_password_and_no_sqlite_file(tmp_path, dsn):
+    config = write_config(tmp_path / "cfg")
+    out = subprocess.run(adapter_command("up", "--config", str(config), "--state", str(tmp_path / "s"),
+                                         "--journal", dsn, "--http-port", "0", "--results-port", "0"),
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("clara-dicom up: error: journal "), last
+    assert "Traceback" not in out.stderr and "secret" not in out.stderr, out.stderr
+    assert not [p for p in tmp_path.rglob("*") if "secret" in str(p) or p.suffix == ".sqlite"]
+
+
+def test_a_key_value_dsn_opens_the_postgres_journal(tmp_path, postgres_server, monkeypatch):
+    """libpq's other DSN form, as the Results Service takes it: the shared journal, not a SQLite file."""
+    monkeypatch.chdir(tmp_path)  # where a SQLite file named after the DSN would land
+    url = postgres_server.fresh_database("keyvalue")
+    by_keywords = open_journal(f"user=postgres host=127.0.0.1 port={postgres_server.port} dbname=keyvalue", tmp_path)
+    by_url = open_journal(url, tmp_path)
+    try:
+        assert isinstance(by_keywords, PostgresJournal) and by_keywords.shared
+        assert by_url.next_sequence() == by_keywords.next_sequence() - 1  # one database, one sequence
+    finally:
+        by_keywords.close()
+        by_url.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_journals_opening_together_on_an_empty_database_agree(tmp_path, postgres_server):
@@ -381,4 +420,39 @@ def test_one_instance_joining_its_open_group_commits_in_one_round_trip(tmp_path,
         assert seen[-1] == (INTRANS, 0) and visible("4") == 1
     finally:
         other.close()
+        journal.close()
+
+
+def test_a_database_cut_off_by_the_network_is_unreachable_within_the_timeout(tmp_path, own_postgres_server):
+    """Packets to the database dropped (a partition, not a stopped server): a transaction
+    fails as OperationalError (answered 0xA700) and the reachability probe says no, within
+    ``network_timeout``, instead of blocking until TCP gives up (about 15 minutes); once the
+    network is back the journal works again."""
+    import psycopg
+
+    journal = PostgresJournal(own_postgres_server.dsn, root=tmp_path, network_timeout=2.0)
+    outcome: dict = {}
+
+    def attempt(name: str, call) -> None:
+        try:
+            outcome[name] = call()
+        except Exception as exc:
+            outcome[name] = exc
+
+    try:
+        journal.next_sequence()
+        with packets_dropped(own_postgres_server.port):
+            journal.PROBE_SECONDS = 0.0  # probe now, not within the last second's answer
+            calls = [threading.Thread(target=attempt, args=(name, call), daemon=True)
+                     for name, call in (("commit", journal.next_sequence), ("available", journal.available))]
+            for thread in calls:
+                thread.start()
+            for thread in calls:
+                thread.join(20)
+            assert not any(t.is_alive() for t in calls), f"still blocked after 20 s: {outcome}"
+        assert isinstance(outcome["commit"], psycopg.OperationalError), outcome
+        assert outcome["available"] is False
+        wait_for(lambda: journal.available(), 30, what="the journal reachable again")
+        assert journal.next_sequence() > 0
+    finally:
         journal.close()

@@ -404,3 +404,56 @@ def test_no_takeover_until_this_replica_has_heartbeaten_for_dead_after_since_an_
     clock.advance(0.6)
     assert journal.takeover_asked_at and journal.takeover_asked_at[0] - outage_end >= 10
     closer.stop()
+
+
+def test_a_replica_stalled_inside_a_transaction_is_cut_off_and_the_others_go_on(tmp_path, postgres_server):
+    """A replica frozen (SIGSTOP, a paused node) while its closer holds a group row
+    FOR UPDATE: the other replicas' instances of that group wait only until the
+    server ends the stalled session (``idle_in_transaction``), not until it resumes;
+    the group is then closed by another replica, and the stalled one's transaction,
+    when it resumes, fails instead of being reported committed. Real time, real server."""
+    import threading
+
+    import psycopg
+
+    dsn = postgres_server.fresh_database("stalled")
+    stalled = PostgresJournal(dsn, root=tmp_path, idle_in_transaction=1.0)
+    other = PostgresJournal(dsn, root=tmp_path, idle_in_transaction=1.0)
+    settings, holding, resume, outcome = {"spec": {"timeout": 0.2}}, threading.Event(), threading.Event(), {}
+
+    def join() -> int:
+        with other.atomic():
+            return other.join_group("proc", "AE", "aetitle", "study", settings, 0.2)[0]
+
+    group_id = join()
+
+    def stalled_closer() -> None:
+        try:
+            with stalled.atomic():  # what close_due_groups holds between its SELECT and its COMMIT
+                stalled._execute("SELECT id FROM groups WHERE id = ? FOR UPDATE", (group_id,))
+                holding.set()
+                resume.wait(60)  # frozen
+            outcome["committed"] = True
+        except Exception as exc:
+            outcome["error"] = exc
+
+    closer = threading.Thread(target=stalled_closer)
+    closer.start()
+    joined: dict = {}
+    joiner = threading.Thread(target=lambda: joined.update(id=join()))
+    try:
+        assert holding.wait(10)
+        joiner.start()
+        joiner.join(15)
+        assert not joiner.is_alive(), "an instance of the group waits for the stalled replica to resume"
+        assert joined["id"] == group_id
+        closed = wait_for(lambda: other.close_due_groups(), 10, what="the group closed by the live replica")
+        assert [g.id for g in closed] == [group_id]
+    finally:
+        resume.set()
+        closer.join(30)
+        if joiner.ident:
+            joiner.join(30)
+        stalled.close()
+        other.close()
+    assert "committed" not in outcome and isinstance(outcome["error"], psycopg.OperationalError), outcome

@@ -502,11 +502,15 @@ class Journal(JournalBase):
 def open_journal(spec: str | None, root: str | Path, durable: bool = False) -> JournalBase:
     """The journal named by ``spec`` (setting ``journal``): empty for the SQLite file
     ``<root>/journal.sqlite``, a file path for SQLite elsewhere, or a
-    ``postgresql://`` DSN."""
-    if spec and spec.startswith(("postgresql://", "postgres://")):
-        from clara_dicom.errors import UserError
+    PostgreSQL DSN (``postgresql://…`` or libpq ``key=value`` pairs)."""
+    from clara_dicom.dsn import is_foreign_url, is_postgres_dsn, redacted
+    from clara_dicom.errors import UserError
 
-        from clara_adapter.journal_pg import PostgresJournal, redacted
+    if spec and is_foreign_url(spec):  # not a file name: refused, not made a SQLite file named after it
+        raise UserError(f"journal {redacted(spec)}: not a postgresql:// DSN (the scheme is lowercase "
+                        "postgresql:// or postgres://) nor a SQLite file path")
+    if spec and is_postgres_dsn(spec):
+        from clara_adapter.journal_pg import PostgresJournal
 
         try:
             return PostgresJournal(spec, root=root)

@@ -46,6 +46,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from clara_dicom.dsn import redacted
 from clara_adapter.journal import (_INSTANCE_COLUMNS, SCHEMA, GroupRecord, GroupTakenOver,  # noqa: F401
                                    InstanceRecord, JournalBase, Transaction, TransactionAborted, _group)
 
@@ -111,9 +112,11 @@ _DUE = ("COALESCE((SELECT max(i.acked_at) FROM instances i WHERE i.group_id = gr
 _NOW = "COALESCE(?::double precision, extract(epoch from clock_timestamp())::double precision)"
 
 
-def redacted(dsn: str) -> str:
-    """The DSN without its password, for logs."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
+def _network_timeouts(seconds: float) -> dict[str, int]:
+    """libpq options that fail a connection whose peer stopped answering for ``seconds``."""
+    return {"tcp_user_timeout": max(1, round(seconds * 1000)), "keepalives": 1,
+            "keepalives_idle": max(1, round(seconds / 2)), "keepalives_interval": 1,
+            "keepalives_count": max(1, round(seconds / 2))}
 
 
 def _float_literal(value: float) -> str:
@@ -169,13 +172,29 @@ CONCURRENT_TRANSACTIONS = 2
 class PostgresJournal(JournalBase):
     shared = True
 
+    # A transaction idle this long between statements belongs to a replica that stalled
+    # (SIGSTOP, a frozen node, a partition with the TCP connection still up): the server
+    # ends its session, so the row locks it holds (a closer's FOR UPDATE blocks every
+    # replica's joins of that group; a joiner's KEY SHARE keeps the group from closing)
+    # do not stall the others until it resumes. Its transaction then fails and is
+    # answered 0xA700, nothing acknowledged. Legitimate gaps are milliseconds.
+    IDLE_IN_TRANSACTION_SECONDS = 10.0
+    # The database cut off by the network (packets dropped, no reset): sent data not
+    # acknowledged for this long fails the connection (libpq's tcp_user_timeout;
+    # keepalives for idle ones), so a transaction or the reachability probe answers
+    # "unreachable" (0xA700, refusal) instead of blocking until TCP gives up (~15 min).
+    NETWORK_TIMEOUT_SECONDS = 10.0
+
     def __init__(self, dsn: str, root: str | Path, max_connections: int | None = None, timeout: float = 5.0,
                  clock: Callable[[], float] | None = None,
-                 concurrent_transactions: int = CONCURRENT_TRANSACTIONS):
+                 concurrent_transactions: int = CONCURRENT_TRANSACTIONS,
+                 idle_in_transaction: float = IDLE_IN_TRANSACTION_SECONDS,
+                 network_timeout: float = NETWORK_TIMEOUT_SECONDS):
         """``clock``: wall-clock seconds used instead of the database's clock
         (tests on a controllable clock); None in production. ``max_connections``:
         the pool's size, by default the concurrent transactions plus three (the
-        journal's lock holder, the reachability probe, one spare)."""
+        journal's lock holder, the reachability probe, one spare).
+        ``idle_in_transaction``, ``network_timeout``: see IDLE_IN_TRANSACTION_SECONDS, NETWORK_TIMEOUT_SECONDS."""
         import psycopg
         from psycopg_pool import ConnectionPool
 
@@ -203,7 +222,9 @@ class PostgresJournal(JournalBase):
             # Give up a reconnection chain after ``timeout``: the pool's backoff doubles without a
             # cap, so after a long outage it could wait as long again; the next checkout starts anew.
             reconnect_timeout=timeout,
-            kwargs={"autocommit": True, "options": f"-c search_path={PG_SCHEMA_NAME}", "connect_timeout": 5},
+            kwargs={"autocommit": True, "connect_timeout": 5, **_network_timeouts(network_timeout),
+                    "options": f"-c search_path={PG_SCHEMA_NAME} "
+                               f"-c idle_in_transaction_session_timeout={max(1, round(idle_in_transaction * 1000))}"},
         )
         self._pool.open(wait=True, timeout=timeout)
         self._create_or_migrate_schema()

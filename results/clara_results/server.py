@@ -87,7 +87,7 @@ class ResultsServer:
         retry_delay: float = DEFAULT_RETRY_DELAY,
         retention_seconds: float = DEFAULT_RETENTION_SECONDS,
         purge_interval: float | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if not token:
             raise UserError("the Results Service needs a token: set CLARA_RESULTS_TOKEN or use --token-file")
@@ -100,8 +100,9 @@ class ResultsServer:
             lease_seconds=lease_seconds,
             retry_delay=retry_delay,
             retention_seconds=retention_seconds,
-            clock=clock,
         )
+        if clock is not None:  # tests; else each store's own (PostgreSQL: the database's clock)
+            self.store_options["clock"] = clock
         if purge_interval is None:
             purge_interval = min(300.0, max(1.0, retention_seconds / 10))
         self.purge_interval = purge_interval

@@ -28,7 +28,10 @@ leases"):
   ``retries < max_retries``, else Failed.
 * ``purge``: finished tasks older than ``retention_seconds`` are deleted.
 
-Times come from ``clock`` (seconds since the epoch) so tests can control them.
+Times come from ``clock`` (seconds since the epoch) so tests can control them. On
+PostgreSQL the default clock is the database's: replicas of the service compare
+lease expiries on one clock, so one whose host clock runs ahead cannot hand out a
+lease another holds.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ import time
 import uuid
 from typing import Any, Callable, Iterator, Sequence
 
+from clara_dicom.dsn import is_foreign_url, is_postgres_dsn, redacted
 from clara_results.models import NewTask, Task, TaskState
 
 log = logging.getLogger(__name__)
@@ -499,13 +503,29 @@ class PostgresStore(TaskStore):
     #: pg_advisory_xact_lock key serialising schema creation and migrations.
     SCHEMA_LOCK = 7316541
 
+    # A transaction idle this long between statements belongs to a replica that stalled
+    # (SIGSTOP, a frozen node): the server ends its session, so the task row it locked
+    # can be leased and reported again instead of waiting until it resumes (its own
+    # transaction then fails). Legitimate gaps are milliseconds.
+    IDLE_IN_TRANSACTION_SECONDS = 10.0
+    # The database cut off by the network (packets dropped): a request fails (503) after
+    # this long without an acknowledgement (libpq tcp_user_timeout; keepalives for idle
+    # connections), instead of hanging until TCP gives up (~15 min).
+    NETWORK_TIMEOUT_SECONDS = 10.0
+
     def __init__(self, dsn: str, pool_size: int = 8, connect_timeout: float = 5.0,
-                 pool_timeout: float = 10.0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+                 pool_timeout: float = 10.0, clock: Callable[[], float] | None = None,
+                 idle_in_transaction: float = IDLE_IN_TRANSACTION_SECONDS,
+                 network_timeout: float = NETWORK_TIMEOUT_SECONDS, **kwargs: Any) -> None:
+        """``clock``: for tests; by default the database's clock (see the module docstring)."""
+        super().__init__(clock=clock or self._database_now, **kwargs)
         import psycopg
         from psycopg_pool import ConnectionPool
 
-        connect_kwargs = {"connect_timeout": max(1, int(connect_timeout))}
+        connect_kwargs: dict[str, Any] = {
+            "connect_timeout": max(1, int(connect_timeout)), "tcp_user_timeout": max(1, round(network_timeout * 1000)),
+            "keepalives": 1, "keepalives_idle": max(1, round(network_timeout / 2)), "keepalives_interval": 1,
+            "keepalives_count": max(1, round(network_timeout / 2))}
         # The schema on a connection of its own: its failure carries libpq's own reason
         # (a pool would only say it timed out).
         try:
@@ -514,13 +534,26 @@ class PostgresStore(TaskStore):
         except psycopg.Error as exc:
             # The DSN may hold a password: never echo it.
             raise StoreUnavailable(f"cannot use PostgreSQL: {_first_line(exc)}") from exc
+        connect_kwargs["options"] = f"-c idle_in_transaction_session_timeout={max(1, round(idle_in_transaction * 1000))}"
         self._pool = ConnectionPool(dsn, kwargs=connect_kwargs, min_size=1, max_size=pool_size,
                                     timeout=pool_timeout, name="clara-results", open=True)
 
     @classmethod
     def _create_schema(cls, conn: Any) -> None:
+        """DDL only when something is missing: even ``ALTER TABLE … IF NOT EXISTS`` and
+        ``CREATE INDEX IF NOT EXISTS`` lock the table, so a replica starting (a rolling
+        update) would wait for every open transaction on ``tasks`` and make every other
+        replica's requests queue behind it."""
         with conn.transaction(), conn.cursor() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (cls.SCHEMA_LOCK,))
+            cur.execute("SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass('tasks') "
+                        "AND attname = 'lease_id' AND NOT attisdropped")
+            current = cur.fetchone()[0] == 1
+            for ddl in _INDEXES:
+                cur.execute("SELECT to_regclass(%s)", (ddl.split(" IF NOT EXISTS ")[1].split()[0],))
+                current = current and cur.fetchone()[0] is not None
+            if current:
+                return
             cur.execute("CREATE TABLE IF NOT EXISTS tasks (seq BIGSERIAL PRIMARY KEY,"
                         + _TABLE_COLUMNS.format(real="DOUBLE PRECISION") + ")")
             cur.execute("ALTER TABLE tasks ADD COLUMN IF NOT EXISTS lease_id TEXT")
@@ -547,8 +580,14 @@ class PostgresStore(TaskStore):
             raise StoreUnavailable(f"no PostgreSQL connection available: {_first_line(exc)}") from exc
         except PoolClosed as exc:
             raise StoreUnavailable("the store is closed") from exc
-        except psycopg.OperationalError as exc:
+        except (psycopg.OperationalError, psycopg.errors.IdleInTransactionSessionTimeout) as exc:
+            # the latter: this replica stalled mid-transaction and the server ended its session
             raise StoreUnavailable(f"PostgreSQL: {_first_line(exc)}") from exc
+
+    def _database_now(self) -> float:
+        with self._transaction() as cur:
+            cur.execute("SELECT extract(epoch from clock_timestamp())::double precision")
+            return float(cur.fetchone()[0])
 
     def close(self) -> None:
         self._pool.close()
@@ -556,17 +595,9 @@ class PostgresStore(TaskStore):
 
 def describe_database(dsn: str) -> str:
     """A loggable description of a DSN (no password)."""
-    if dsn.startswith(("postgresql://", "postgres://")):
-        rest = dsn.split("://", 1)[1]
-        host = rest.rsplit("@", 1)[-1]
-        return f"postgresql://{host}"
-    if is_postgres_dsn(dsn):
-        return "postgresql (key=value DSN)"
+    if is_postgres_dsn(dsn) or is_foreign_url(dsn):
+        return redacted(dsn)
     return f"sqlite:{sqlite_path(dsn)}"
-
-
-def is_postgres_dsn(dsn: str) -> bool:
-    return dsn.startswith(("postgresql://", "postgres://")) or dsn.strip().startswith(("host=", "dbname="))
 
 
 def sqlite_path(dsn: str) -> str:
@@ -586,4 +617,7 @@ def open_store(dsn: str, **kwargs: Any) -> TaskStore:
     file path → SQLite. Raises StoreUnavailable (with a one-line message) on failure."""
     if is_postgres_dsn(dsn):
         return PostgresStore(dsn, **kwargs)
+    if is_foreign_url(dsn):  # not a file name: refused, not made a SQLite file named after it
+        raise StoreUnavailable("not a postgresql:// DSN (the scheme is lowercase postgresql:// or postgres://), "
+                               "nor sqlite:///PATH or a file path")
     return SQLiteStore(sqlite_path(dsn), **kwargs)

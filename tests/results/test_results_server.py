@@ -167,3 +167,49 @@ def test_results_service_command_errors_are_one_line(args, env, message, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and message in err[0], err
+
+
+# A password in every place libpq takes one, and schemes that are not PostgreSQL's:
+# one line without the password, and no SQLite file named after the DSN (before: the
+# key=value DSN not starting with host=/dbname= and foreign schemes became SQLite
+# files, the password in their names, and the service ran on them; ?password= was echoed).
+@pytest.mark.parametrize("database", [
+    "postgresql://127.0.0.1:1/x?user=clara&password=secret",
+    "postgresql://:secret@127.0.0.1:1/x",
+    "user=clara password=secret host=127.0.0.1 port=1 dbname=x",
+    "POSTGRESQL://clara:secret@127.0.0.1:1/x",
+    "postgresql+psycopg://clara:secret@127.0.0.1:1/x",
+])
+def test_a_bad_database_dsn_is_one_line_without_its_password_and_no_sqlite_file(database, tmp_path, capsys,
+                                                                                  monkeypatch):
+    from clara_results.store import StoreUnavailable, open_store
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StoreUnavailable):  # checked first: before the fix some DSNs opened (and the service ran)
+        open_store(database).close()
+    from clara_dicom.cli import main
+
+    monkeypatch.setenv("CLARA_RESULTS_TOKEN", "t")
+    rc = main(["results-service", "--host", "127.0.0.1", "--port", "0", "--database", database])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and "cannot open the results database" in err[0], err
+    assert "secret" not in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.postgres
+def test_a_key_value_dsn_in_any_order_opens_postgres(postgres_dsn, tmp_path, monkeypatch):
+    from clara_results.store import PostgresStore, open_store
+
+    monkeypatch.chdir(tmp_path)  # where a SQLite file named after the DSN would land
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(postgres_dsn)
+    store = open_store(" ".join(f"{k}={params[k]}" for k in ("user", "port", "host", "dbname") if k in params))
+    try:
+        assert isinstance(store, PostgresStore)
+    finally:
+        store.close()
+    assert list(tmp_path.iterdir()) == []
