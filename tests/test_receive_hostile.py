@@ -17,7 +17,8 @@ import pytest
 
 from local_setup import write_config
 from peers import echoscu, metric_value, storescu, wait_for
-from raw_dicom import CT, associate, c_store_bytes, connect, encode, read_status, recv_pdu, release
+from raw_dicom import (CT, associate, associate_rq, c_store_bytes, connect, encode, p_data, read_status, recv_pdu,
+                        release)
 
 pytestmark = pytest.mark.dcmtk
 
@@ -275,3 +276,50 @@ def test_silent_association_is_aborted_after_the_network_timeout(local_adapter, 
     wait_for(lambda: adapter.status()["activeAssociations"] == 0, 10, what="slot freed")
     assert not incoming(adapter)
     still_serves(adapter, ct_series[:1])
+
+
+def echo_request(message_id: int) -> bytes:
+    """The P-DATA-TF of one C-ECHO-RQ (Verification on presentation context 1)."""
+    body = b"".join((struct.pack("<HHI", 0, 0x0002, 18) + b"1.2.840.10008.1.1\0",
+                     struct.pack("<HHIH", 0, 0x0100, 2, 0x0030), struct.pack("<HHIH", 0, 0x0110, 2, message_id),
+                     struct.pack("<HHIH", 0, 0x0800, 2, 0x0101)))
+    return p_data(1, struct.pack("<HHII", 0, 0x0000, 4, len(body)) + body, True)
+
+
+def rss_of_tree(pid: int) -> int:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return sum(rss_bytes(p) for p in [pid, *map(int, children)])
+
+
+def test_peer_that_never_reads_its_answers_is_not_read_either_then_aborted(local_adapter, tmp_path, ct_series):
+    """A requestor that sends C-ECHO-RQs as fast as it can and never reads a C-ECHO-RSP: the
+    adapter must stop reading it once its answers are not taken (not buffer them without
+    bound), then abort it after networkTimeout and free its slot although the peer still
+    reads nothing (closing must not wait forever for the unsent answers)."""
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD),
+                            extra=settings_file(tmp_path, "networkTimeout: 3\n"))
+    storescu(ct_series[:1], adapter.dicom_port)  # warm up
+    before = rss_of_tree(adapter.proc.pid)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", adapter.dicom_port))
+    sock.sendall(associate_rq(contexts=[("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])]))
+    assert recv_pdu(sock)[0] == 0x02
+    batch = b"".join(echo_request(i % 60000 + 1) for i in range(1000))  # ~80 KB
+    sent, limit = 0, 64 * 1024**2
+    sock.settimeout(2)
+    try:
+        while sent < limit:
+            sock.sendall(batch)
+            sent += len(batch)
+    except (socket.timeout, ConnectionResetError, BrokenPipeError):
+        pass
+    try:
+        # what the kernel buffers on both sides takes, and no more
+        assert sent < limit, "the adapter kept reading a peer that reads none of its answers"
+        assert rss_of_tree(adapter.proc.pid) - before < 48 * 1024**2
+        wait_for(lambda: adapter.status()["activeAssociations"] == 0, 20, what="the stalled peer's slot freed")
+    finally:
+        sock.close()
+    still_serves(adapter, ct_series[1:2])

@@ -101,7 +101,8 @@ class Association(asyncio.BufferedProtocol):
         self._command_context = 0
         self._store: tuple[dict, IncomingInstance, int] | None = None  # (command, incoming, context id)
         self._committing = 0
-        self._paused = False
+        self._paused = False  # reading paused until the instances in flight are committed
+        self._writes_blocked = False  # reading paused until the peer takes our answers (pause_writing)
         self._release_pending = False
 
     # -- transport callbacks ----------------------------------------------------
@@ -135,6 +136,23 @@ class Association(asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         return False  # close our side too
 
+    def pause_writing(self) -> None:
+        # The peer does not read our answers: stop reading its requests, or every C-ECHO-RSP and
+        # C-STORE-RSP it leaves unread would pile up in the transport's buffer without bound.
+        # Silent from then on, it is aborted after networkTimeout like any stalled peer.
+        self._writes_blocked = True
+        if self.state == ESTABLISHED and self.transport is not None and not self._paused:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writes_blocked = False
+        self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        if (self.state == ESTABLISHED and not self._paused and not self._writes_blocked
+                and self.transport is not None and not self.transport.is_closing()):
+            self.transport.resume_reading()
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self._store is not None:
             self._store[1].discard()
@@ -151,11 +169,19 @@ class Association(asyncio.BufferedProtocol):
         """Send A-ABORT and drop the connection."""
         if self.state == CLOSED or self.transport is None:
             return
+        if self.transport.is_closing():
+            # closed (released, peer's A-ABORT) but our last PDUs are still unsent after
+            # networkTimeout: a peer that reads nothing, and close() would wait for it forever
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()
+            return
         log.warning("association from %s aborted: %s", self.address, why)
         self.stream.stopped = True
-        if not self.transport.is_closing():
-            self.transport.write(dul_pdu.abort(dul_pdu.ABORT_SOURCE_PROVIDER, reason))
-        self.transport.close()
+        self.transport.write(dul_pdu.abort(dul_pdu.ABORT_SOURCE_PROVIDER, reason))
+        if self.transport.get_write_buffer_size():  # the peer is not reading: the A-ABORT cannot reach it
+            self.transport.abort()
+        else:
+            self.transport.close()
 
     def close_quietly(self) -> None:
         """Drop a connection that never associated (ARTIM expired, shutdown)."""
@@ -214,7 +240,7 @@ class Association(asyncio.BufferedProtocol):
         self._view = memoryview(bytearray(RECEIVE_BUFFER))
         self.last_activity = time.monotonic()
         self.stream.stopped = False
-        self.transport.resume_reading()
+        self._resume_reading()
 
     @staticmethod
     def _context_syntax(rq: AssociateRequest, context_id: int, ts: str) -> tuple[str, str]:
@@ -296,7 +322,8 @@ class Association(asyncio.BufferedProtocol):
             # A peer that does not wait for our answers (we negotiate no asynchronous operations):
             # stop reading until its instances are committed, so it cannot queue unbounded work.
             self._paused = True
-            self.transport.pause_reading()
+            if not self._writes_blocked:  # else reading is paused already
+                self.transport.pause_reading()
         server = self.server
         future = server.commit(self, incoming)
         # committed on the loop (quick journal): answered right away; from a pool thread: via the loop
@@ -315,8 +342,7 @@ class Association(asyncio.BufferedProtocol):
             self._release()
         elif not self._committing and self._paused:
             self._paused = False
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.resume_reading()
+            self._resume_reading()
 
     def _respond(self, command: dict, context_id: int, status: int) -> None:
         if self.transport is None or self.transport.is_closing():
