@@ -17,12 +17,14 @@ import pytest
 
 from local_setup import write_config
 from peers import echoscu, metric_value, storescu, wait_for
-from raw_dicom import (CT, associate, associate_rq, c_store_bytes, connect, encode, p_data, read_status, recv_pdu,
+from raw_dicom import (CT, EXPLICIT_LE, associate, associate_rq, c_store_bytes, connect, encode, p_data, read_status, recv_pdu,
                         release)
 
 pytestmark = pytest.mark.dcmtk
 
 HOLD = "pipelines: {seg: seg}\ntimeout: 3600"
+MR = "1.2.840.10008.5.1.4.1.1.4"
+VERIFICATION = "1.2.840.10008.1.1"
 
 
 def settings_file(tmp_path: Path, text: str) -> list[str]:
@@ -180,10 +182,10 @@ def test_deflated_dataset_is_inflated_while_walked_and_stored_as_received(local_
 def test_sop_instance_uid_mismatch_is_refused_a900(local_adapter, tmp_path, ct_series):
     adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD))
     data = encode(ct("1.2.3.4.5.6"))
-    with associate(adapter.dicom_port) as s:
+    with associate(adapter.dicom_port, contexts=[(CT, [EXPLICIT_LE]), (MR, [EXPLICIT_LE])]) as s:
         s.sendall(c_store_bytes(CT, "1.2.3.4.5.999", data))  # the command names another instance
         assert read_status(s) == 0xA900
-        s.sendall(c_store_bytes("1.2.840.10008.5.1.4.1.1.4", "1.2.3.4.5.6", data, message_id=2))  # another class
+        s.sendall(c_store_bytes(MR, "1.2.3.4.5.6", data, context_id=3, message_id=2))  # another class
         assert read_status(s) == 0xA900
         s.sendall(c_store_bytes(CT, "1.2.3.4.5.6", data, message_id=3))
         assert read_status(s) == 0x0000
@@ -323,3 +325,25 @@ def test_peer_that_never_reads_its_answers_is_not_read_either_then_aborted(local
     finally:
         sock.close()
     still_serves(adapter, ct_series[1:2])
+
+
+def test_c_store_of_a_sop_class_its_context_was_not_negotiated_for_is_refused_0122(local_adapter, tmp_path,
+                                                                                    ct_series):
+    """PS3.7 9.1.1.1: a C-STORE's Affected SOP Class is its presentation context's abstract
+    syntax. A CT sent on the Verification context, or an MR on the CT context, would bypass the
+    negotiation (which refuses non-storage classes, and keeps each class's own transfer
+    syntax): answered 0x0122 (SOP Class not supported), its dataset read and dropped."""
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD))
+    with associate(adapter.dicom_port, contexts=[(CT, [EXPLICIT_LE]), (VERIFICATION, ["1.2.840.10008.1.2"])]) as s:
+        s.sendall(c_store_bytes(CT, "1.2.3.4.5.11", encode(ct("1.2.3.4.5.11"), implicit=True), context_id=3))
+        assert read_status(s) == 0x0122
+        mr = ct("1.2.3.4.5.12")
+        mr.SOPClassUID = MR
+        s.sendall(c_store_bytes(MR, "1.2.3.4.5.12", encode(mr), message_id=2))
+        assert read_status(s) == 0x0122
+        s.sendall(c_store_bytes(CT, "1.2.3.4.5.13", encode(ct("1.2.3.4.5.13")), message_id=3))
+        assert read_status(s) == 0x0000  # the association goes on
+        assert release(s) == 0x06
+    assert len(incoming(adapter)) == 1
+    assert metric_value(adapter.metrics(), "clara_store_failures_total", reason="sop_class_not_negotiated") == 2
+    still_serves(adapter, ct_series[:1])

@@ -73,6 +73,24 @@ def negotiate_contexts(rq: AssociateRequest) -> list[tuple[int, int, str]]:
     return results
 
 
+class RefusedInstance:
+    """A C-STORE refused from its command alone: its dataset is read and dropped."""
+
+    __slots__ = ("status",)
+
+    def __init__(self, status: int):
+        self.status = status
+
+    def feed(self, data: memoryview) -> None:
+        pass
+
+    def finish(self) -> int:
+        return self.status
+
+    def discard(self) -> None:
+        pass
+
+
 class Association(asyncio.BufferedProtocol):
     """One inbound connection, from TCP accept to close."""
 
@@ -306,8 +324,16 @@ class Association(asyncio.BufferedProtocol):
         elif field == dimse.C_STORE_RQ and has_dataset:
             sop_class = str(command.get(dimse.AFFECTED_SOP_CLASS, ""))
             sop_instance = str(command.get(dimse.AFFECTED_SOP_INSTANCE, ""))
-            incoming = self.server.ingest.receive_instance(self.route, self.calling_ae, sop_class, sop_instance,
-                                                           ts)
+            if sop_class != abstract.rstrip("\0 ").lstrip(" "):  # compared as parse_command trims
+                # PS3.7 9.1.1.1: the class is the context's abstract syntax; else the negotiation
+                # (non-storage classes refused, each class its own transfer syntax) is bypassed
+                log.warning("association from %s (%s): C-STORE of a SOP class its presentation context %d "
+                            "was not negotiated for: refused 0x0122", self.calling_ae, self.address, context_id)
+                self.server.ingest.metrics.store_failures.labels("sop_class_not_negotiated").inc()
+                incoming = RefusedInstance(dimse.SOP_CLASS_NOT_SUPPORTED)
+            else:
+                incoming = self.server.ingest.receive_instance(self.route, self.calling_ae, sop_class,
+                                                               sop_instance, ts)
             self._store = (command, incoming, context_id)
         else:
             raise PduError(f"unsupported DIMSE command 0x{field:04X}", dul_pdu.ABORT_UNEXPECTED_PDU)
