@@ -347,3 +347,23 @@ def test_c_store_of_a_sop_class_its_context_was_not_negotiated_for_is_refused_01
     assert len(incoming(adapter)) == 1
     assert metric_value(adapter.metrics(), "clara_store_failures_total", reason="sop_class_not_negotiated") == 2
     still_serves(adapter, ct_series[:1])
+
+
+def test_refused_instances_are_logged_by_hashed_uid_only(local_adapter, tmp_path):
+    """SOP Instance UIDs identify a patient's images: a log line names an instance by
+    `short_hash` of its UID, never by the UID."""
+    from clara_dicom.logs import short_hash
+
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD))
+    truncated, other = "1.2.3.4.5.77.1234567", "1.2.3.4.5.77.7654321"
+    whole = encode(ct(truncated))
+    with associate(adapter.dicom_port) as s:
+        s.sendall(c_store_bytes(CT, truncated, whole[:-100]))
+        assert read_status(s) == 0xC000
+        s.sendall(c_store_bytes(CT, other, whole, message_id=2))  # the dataset names another instance
+        assert read_status(s) == 0xA900
+        assert release(s) == 0x06
+    text = adapter.log()
+    assert "malformed dataset" in text and "differ from the command" in text
+    assert short_hash(truncated) in text and short_hash(other) in text
+    assert "1234567" not in text and "7654321" not in text

@@ -25,6 +25,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from clara_dicom.logs import short_hash
+
 from clara_adapter.dataset_walk import SOP_CLASS_UID, SOP_INSTANCE_UID, DatasetWalker, MalformedDataset
 from clara_adapter.dimse import CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH, OUT_OF_RESOURCES, SUCCESS
 from clara_adapter.journal import InstanceRecord
@@ -118,7 +120,7 @@ class IncomingInstance:
             self.writer = None
 
     def _fail(self, status: int, reason: str, why: str) -> None:
-        log.warning("instance %s on %s: %s", self.sop_instance_uid, self.route.ae_title, why)
+        log.warning("instance %s on %s: %s", short_hash(self.sop_instance_uid), self.route.ae_title, why)
         self.metrics.store_failures.labels(reason).inc()
         self.status = status
         self.discard()
