@@ -367,3 +367,20 @@ def test_refused_instances_are_logged_by_hashed_uid_only(local_adapter, tmp_path
     assert "malformed dataset" in text and "differ from the command" in text
     assert short_hash(truncated) in text and short_hash(other) in text
     assert "1234567" not in text and "7654321" not in text
+
+
+def test_pdus_coalesced_with_the_associate_rq_are_served_not_dropped(local_adapter, tmp_path, ct_series):
+    """A-ASSOCIATE-RQ, a C-STORE and the A-RELEASE-RQ in one TCP segment (a requestor that does
+    not wait for the A-ASSOCIATE-AC): what follows the RQ is served once the association is
+    accepted, as when it arrives in a later segment, not silently dropped (the peer would then
+    wait for an answer until networkTimeout)."""
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD))
+    data = encode(ct("1.2.3.4.5.14"))
+    with connect(adapter.dicom_port) as s:
+        s.sendall(associate_rq() + c_store_bytes(CT, "1.2.3.4.5.14", data)
+                  + struct.pack(">BBI", 0x05, 0, 4) + b"\0" * 4)
+        assert recv_pdu(s)[0] == 0x02
+        assert read_status(s) == 0x0000
+        assert recv_pdu(s)[0] == 0x06  # A-RELEASE-RP
+    assert len(incoming(adapter)) == 1
+    still_serves(adapter, ct_series[:1])

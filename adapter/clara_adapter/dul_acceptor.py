@@ -122,6 +122,7 @@ class Association(asyncio.BufferedProtocol):
         self._paused = False  # reading paused until the instances in flight are committed
         self._writes_blocked = False  # reading paused until the peer takes our answers (pause_writing)
         self._release_pending = False
+        self._early = b""  # what followed the A-ASSOCIATE-RQ in the same read: served once accepted
 
     # -- transport callbacks ----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -143,8 +144,15 @@ class Association(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_activity = time.monotonic()
+        self._feed(self._view[:nbytes])
+
+    def _feed(self, data: memoryview) -> None:
         try:
-            self.stream.feed(self._view[:nbytes])
+            used = self.stream.feed(data)
+            if used < len(data) and self.state == NEGOTIATING:
+                # PDUs sent before our A-ASSOCIATE-AC arrived with the RQ: keep them for after
+                # it (≤ NEGOTIATION_BUFFER), as the kernel keeps those of later segments
+                self._early = bytes(data[used:])
         except PduError as exc:
             self.abort(str(exc), exc.reason)
         except Exception:
@@ -258,6 +266,9 @@ class Association(asyncio.BufferedProtocol):
         self._view = memoryview(bytearray(RECEIVE_BUFFER))
         self.last_activity = time.monotonic()
         self.stream.stopped = False
+        early, self._early = self._early, b""
+        if early:
+            self._feed(memoryview(early))
         self._resume_reading()
 
     @staticmethod
