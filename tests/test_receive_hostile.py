@@ -384,3 +384,30 @@ def test_pdus_coalesced_with_the_associate_rq_are_served_not_dropped(local_adapt
         assert recv_pdu(s)[0] == 0x06  # A-RELEASE-RP
     assert len(incoming(adapter)) == 1
     still_serves(adapter, ct_series[:1])
+
+
+def with_context_ids(rq: bytes, ids: list[int]) -> bytes:
+    """An A-ASSOCIATE-RQ with its presentation context items renumbered ``ids`` in order."""
+    out, pos, ids = bytearray(rq), 6 + 68, list(ids)
+    while pos < len(out):
+        item_type, length = out[pos], struct.unpack_from(">H", out, pos + 2)[0]
+        if item_type == 0x20:
+            out[pos + 4] = ids.pop(0)
+        pos += 4 + length
+    return bytes(out)
+
+
+def test_duplicate_presentation_context_ids_are_aborted(local_adapter, tmp_path, ct_series):
+    """PS3.8 9.3.2.2: each proposed presentation context has its own id. Two with one id
+    (here CT in explicit and in implicit VR) cannot both be answered unambiguously: which
+    transfer syntax would the data on that id be in? A-ABORT, no slot held."""
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD))
+    rq = associate_rq(contexts=[(CT, [EXPLICIT_LE]), (CT, ["1.2.840.10008.1.2"])])
+    with connect(adapter.dicom_port) as s:
+        s.sendall(with_context_ids(rq, [1, 1]))
+        assert recv_pdu(s)[0] == 0x07
+    with connect(adapter.dicom_port) as s:  # distinct ids, the same request: accepted
+        s.sendall(with_context_ids(rq, [1, 3]))
+        assert recv_pdu(s)[0] == 0x02
+        assert release(s) == 0x06
+    still_serves(adapter, ct_series[:1])

@@ -223,6 +223,8 @@ def decode_associate_rq(body: bytes) -> AssociateRequest:
             contexts = [ProposedContext(int(pc.context_id), str(pc.abstract_syntax or ""),
                                         [str(ts) for ts in pc.transfer_syntax])
                         for pc in pdu.presentation_context]
+            if len({cx.context_id for cx in contexts}) < len(contexts):  # PS3.8 9.3.2.2: one id, one context
+                raise PduError("A-ASSOCIATE-RQ proposes two presentation contexts with one id")
             info = pdu.user_information
             max_length = int(info.maximum_length or 0) if info is not None else 0
             return AssociateRequest(
