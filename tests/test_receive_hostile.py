@@ -411,3 +411,55 @@ def test_duplicate_presentation_context_ids_are_aborted(local_adapter, tmp_path,
         assert recv_pdu(s)[0] == 0x02
         assert release(s) == 0x06
     still_serves(adapter, ct_series[:1])
+
+
+def deflate_bomb(sop: str, pixel_bytes: int) -> bytes:
+    """A structurally valid CT dataset, deflated, whose Pixel Data is ``pixel_bytes`` zeros:
+    ~1000 times smaller on the wire than inflated."""
+    ds = ct(sop, rows=16)
+    del ds.PixelData
+    comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    out = [comp.compress(encode(ds) + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, pixel_bytes))]
+    zeros = b"\0" * (16 * 1024**2)
+    for _ in range(pixel_bytes // len(zeros)):
+        out.append(comp.compress(zeros))
+    out.append(comp.flush())
+    return b"".join(out)
+
+
+def test_a_deflate_bomb_does_not_stall_other_associations(local_adapter, tmp_path):
+    """A deflated dataset inflates up to ~1000:1: 2 MB on the wire are 2 GiB to walk, seconds
+    of CPU. It is walked a slice per event-loop turn, so an association on the same loop keeps
+    being answered meanwhile (the longest C-ECHO round trip is a small part of the bomb's
+    time), and the bomb itself is still walked to its end and stored."""
+    import threading
+
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD))
+    bomb = c_store_bytes(CT, "1.2.3.4.5.15", deflate_bomb("1.2.3.4.5.15", 2 * 1024**3))
+    echoing = associate(adapter.dicom_port, contexts=[(VERIFICATION, ["1.2.840.10008.1.2"])])
+    bombing = associate(adapter.dicom_port, contexts=[(CT, ["1.2.840.10008.1.2.1.99"])])
+    bombing.settimeout(120)
+    outcome: dict = {}
+
+    def send_bomb() -> None:
+        start = time.monotonic()
+        bombing.sendall(bomb)
+        outcome["status"] = read_status(bombing)
+        outcome["seconds"] = time.monotonic() - start
+
+    sender = threading.Thread(target=send_bomb)
+    sender.start()
+    round_trips = []
+    echoing.settimeout(120)
+    while sender.is_alive():
+        start = time.monotonic()
+        echoing.sendall(echo_request(len(round_trips) % 60000 + 1))
+        assert read_status(echoing) == 0x0000
+        round_trips.append(time.monotonic() - start)
+    sender.join()
+    print(f"bomb {outcome}, {len(round_trips)} C-ECHO round trips meanwhile, longest {max(round_trips):.3f} s")
+    assert outcome["status"] == 0x0000
+    assert len(round_trips) > 10 and max(round_trips) < outcome["seconds"] / 5, (max(round_trips), outcome)
+    assert release(echoing) == 0x06 and release(bombing) == 0x06
+    echoing.close()
+    bombing.close()

@@ -45,6 +45,7 @@ _STORAGE_LIKE = {"StorageServiceClass", "NonPatientObjectStorageServiceClass", "
 
 RECEIVE_BUFFER = 1024 * 1024  # once associated: one recv can take a whole 512 KB CT slice
 NEGOTIATION_BUFFER = 64 * 1024  # before: an A-ASSOCIATE-RQ is a few KB
+INFLATE_BUDGET = 16 * 1024 * 1024  # deflated datasets: bytes inflated per event-loop turn (~40 ms), see _inflate_step
 
 AWAITING_RQ, NEGOTIATING, ESTABLISHED, CLOSED = "awaiting-rq", "negotiating", "established", "closed"
 
@@ -77,12 +78,13 @@ class RefusedInstance:
     """A C-STORE refused from its command alone: its dataset is read and dropped."""
 
     __slots__ = ("status",)
+    backlog = False
 
     def __init__(self, status: int):
         self.status = status
 
-    def feed(self, data: memoryview) -> None:
-        pass
+    def feed(self, data: memoryview, budget: int | None = None) -> int:
+        return 0
 
     def finish(self) -> int:
         return self.status
@@ -122,7 +124,10 @@ class Association(asyncio.BufferedProtocol):
         self._paused = False  # reading paused until the instances in flight are committed
         self._writes_blocked = False  # reading paused until the peer takes our answers (pause_writing)
         self._release_pending = False
-        self._early = b""  # what followed the A-ASSOCIATE-RQ in the same read: served once accepted
+        self._held = b""  # bytes read but not parsed yet: after the A-ASSOCIATE-RQ, or behind an inflation
+        self._inflating = False  # a deflated dataset's backlog is inflated a slice per loop turn
+        self._end_after_inflating = False
+        self._inflate_budget = INFLATE_BUDGET  # left for this loop turn
 
     # -- transport callbacks ----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -144,15 +149,16 @@ class Association(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_activity = time.monotonic()
+        self._inflate_budget = INFLATE_BUDGET
         self._feed(self._view[:nbytes])
 
     def _feed(self, data: memoryview) -> None:
         try:
             used = self.stream.feed(data)
-            if used < len(data) and self.state == NEGOTIATING:
-                # PDUs sent before our A-ASSOCIATE-AC arrived with the RQ: keep them for after
-                # it (≤ NEGOTIATION_BUFFER), as the kernel keeps those of later segments
-                self._early = bytes(data[used:])
+            if used < len(data) and (self.state == NEGOTIATING or self._inflating):
+                # PDUs sent before our A-ASSOCIATE-AC arrived with the RQ, or behind a dataset
+                # being inflated: kept (≤ one read) for later, as the kernel keeps later segments
+                self._held += bytes(data[used:])
         except PduError as exc:
             self.abort(str(exc), exc.reason)
         except Exception:
@@ -175,7 +181,7 @@ class Association(asyncio.BufferedProtocol):
         self._resume_reading()
 
     def _resume_reading(self) -> None:
-        if (self.state == ESTABLISHED and not self._paused and not self._writes_blocked
+        if (self.state == ESTABLISHED and not self._paused and not self._writes_blocked and not self._inflating
                 and self.transport is not None and not self.transport.is_closing()):
             self.transport.resume_reading()
 
@@ -266,9 +272,9 @@ class Association(asyncio.BufferedProtocol):
         self._view = memoryview(bytearray(RECEIVE_BUFFER))
         self.last_activity = time.monotonic()
         self.stream.stopped = False
-        early, self._early = self._early, b""
-        if early:
-            self._feed(memoryview(early))
+        held, self._held = self._held, b""
+        if held:
+            self._feed(memoryview(held))
         self._resume_reading()
 
     @staticmethod
@@ -306,10 +312,49 @@ class Association(asyncio.BufferedProtocol):
                 raise PduError("command set too long")
             self._command += data
         else:
-            self._store[1].feed(data)
+            incoming = self._store[1]
+            self._inflate_budget -= incoming.feed(data, self._inflate_budget)
+            if incoming.backlog and not self._inflating:
+                self._inflating = True
+                self.stream.stopped = True  # the rest of this read is held (_feed)
+                self.transport.pause_reading()
+                self.server.loop.call_soon(self._inflate_step)
+
+    def _inflate_step(self) -> None:
+        """One slice of a deflated dataset's backlog per loop turn, then what was held back."""
+        if self.state == CLOSED or self._store is None or self.transport is None or self.transport.is_closing():
+            return
+        self.last_activity = time.monotonic()  # our work, not a silent peer
+        try:
+            incoming = self._store[1]
+            self._inflate_budget = INFLATE_BUDGET - incoming.drain(INFLATE_BUDGET)
+            if incoming.backlog:
+                self.server.loop.call_soon(self._inflate_step)
+                return
+            self._inflating = False
+            if self._end_after_inflating:
+                self._end_after_inflating = False
+                command, incoming, context_id = self._store
+                self._store = None
+                self._on_dataset_complete(command, incoming, context_id)
+        except PduError as exc:
+            self.abort(str(exc), exc.reason)
+            return
+        except Exception:
+            log.exception("association from %s: internal error", self.address)
+            self.abort("internal error")
+            return
+        self.stream.stopped = False
+        held, self._held = self._held, b""
+        if held:
+            self._feed(memoryview(held))
+        self._resume_reading()
 
     def pdv_end(self) -> None:
         if not self._pdv_last:
+            return
+        if self._inflating and not self._pdv_is_command:
+            self._end_after_inflating = True  # finished by _inflate_step once inflated
             return
         if self._pdv_is_command:
             raw, self._command = self._command, bytearray()
