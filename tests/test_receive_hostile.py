@@ -463,3 +463,50 @@ def test_a_deflate_bomb_does_not_stall_other_associations(local_adapter, tmp_pat
     assert release(echoing) == 0x06 and release(bombing) == 0x06
     echoing.close()
     bombing.close()
+
+
+def raw_associate_rq(contexts: list[tuple[int, bytes, list[bytes]]], calling: bytes = b"STORESCU") -> bytes:
+    """An A-ASSOCIATE-RQ built byte by byte (pynetdicom's classes refuse the bad values tried here)."""
+    def item(item_type: int, value: bytes) -> bytes:
+        return struct.pack(">BBH", item_type, 0, len(value)) + value
+
+    items = item(0x10, b"1.2.840.10008.3.1.1.1")
+    for context_id, abstract, syntaxes in contexts:
+        items += item(0x20, bytes((context_id, 0, 0, 0)) + item(0x30, abstract)
+                      + b"".join(item(0x40, ts) for ts in syntaxes))
+    items += item(0x50, item(0x51, struct.pack(">I", 16384)) + item(0x52, b"1.2.3.4"))
+    body = struct.pack(">HH", 1, 0) + b"CLARA".ljust(16) + calling.ljust(16) + b"\0" * 32 + items
+    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+
+
+def context_results(ac_body: bytes) -> dict[int, int]:
+    """{presentation context id: result} of an A-ASSOCIATE-AC body."""
+    out, pos = {}, 68
+    while pos < len(ac_body):
+        item_type, length = ac_body[pos], struct.unpack_from(">H", ac_body, pos + 2)[0]
+        if item_type == 0x21:
+            out[ac_body[pos + 4]] = ac_body[pos + 6]
+        pos += 4 + length
+    return out
+
+
+def test_a_storage_context_without_a_valid_transfer_syntax_uid_is_not_accepted(local_adapter, tmp_path, ct_series):
+    """The proposed transfer syntax is kept, so it must be one: an empty or non-UID name would
+    go into the file meta of what a pipeline reads. Such a context is answered "transfer
+    syntaxes not supported" (4); a valid UID after it is taken; nothing sent on it is stored."""
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD))
+    with connect(adapter.dicom_port) as s:
+        s.sendall(raw_associate_rq([(1, CT.encode(), [b""]), (3, CT.encode(), [b"explicit-le"]),
+                                    (5, CT.encode(), [b"", EXPLICIT_LE.encode()])]))
+        pdu_type, body = recv_pdu(s)
+        assert pdu_type == 0x02
+        assert context_results(body) == {1: 4, 3: 4, 5: 0}
+        s.sendall(c_store_bytes(CT, "1.2.3.4.5.16", encode(ct("1.2.3.4.5.16")), context_id=5))
+        assert read_status(s) == 0x0000
+        s.sendall(c_store_bytes(CT, "1.2.3.4.5.17", encode(ct("1.2.3.4.5.17")), context_id=1, message_id=2))
+        assert read_status(s) is None  # aborted: not an accepted context
+    (stored,) = [p for p in incoming(adapter) if p.suffix == ".dcm"]
+    import pydicom
+
+    assert pydicom.dcmread(stored).file_meta.TransferSyntaxUID == EXPLICIT_LE
+    still_serves(adapter, ct_series[:1])

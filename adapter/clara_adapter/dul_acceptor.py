@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,14 @@ def is_storage_like(abstract_syntax: str) -> bool:
     return uid_to_service_class(abstract_syntax).__name__ in _STORAGE_LIKE
 
 
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def is_uid(value: str) -> bool:
+    """A syntactically valid UID (PS3.5 9.1): dot-separated numbers, at most 64 characters."""
+    return len(value) <= 64 and _UID.fullmatch(value) is not None
+
+
 def negotiate_contexts(rq: AssociateRequest) -> list[tuple[int, int, str]]:
     """(context id, result, transfer syntax) for each proposed context: Verification
     with an uncompressed syntax; storage with the first proposed syntax kept."""
@@ -68,7 +77,10 @@ def negotiate_contexts(rq: AssociateRequest) -> list[tuple[int, int, str]]:
             results.append((cx.context_id, dul_pdu.PC_ACCEPTANCE, ts) if ts else
                            (cx.context_id, dul_pdu.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED, cx.transfer_syntaxes[0]))
         elif cx.abstract_syntax and is_storage_like(cx.abstract_syntax):
-            results.append((cx.context_id, dul_pdu.PC_ACCEPTANCE, cx.transfer_syntaxes[0]))
+            # kept as proposed, into the file meta: the first that is a UID at all
+            ts = next((t for t in cx.transfer_syntaxes if is_uid(t)), None)
+            results.append((cx.context_id, dul_pdu.PC_ACCEPTANCE, ts) if ts else
+                           (cx.context_id, dul_pdu.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED, cx.transfer_syntaxes[0]))
         else:
             results.append((cx.context_id, dul_pdu.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED, cx.transfer_syntaxes[0]))
     return results
