@@ -17,8 +17,8 @@ import pytest
 
 from local_setup import write_config
 from peers import echoscu, metric_value, storescu, wait_for
-from raw_dicom import (CT, EXPLICIT_LE, associate, associate_rq, c_store_bytes, connect, encode, p_data, read_status, recv_pdu,
-                        release)
+from raw_dicom import (CT, EXPLICIT_LE, associate, associate_rq, c_store_bytes, c_store_command, connect, encode,
+                        p_data, read_status, recv_pdu, release)
 
 pytestmark = pytest.mark.dcmtk
 
@@ -509,4 +509,22 @@ def test_a_storage_context_without_a_valid_transfer_syntax_uid_is_not_accepted(l
     import pydicom
 
     assert pydicom.dcmread(stored).file_meta.TransferSyntaxUID == EXPLICIT_LE
+    still_serves(adapter, ct_series[:1])
+
+
+def test_a_command_uid_that_is_not_ascii_is_refused_c000_without_an_internal_error(local_adapter, tmp_path,
+                                                                                   ct_series):
+    """Found by tools/fuzz_receive.py: a C-STORE-RQ whose Affected SOP Instance UID has a
+    non-ASCII byte could not be written into the file meta: an internal error, a traceback
+    in the log and an A-ABORT. It is a request we cannot understand: 0xC000, association on."""
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor=HOLD))
+    command = c_store_command(CT, "1.2.3.4.5.18").replace(b"1.2.3.4.5.18", b"1.2.3.4.5\xe918")
+    with associate(adapter.dicom_port) as s:
+        s.sendall(p_data(1, command, True) + p_data(1, encode(ct("1.2.3.4.5.18")), False))
+        assert read_status(s) == 0xC000
+        s.sendall(c_store_bytes(CT, "1.2.3.4.5.19", encode(ct("1.2.3.4.5.19")), message_id=2))
+        assert read_status(s) == 0x0000
+        assert release(s) == 0x06
+    assert len(incoming(adapter)) == 1
+    assert "Traceback" not in adapter.log()
     still_serves(adapter, ct_series[:1])

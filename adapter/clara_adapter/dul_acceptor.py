@@ -392,7 +392,12 @@ class Association(asyncio.BufferedProtocol):
         elif field == dimse.C_STORE_RQ and has_dataset:
             sop_class = str(command.get(dimse.AFFECTED_SOP_CLASS, ""))
             sop_instance = str(command.get(dimse.AFFECTED_SOP_INSTANCE, ""))
-            if sop_class != abstract.rstrip("\0 ").lstrip(" "):  # compared as parse_command trims
+            if not (sop_class + sop_instance).isascii():  # undecodable bytes: no file meta can carry them
+                log.warning("association from %s (%s): C-STORE-RQ with a non-ASCII SOP Class/Instance UID: "
+                            "refused 0xC000", self.calling_ae, self.address)
+                self.server.ingest.metrics.store_failures.labels("unreadable").inc()
+                incoming = RefusedInstance(dimse.CANNOT_UNDERSTAND)
+            elif sop_class != abstract.rstrip("\0 ").lstrip(" "):  # compared as parse_command trims
                 # PS3.7 9.1.1.1: the class is the context's abstract syntax; else the negotiation
                 # (non-storage classes refused, each class its own transfer syntax) is bypassed
                 log.warning("association from %s (%s): C-STORE of a SOP class its presentation context %d "
