@@ -115,6 +115,30 @@ def test_deflated_is_inflated_while_walked():
             walk(bad, ts)
 
 
+def test_deflated_input_is_inflated_within_a_budget_and_the_rest_drained_later():
+    """With a budget, a feed inflates about that much and keeps the rest (`backlog`) for
+    `drain`; fed on while a backlog waits, the bytes queue behind it; the walk comes out the
+    same as in one go (the receive loop inflates a zip bomb a slice per turn this way)."""
+    ds = dataset()
+    ds.PixelData = b"\0" * (4 * 1024 * 1024)
+    ds[0x7FE00010].VR = "OB"
+    raw = encode(ds)
+    comp = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = comp.compress(raw) + comp.flush()
+    walker = DatasetWalker("1.2.840.10008.1.2.1.99", {STUDY})
+    half = len(deflated) // 2
+    first = walker.feed(deflated[:half], budget=1024 * 1024)
+    assert walker.backlog and 1024 * 1024 <= first < len(raw)
+    assert walker.feed(deflated[half:], budget=0) == 0 and walker.backlog
+    inflated = first
+    while walker.backlog:
+        step = walker.drain(1024 * 1024)
+        assert 0 < step <= 2 * 1024 * 1024
+        inflated += step
+    assert inflated == len(raw)
+    assert walker.finish() == {STUDY: "1.2.3"}
+
+
 def test_garbage_and_misplaced_delimiters_are_refused():
     for bad in (struct.pack("<HHI", 0xFFFE, 0xE00D, 0),  # item delimiter at the top level
                 struct.pack("<HH2sH", 0x0010, 0x0010, b"\x01\x02", 2) + b"AB",  # no VR

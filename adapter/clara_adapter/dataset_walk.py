@@ -4,7 +4,9 @@ The walk checks that the bytes form a complete dataset in their transfer
 syntax: element headers, defined lengths (values are skipped, never decoded),
 undefined lengths with their item and sequence delimiters, encapsulated pixel
 data fragments. A deflated transfer syntax is inflated incrementally while
-walking (bounded: at most ``INFLATE_CHUNK`` bytes of output at a time). On the
+walking (bounded: at most ``INFLATE_CHUNK`` bytes of output at a time; with a
+``budget`` a feed stops after about that many and leaves the rest in `backlog`
+for `drain`, so one event loop never inflates a whole zip bomb at once). On the
 way it captures the raw values of a few top-level tags (for routing and for
 checking the SOP Class/Instance UIDs against the command).
 
@@ -74,26 +76,58 @@ class DatasetWalker:
         self._captured_value = bytearray()
         self.raw: dict[int, tuple[bytes | None, bytes]] = {}  # tag -> (VR or None if implicit, raw value)
         self.walked = 0  # dataset bytes walked (inflated for deflate)
+        self._backlog = b""  # deflated input not inflated yet (a budget ran out)
 
     # -- feeding ----------------------------------------------------------------
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        inflater = self._inflater
-        if inflater is None:
+    def feed(self, data: bytes | bytearray | memoryview, budget: int | None = None) -> int:
+        """Walk ``data``. Deflated: inflate about ``budget`` bytes now at most (None: all);
+        the rest waits in `backlog` for `drain` (a deflate stream inflates up to ~1000:1, so an
+        event loop walks a peer's zip bomb a slice at a time, between other connections).
+        Returns the bytes inflated."""
+        if self._inflater is None:
             self._walk(data)
-            return
+            return 0
+        if self._backlog or (budget is not None and budget <= 0):
+            self._backlog += bytes(data)
+            return self.drain(budget) if budget is None or budget > 0 else 0
+        return self._inflate(data, budget)
+
+    @property
+    def backlog(self) -> bool:
+        """Deflated input is waiting to be inflated (`drain`)."""
+        return bool(self._backlog)
+
+    def drain(self, budget: int | None = None) -> int:
+        """Inflate and walk the backlog (about ``budget`` bytes of it); returns the bytes inflated."""
+        if not self._backlog:
+            return 0
+        backlog, self._backlog = self._backlog, b""
+        return self._inflate(backlog, budget)
+
+    def _inflate(self, data: bytes | bytearray | memoryview, budget: int | None) -> int:
+        inflater = self._inflater
         try:
-            self._walk(inflater.decompress(data, INFLATE_CHUNK))
+            out = inflater.decompress(data, INFLATE_CHUNK)
+            produced = len(out)
+            self._walk(out)
             while inflater.unconsumed_tail and not inflater.eof:
-                self._walk(inflater.decompress(inflater.unconsumed_tail, INFLATE_CHUNK))
+                if budget is not None and produced >= budget:
+                    self._backlog = bytes(inflater.unconsumed_tail)
+                    return produced
+                out = inflater.decompress(inflater.unconsumed_tail, INFLATE_CHUNK)
+                produced += len(out)
+                self._walk(out)
         except zlib.error as exc:
             raise MalformedDataset(f"deflated data is corrupt ({exc})") from None
         if len(inflater.unused_data) > 1:  # one pad byte may follow the deflate stream (PS3.5 A.5)
             raise MalformedDataset("data after the end of the deflated dataset")
+        return produced
 
     def finish(self) -> dict[int, str]:
         """Check that the dataset ended exactly at an element boundary of the
         top level; returns the captured tags as text."""
         if self._inflater is not None:
+            self.drain()
             try:
                 self._walk(self._inflater.flush())
             except zlib.error as exc:

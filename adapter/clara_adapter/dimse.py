@@ -16,6 +16,7 @@ NO_DATASET = 0x0101
 # C-STORE statuses (PS3.4 B.2.3)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # "Refused: SOP Class not supported"
 DATASET_DOES_NOT_MATCH = 0xA900  # "Data Set does not match SOP Class" (also used for UID mismatch, as dcmtk does)
 CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110

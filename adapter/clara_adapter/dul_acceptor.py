@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,7 @@ _STORAGE_LIKE = {"StorageServiceClass", "NonPatientObjectStorageServiceClass", "
 
 RECEIVE_BUFFER = 1024 * 1024  # once associated: one recv can take a whole 512 KB CT slice
 NEGOTIATION_BUFFER = 64 * 1024  # before: an A-ASSOCIATE-RQ is a few KB
+INFLATE_BUDGET = 16 * 1024 * 1024  # deflated datasets: bytes inflated per event-loop turn (~40 ms), see _inflate_step
 
 AWAITING_RQ, NEGOTIATING, ESTABLISHED, CLOSED = "awaiting-rq", "negotiating", "established", "closed"
 
@@ -53,6 +55,14 @@ def is_storage_like(abstract_syntax: str) -> bool:
     from pynetdicom.sop_class import uid_to_service_class  # ~1 s to import: a receive worker warms it up
 
     return uid_to_service_class(abstract_syntax).__name__ in _STORAGE_LIKE
+
+
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def is_uid(value: str) -> bool:
+    """A syntactically valid UID (PS3.5 9.1): dot-separated numbers, at most 64 characters."""
+    return len(value) <= 64 and _UID.fullmatch(value) is not None
 
 
 def negotiate_contexts(rq: AssociateRequest) -> list[tuple[int, int, str]]:
@@ -67,10 +77,32 @@ def negotiate_contexts(rq: AssociateRequest) -> list[tuple[int, int, str]]:
             results.append((cx.context_id, dul_pdu.PC_ACCEPTANCE, ts) if ts else
                            (cx.context_id, dul_pdu.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED, cx.transfer_syntaxes[0]))
         elif cx.abstract_syntax and is_storage_like(cx.abstract_syntax):
-            results.append((cx.context_id, dul_pdu.PC_ACCEPTANCE, cx.transfer_syntaxes[0]))
+            # kept as proposed, into the file meta: the first that is a UID at all
+            ts = next((t for t in cx.transfer_syntaxes if is_uid(t)), None)
+            results.append((cx.context_id, dul_pdu.PC_ACCEPTANCE, ts) if ts else
+                           (cx.context_id, dul_pdu.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED, cx.transfer_syntaxes[0]))
         else:
             results.append((cx.context_id, dul_pdu.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED, cx.transfer_syntaxes[0]))
     return results
+
+
+class RefusedInstance:
+    """A C-STORE refused from its command alone: its dataset is read and dropped."""
+
+    __slots__ = ("status",)
+    backlog = False
+
+    def __init__(self, status: int):
+        self.status = status
+
+    def feed(self, data: memoryview, budget: int | None = None) -> int:
+        return 0
+
+    def finish(self) -> int:
+        return self.status
+
+    def discard(self) -> None:
+        pass
 
 
 class Association(asyncio.BufferedProtocol):
@@ -101,8 +133,13 @@ class Association(asyncio.BufferedProtocol):
         self._command_context = 0
         self._store: tuple[dict, IncomingInstance, int] | None = None  # (command, incoming, context id)
         self._committing = 0
-        self._paused = False
+        self._paused = False  # reading paused until the instances in flight are committed
+        self._writes_blocked = False  # reading paused until the peer takes our answers (pause_writing)
         self._release_pending = False
+        self._held = b""  # bytes read but not parsed yet: after the A-ASSOCIATE-RQ, or behind an inflation
+        self._inflating = False  # a deflated dataset's backlog is inflated a slice per loop turn
+        self._end_after_inflating = False
+        self._inflate_budget = INFLATE_BUDGET  # left for this loop turn
 
     # -- transport callbacks ----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -124,8 +161,16 @@ class Association(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_activity = time.monotonic()
+        self._inflate_budget = INFLATE_BUDGET
+        self._feed(self._view[:nbytes])
+
+    def _feed(self, data: memoryview) -> None:
         try:
-            self.stream.feed(self._view[:nbytes])
+            used = self.stream.feed(data)
+            if used < len(data) and (self.state == NEGOTIATING or self._inflating):
+                # PDUs sent before our A-ASSOCIATE-AC arrived with the RQ, or behind a dataset
+                # being inflated: kept (≤ one read) for later, as the kernel keeps later segments
+                self._held += bytes(data[used:])
         except PduError as exc:
             self.abort(str(exc), exc.reason)
         except Exception:
@@ -134,6 +179,23 @@ class Association(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         return False  # close our side too
+
+    def pause_writing(self) -> None:
+        # The peer does not read our answers: stop reading its requests, or every C-ECHO-RSP and
+        # C-STORE-RSP it leaves unread would pile up in the transport's buffer without bound.
+        # Silent from then on, it is aborted after networkTimeout like any stalled peer.
+        self._writes_blocked = True
+        if self.state == ESTABLISHED and self.transport is not None and not self._paused:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writes_blocked = False
+        self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        if (self.state == ESTABLISHED and not self._paused and not self._writes_blocked and not self._inflating
+                and self.transport is not None and not self.transport.is_closing()):
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._store is not None:
@@ -151,11 +213,19 @@ class Association(asyncio.BufferedProtocol):
         """Send A-ABORT and drop the connection."""
         if self.state == CLOSED or self.transport is None:
             return
+        if self.transport.is_closing():
+            # closed (released, peer's A-ABORT) but our last PDUs are still unsent after
+            # networkTimeout: a peer that reads nothing, and close() would wait for it forever
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()
+            return
         log.warning("association from %s aborted: %s", self.address, why)
         self.stream.stopped = True
-        if not self.transport.is_closing():
-            self.transport.write(dul_pdu.abort(dul_pdu.ABORT_SOURCE_PROVIDER, reason))
-        self.transport.close()
+        self.transport.write(dul_pdu.abort(dul_pdu.ABORT_SOURCE_PROVIDER, reason))
+        if self.transport.get_write_buffer_size():  # the peer is not reading: the A-ABORT cannot reach it
+            self.transport.abort()
+        else:
+            self.transport.close()
 
     def close_quietly(self) -> None:
         """Drop a connection that never associated (ARTIM expired, shutdown)."""
@@ -214,7 +284,10 @@ class Association(asyncio.BufferedProtocol):
         self._view = memoryview(bytearray(RECEIVE_BUFFER))
         self.last_activity = time.monotonic()
         self.stream.stopped = False
-        self.transport.resume_reading()
+        held, self._held = self._held, b""
+        if held:
+            self._feed(memoryview(held))
+        self._resume_reading()
 
     @staticmethod
     def _context_syntax(rq: AssociateRequest, context_id: int, ts: str) -> tuple[str, str]:
@@ -251,10 +324,49 @@ class Association(asyncio.BufferedProtocol):
                 raise PduError("command set too long")
             self._command += data
         else:
-            self._store[1].feed(data)
+            incoming = self._store[1]
+            self._inflate_budget -= incoming.feed(data, self._inflate_budget)
+            if incoming.backlog and not self._inflating:
+                self._inflating = True
+                self.stream.stopped = True  # the rest of this read is held (_feed)
+                self.transport.pause_reading()
+                self.server.loop.call_soon(self._inflate_step)
+
+    def _inflate_step(self) -> None:
+        """One slice of a deflated dataset's backlog per loop turn, then what was held back."""
+        if self.state == CLOSED or self._store is None or self.transport is None or self.transport.is_closing():
+            return
+        self.last_activity = time.monotonic()  # our work, not a silent peer
+        try:
+            incoming = self._store[1]
+            self._inflate_budget = INFLATE_BUDGET - incoming.drain(INFLATE_BUDGET)
+            if incoming.backlog:
+                self.server.loop.call_soon(self._inflate_step)
+                return
+            self._inflating = False
+            if self._end_after_inflating:
+                self._end_after_inflating = False
+                command, incoming, context_id = self._store
+                self._store = None
+                self._on_dataset_complete(command, incoming, context_id)
+        except PduError as exc:
+            self.abort(str(exc), exc.reason)
+            return
+        except Exception:
+            log.exception("association from %s: internal error", self.address)
+            self.abort("internal error")
+            return
+        self.stream.stopped = False
+        held, self._held = self._held, b""
+        if held:
+            self._feed(memoryview(held))
+        self._resume_reading()
 
     def pdv_end(self) -> None:
         if not self._pdv_last:
+            return
+        if self._inflating and not self._pdv_is_command:
+            self._end_after_inflating = True  # finished by _inflate_step once inflated
             return
         if self._pdv_is_command:
             raw, self._command = self._command, bytearray()
@@ -280,8 +392,21 @@ class Association(asyncio.BufferedProtocol):
         elif field == dimse.C_STORE_RQ and has_dataset:
             sop_class = str(command.get(dimse.AFFECTED_SOP_CLASS, ""))
             sop_instance = str(command.get(dimse.AFFECTED_SOP_INSTANCE, ""))
-            incoming = self.server.ingest.receive_instance(self.route, self.calling_ae, sop_class, sop_instance,
-                                                           ts)
+            if not (sop_class + sop_instance).isascii():  # undecodable bytes: no file meta can carry them
+                log.warning("association from %s (%s): C-STORE-RQ with a non-ASCII SOP Class/Instance UID: "
+                            "refused 0xC000", self.calling_ae, self.address)
+                self.server.ingest.metrics.store_failures.labels("unreadable").inc()
+                incoming = RefusedInstance(dimse.CANNOT_UNDERSTAND)
+            elif sop_class != abstract.rstrip("\0 ").lstrip(" "):  # compared as parse_command trims
+                # PS3.7 9.1.1.1: the class is the context's abstract syntax; else the negotiation
+                # (non-storage classes refused, each class its own transfer syntax) is bypassed
+                log.warning("association from %s (%s): C-STORE of a SOP class its presentation context %d "
+                            "was not negotiated for: refused 0x0122", self.calling_ae, self.address, context_id)
+                self.server.ingest.metrics.store_failures.labels("sop_class_not_negotiated").inc()
+                incoming = RefusedInstance(dimse.SOP_CLASS_NOT_SUPPORTED)
+            else:
+                incoming = self.server.ingest.receive_instance(self.route, self.calling_ae, sop_class,
+                                                               sop_instance, ts)
             self._store = (command, incoming, context_id)
         else:
             raise PduError(f"unsupported DIMSE command 0x{field:04X}", dul_pdu.ABORT_UNEXPECTED_PDU)
@@ -296,7 +421,8 @@ class Association(asyncio.BufferedProtocol):
             # A peer that does not wait for our answers (we negotiate no asynchronous operations):
             # stop reading until its instances are committed, so it cannot queue unbounded work.
             self._paused = True
-            self.transport.pause_reading()
+            if not self._writes_blocked:  # else reading is paused already
+                self.transport.pause_reading()
         server = self.server
         future = server.commit(self, incoming)
         # committed on the loop (quick journal): answered right away; from a pool thread: via the loop
@@ -315,8 +441,7 @@ class Association(asyncio.BufferedProtocol):
             self._release()
         elif not self._committing and self._paused:
             self._paused = False
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.resume_reading()
+            self._resume_reading()
 
     def _respond(self, command: dict, context_id: int, status: int) -> None:
         if self.transport is None or self.transport.is_closing():

@@ -74,7 +74,9 @@ class PduStream:
         self._type = 0
         self._body = bytearray()
 
-    def feed(self, data: memoryview) -> None:
+    def feed(self, data: memoryview) -> int:
+        """Parse ``data``; returns how many bytes were used (fewer than ``len(data)``
+        only when the handler stopped the stream)."""
         pos, n = 0, len(data)
         handler = self.handler
         while pos < n and not self.stopped:
@@ -91,7 +93,7 @@ class PduStream:
             elif state == _PDV_HEADER:
                 head, pos = self._gather(data, pos, n, 6)
                 if head is None:
-                    return
+                    return n
                 length, context_id, control = PDV_HEADER.unpack_from(head)
                 if length < 2 or length + 4 > self._pdu_left:
                     raise PduError("PDV length does not fit its P-DATA-TF PDU")
@@ -106,7 +108,7 @@ class PduStream:
             elif state == _HEADER:
                 head, pos = self._gather(data, pos, n, 6)
                 if head is None:
-                    return
+                    return n
                 pdu_type, _, length = PDU_HEADER.unpack_from(head)
                 if pdu_type == P_DATA_TF:
                     if self.max_pdata_length and length > self.max_pdata_length:
@@ -132,6 +134,7 @@ class PduStream:
                 self._pdu_left -= take
                 if not self._pdu_left:
                     self._control_done()
+        return pos
 
     def _control_done(self) -> None:
         self._state = _HEADER
@@ -220,6 +223,8 @@ def decode_associate_rq(body: bytes) -> AssociateRequest:
             contexts = [ProposedContext(int(pc.context_id), str(pc.abstract_syntax or ""),
                                         [str(ts) for ts in pc.transfer_syntax])
                         for pc in pdu.presentation_context]
+            if len({cx.context_id for cx in contexts}) < len(contexts):  # PS3.8 9.3.2.2: one id, one context
+                raise PduError("A-ASSOCIATE-RQ proposes two presentation contexts with one id")
             info = pdu.user_information
             max_length = int(info.maximum_length or 0) if info is not None else 0
             return AssociateRequest(

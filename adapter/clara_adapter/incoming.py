@@ -25,6 +25,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from clara_dicom.logs import short_hash
+
 from clara_adapter.dataset_walk import SOP_CLASS_UID, SOP_INSTANCE_UID, DatasetWalker, MalformedDataset
 from clara_adapter.dimse import CANNOT_UNDERSTAND, DATASET_DOES_NOT_MATCH, OUT_OF_RESOURCES, SUCCESS
 from clara_adapter.journal import InstanceRecord
@@ -64,18 +66,31 @@ class IncomingInstance:
         except OSError as exc:
             self._fail(OUT_OF_RESOURCES, "write_error", f"cannot create its file: {exc.strerror}")
 
-    def feed(self, data: memoryview | bytes) -> None:
+    def feed(self, data: memoryview | bytes, budget: int | None = None) -> int:
+        """``budget``: see `DatasetWalker.feed` (then `drain` while `backlog`); returns the bytes inflated."""
         if self.status is not None:
-            return  # dropped or already failed: the rest of the dataset is read and discarded
+            return 0  # dropped or already failed: the rest of the dataset is read and discarded
         try:
             self.writer.write(data)
-            self.walker.feed(data)
+            return self.walker.feed(data, budget)
         except MalformedDataset as exc:
             self._fail(CANNOT_UNDERSTAND, "unreadable", f"malformed dataset ({exc})")
         except DiskFull as exc:
             self._fail(OUT_OF_RESOURCES, "disk_full", f"refused: {exc}")
         except OSError as exc:
             self._fail(OUT_OF_RESOURCES, "write_error", f"write failed: {exc.strerror}")
+        return 0
+
+    @property
+    def backlog(self) -> bool:
+        return self.status is None and self.walker is not None and self.walker.backlog
+
+    def drain(self, budget: int | None = None) -> int:
+        try:
+            return self.walker.drain(budget)
+        except MalformedDataset as exc:
+            self._fail(CANNOT_UNDERSTAND, "unreadable", f"malformed dataset ({exc})")
+            return 0
 
     def finish(self) -> InstanceRecord | int:
         """After the last fragment: the record to commit (its file not yet
@@ -118,7 +133,7 @@ class IncomingInstance:
             self.writer = None
 
     def _fail(self, status: int, reason: str, why: str) -> None:
-        log.warning("instance %s on %s: %s", self.sop_instance_uid, self.route.ae_title, why)
+        log.warning("instance %s on %s: %s", short_hash(self.sop_instance_uid), self.route.ae_title, why)
         self.metrics.store_failures.labels(reason).inc()
         self.status = status
         self.discard()

@@ -16,6 +16,7 @@ from functools import lru_cache
 from typing import Any, Callable
 
 from clara_dicom.config import RenderedConfig
+from clara_dicom.logs import short_hash
 from clara_dicom.models import JobProcessorSpec
 from clara_dicom.plugins import processor_class
 
@@ -332,12 +333,12 @@ class Ingest:
         delete_files([inst.path])
         inst.id = None
         if is_out_of_resources(exc):
-            log.warning("instance %s on %s refused: journal out of resources (%s)", inst.sop_instance_uid,
-                        route.ae_title, exc)
+            log.warning("instance %s on %s refused: journal out of resources (%s)",
+                        short_hash(inst.sop_instance_uid), route.ae_title, exc)
             self.metrics.store_failures.labels("disk_full").inc()
             return OUT_OF_RESOURCES
-        log.error("instance %s on %s failed in processor %s: %s: %s", inst.sop_instance_uid, route.ae_title,
-                  route.processor.name, type(exc).__name__, exc, exc_info=not isinstance(exc, (sqlite3.Error, TransactionAborted)))
+        log.error("instance %s on %s failed in processor %s: %s: %s", short_hash(inst.sop_instance_uid),
+                  route.ae_title, route.processor.name, type(exc).__name__, exc, exc_info=not isinstance(exc, (sqlite3.Error, TransactionAborted)))
         self.metrics.store_failures.labels("processor_error").inc()
         return PROCESSING_FAILURE
 

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from clara_dicom.logs import short_hash
+
 from clara_adapter.dimse import OUT_OF_RESOURCES, PROCESSING_FAILURE
 from clara_adapter.ingest import REJECT_BUSY, REJECT_CALLED_AE, Ingest, Route, commit_prepared
 from clara_adapter.journal import InstanceRecord
@@ -451,7 +453,7 @@ class ReceiveCoordinator:
         try:
             os.rename(root / tmp_name, record.path)
         except OSError as exc:
-            log.warning("instance %s on %s: cannot finalize its file: %s", record.sop_instance_uid,
+            log.warning("instance %s on %s: cannot finalize its file: %s", short_hash(record.sop_instance_uid),
                         route.ae_title, exc.strerror)
             _unlink(root / tmp_name)
             self.ingest.metrics.store_failures.labels("write_error").inc()

@@ -50,6 +50,8 @@ import types
 from pathlib import Path
 from typing import Any
 
+from clara_dicom.logs import short_hash
+
 from clara_adapter.dimse import OUT_OF_RESOURCES
 from clara_adapter.dul_acceptor import Association
 from clara_adapter.dul_pdu import AssociateRequest
@@ -278,7 +280,7 @@ class WorkerSCP(StorageSCP):
         return self.link.commit(assoc.admission, incoming.writer.tmp.name, incoming.record)
 
     def _close_failed(self, incoming: IncomingInstance, exc: OSError) -> int:
-        log.warning("instance %s: cannot close its file: %s", incoming.sop_instance_uid, exc.strerror)
+        log.warning("instance %s: cannot close its file: %s", short_hash(incoming.sop_instance_uid), exc.strerror)
         self.ingest.metrics.store_failures.labels("write_error").inc()
         return OUT_OF_RESOURCES
 

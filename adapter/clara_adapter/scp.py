@@ -13,7 +13,9 @@ Bounds (SPEC §9 "Receive path"):
   dropped beyond that (a real requestor sends its A-ASSOCIATE-RQ within
   milliseconds, so only idle ones ever get old);
 * an established association silent for ``networkTimeout`` seconds (and not
-  waiting for us) is aborted;
+  waiting for us) is aborted; a peer that does not read our answers is not read
+  either (so they cannot pile up), hence falls silent and is aborted the same way,
+  without waiting for it to take what is still unsent;
 * the association policy and every commit run in a small thread pool, so
   neither a slow DNS lookup nor the journal ever blocks the event loop.
 """

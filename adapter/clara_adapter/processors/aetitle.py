@@ -71,7 +71,7 @@ class AETitleJobProcessor(JobProcessorBase):
     def handle_instance(self, inst: InstanceRecord, tx: Transaction) -> Outcome:
         value = (inst.tags.get(self.spec.group_tag) or "").strip(" \0")
         if not value:
-            log.info("instance %s ignored by processor %s: no %s value", inst.sop_instance_uid,
+            log.info("instance %s ignored by processor %s: no %s value", short_hash(inst.sop_instance_uid),
                      self.processor_name, format_tag(self.spec.group_tag))
             return Outcome.IGNORE
         journal, now, mono = tx.journal, tx.now, tx.mono

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+from clara_dicom.logs import short_hash
 from clara_dicom.models import JobProcessorSpec
 
 from clara_adapter.job_requests import JobRequest
@@ -143,8 +144,8 @@ class JobProcessorBase:
             for inst in instances:
                 outcome = self.handle_instance(inst, tx)
                 if outcome is not Outcome.KEEP and inst.id is not None:
-                    log.info("instance %s released on recovery by %s (%s)", inst.sop_instance_uid, self.owner,
-                             outcome.value)
+                    log.info("instance %s released on recovery by %s (%s)", short_hash(inst.sop_instance_uid),
+                             self.owner, outcome.value)
                     tx.journal.remove_instances([inst.id])
                     tx.after_commit(functools.partial(delete_files, [inst.path]))
 
