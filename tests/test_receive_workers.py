@@ -241,3 +241,27 @@ def test_default_worker_count_follows_the_cgroup_cpu_limit(tmp_path):
     limit.write_text("50000 100000\n")
     assert usable_cores(limit) == 1
     assert usable_cores(tmp_path / "missing") == affinity
+
+
+@pytest.mark.parametrize("workers", [WORKERS, []], ids=["workers", "in-process"])
+def test_a_peer_leaving_right_after_its_last_instance_is_no_error(tmp_path, local_adapter, workers):
+    """A peer that closes the connection right after sending an instance (it does not wait
+    for the answer): with workers, its association's slot may come back to the coordinator
+    before the worker's batched commit does. That is a peer leaving, not a worker sending
+    garbage: the complete instance is kept, as in-process, and nothing is logged as an error."""
+    from raw_dicom import CT, associate, c_store_bytes, encode
+
+    from clara_dicom.synthetic import ct_slice
+
+    adapter = local_adapter(write_config(tmp_path / "cfg", processor="pipelines: {seg: p-seg}\ntimeout: 3600"),
+                            extra=workers)
+    for i in range(40):
+        ds = ct_slice("PAT-LEAVE", "1.2.3.77", "1.2.3.77.1", i, rows=16, cols=16)
+        with associate(adapter.dicom_port) as s:
+            s.sendall(c_store_bytes(CT, str(ds.SOPInstanceUID), encode(ds)))
+        # closed at once: no C-STORE-RSP read, no A-RELEASE
+    wait_for(lambda: adapter.status()["activeAssociations"] == 0, 30, what="every association over")
+    assert metric_value(adapter.metrics(), "clara_associations_total", result="accepted") == 40
+    wait_for(lambda: adapter.status()["instancesHeld"] == 40, 30, what="every complete instance kept")
+    assert "unknown association" not in adapter.log()
+    assert "ERROR" not in adapter.log()

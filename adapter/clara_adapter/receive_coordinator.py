@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 SUPERVISE_SECONDS = 0.2
 READY_TIMEOUT = 60.0
 RESPAWN_MIN_SECONDS = 1.0  # a worker that cannot start is retried at most once a second
+ENDED_KEPT = 1024  # ended associations remembered per worker for their late commits (see Worker.ended)
 # What a worker needs to receive; nothing else (journal DSN, tokens) leaves this process.
 WORKER_SETTINGS = ("host", "dicomPort", "maxAssociations", "maxPduSize", "artimTimeout", "networkTimeout",
                    "tlsCertFile", "tlsKeyFile", "tlsCaFile", "storageDir", "watermarkPercent", "reserveSpaceGB",
@@ -63,6 +64,9 @@ class Worker:
     link: Link
     started: float
     slots: dict[int, Route] = field(default_factory=dict)  # admission id -> route, as accepted
+    # admission id -> route of associations that ended lately: a peer that leaves right after its
+    # last instance has the worker's batched commit of it arrive after "closed" (bounded)
+    ended: dict[int, Route] = field(default_factory=dict)
     handoff: socket.socket | None = None  # SOCK_SEQPACKET: (key, connection fd) per accepted connection
     linked: bool = False  # its link is read by the link thread
     unlinked: threading.Event = field(default_factory=threading.Event)  # ... no longer: its last messages handled
@@ -327,9 +331,13 @@ class ReceiveCoordinator:
             self.pool.submit(self._reply, worker, message[1], self._admit, worker, *message[2:])
         elif kind == "closed":
             with self._cond:
-                if worker.slots.pop(message[1], None) is not None:
+                route = worker.slots.pop(message[1], None)
+                if route is not None:
                     self._negotiated -= 1
                     self.ingest.metrics.active.set(self._negotiated)
+                    worker.ended[message[1]] = route
+                    if len(worker.ended) > ENDED_KEPT:
+                        del worker.ended[next(iter(worker.ended))]  # the oldest
                 self._cond.notify_all()
         elif kind == "idle_end":
             with self._cond:
@@ -433,7 +441,8 @@ class ReceiveCoordinator:
                  fields: tuple) -> tuple[Route, InstanceRecord] | int:
         """Rename a worker's finished file into place: what to commit, or the C-STORE status."""
         root = self.ingest.store.root
-        route = worker.slots.get(admission)
+        # an association that has just ended still gets its last instances committed, as in-process
+        route = worker.slots.get(admission) or worker.ended.get(admission)
         try:
             (calling_ae, sop_instance_uid, sop_class_uid, transfer_syntax, study_uid, series_uid, final_name,
              size, tags) = fields
