@@ -57,9 +57,10 @@ def test_walk_captures_top_level_tags_in_any_fragmentation(ts, implicit, little)
         assert feed_in_pieces(raw, ts, rng, expected) == expected
 
 
+@pytest.mark.parametrize("undefined_sequence", [True, False], ids=["undefined-length", "defined-length"])
 @pytest.mark.parametrize("ts, implicit, little", SYNTAXES)
-def test_every_cut_inside_a_value_header_or_sequence_is_detected(ts, implicit, little):
-    ds = dataset()
+def test_every_cut_inside_a_value_header_or_sequence_is_detected(ts, implicit, little, undefined_sequence):
+    ds = dataset(undefined_sequence)
     raw = encode(ds, implicit, little)
     # top-level element boundaries, from encoding each element on its own
     boundaries, offset = {0}, 0
@@ -137,6 +138,40 @@ def test_deflated_input_is_inflated_within_a_budget_and_the_rest_drained_later()
         inflated += step
     assert inflated == len(raw)
     assert walker.finish() == {STUDY: "1.2.3"}
+
+
+@pytest.mark.parametrize("ts, implicit, little", SYNTAXES)
+def test_defined_length_sequences_walk_whole_in_any_fragmentation(ts, implicit, little):
+    raw = encode(dataset(undefined_sequence=False), implicit, little)
+    expected = {STUDY: "1.2.3", PATIENT: "PAT 7", ROWS: "8"}
+    assert walk(raw, ts, expected) == expected
+    rng = random.Random(2)
+    for _ in range(30):
+        assert feed_in_pieces(raw, ts, rng, expected) == expected
+
+
+def test_inside_a_defined_length_sequence_garbage_and_overruns_are_refused():
+    ts = "1.2.840.10008.1.2.1"
+    raw = encode(dataset(undefined_sequence=False), False, True)
+    walk(raw, ts)
+    start = raw.index(struct.pack("<HH", 0x0008, 0x1032) + b"SQ")  # ProcedureCodeSequence, defined length
+    vr = raw.index(b"SH", start)  # CodeValue in its first item: every length around it still adds up
+    with pytest.raises(MalformedDataset, match="no valid VR"):
+        walk(raw[:vr] + b"\x01\x02" + raw[vr + 2:], ts)
+    # an item declared longer than its sequence; a nested element running past its item
+    item_too_long = (struct.pack("<HH2sHI", 0x0008, 0x1032, b"SQ", 0, 16)
+                     + struct.pack("<HHI", 0xFFFE, 0xE000, 100) + b"\0" * 8)
+    element_past_item = (struct.pack("<HH2sHI", 0x0008, 0x1032, b"SQ", 0, 18)
+                         + struct.pack("<HHI", 0xFFFE, 0xE000, 10)
+                         + struct.pack("<HH2sH", 0x0008, 0x0100, b"SH", 4) + b"ABCD")
+    for bad in (item_too_long, element_past_item):
+        with pytest.raises(MalformedDataset):
+            walk(bad, ts)
+    # delimiters belong to undefined lengths only
+    delimited = (struct.pack("<HH2sHI", 0x0008, 0x1032, b"SQ", 0, 16)
+                 + struct.pack("<HHI", 0xFFFE, 0xE000, 8) + struct.pack("<HHI", 0xFFFE, 0xE00D, 0))
+    with pytest.raises(MalformedDataset):
+        walk(delimited, ts)
 
 
 def test_garbage_and_misplaced_delimiters_are_refused():

@@ -3,7 +3,8 @@
 The walk checks that the bytes form a complete dataset in their transfer
 syntax: element headers, defined lengths (values are skipped, never decoded),
 undefined lengths with their item and sequence delimiters, encapsulated pixel
-data fragments. A deflated transfer syntax is inflated incrementally while
+data fragments; inside sequences and items of defined length too (explicit VR:
+their elements must end exactly where the container does). A deflated transfer syntax is inflated incrementally while
 walking (bounded: at most ``INFLATE_CHUNK`` bytes of output at a time; with a
 ``budget`` a feed stops after about that many and leaves the rest in `backlog`
 for `drain`, so one event loop never inflates a whole zip bomb at once). On the
@@ -24,7 +25,7 @@ Usage (also for STOW-RS parts)::
 
 Memory per walker is bounded: a header under construction (≤ 12 bytes), the
 captured values (each ≤ ``max_capture`` bytes), and a stack of open
-undefined-length sequences/items (≤ ``MAX_DEPTH``).
+sequences/items (≤ ``MAX_DEPTH``).
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ INFLATE_CHUNK = 1 << 20
 _TEXT_DECODE = {b"US": "H", b"SS": "h", b"UL": "I", b"SL": "i", b"FL": "f", b"FD": "d", b"AT": "I",
                 b"UV": "Q", b"SV": "q"}
 
-# Frame kinds of the stack of open undefined-length containers.
+# Frame kinds of the stack of open containers.
 _DATASET, _SEQUENCE, _ITEM, _FRAGMENTS = 0, 1, 2, 3
 
 
@@ -68,8 +69,10 @@ class DatasetWalker:
         self._inflater = zlib.decompressobj(-zlib.MAX_WBITS) if transfer_syntax in DEFLATED_SYNTAXES else None
         self._capture = frozenset(capture)
         self._max_capture = max_capture
-        # stack of (kind, implicit); the bottom frame is the top-level dataset
-        self._stack: list[tuple[int, bool]] = [(_DATASET, implicit)]
+        # stack of (kind, implicit, end): end is the offset where a defined-length sequence or item
+        # ends, None for undefined lengths; the bottom frame is the top-level dataset
+        self._stack: list[tuple[int, bool, int | None]] = [(_DATASET, implicit, None)]
+        self._at = 0  # offset (in the walked bytes) of the value of the element being handled
         self._pending = b""  # start of an element header split across fragments
         self._skip = 0  # bytes of the current value still to come
         self._capturing: tuple[int, bytes | None] | None = None
@@ -141,7 +144,7 @@ class DatasetWalker:
         if self._pending:
             raise MalformedDataset("dataset ends inside an element header")
         if len(self._stack) > 1:
-            raise MalformedDataset("dataset ends inside an undefined-length sequence or item")
+            raise MalformedDataset("dataset ends inside a sequence or item")
         return self.tags()
 
     def tags(self) -> dict[int, str]:
@@ -152,10 +155,15 @@ class DatasetWalker:
         n = len(data)
         if not n:
             return
+        base = self.walked
         self.walked += n
         pos = 0
         if self._skip:
             pos = self._take_value(data, 0, n)
+            if self._skip:
+                return
+            if self._stack[-1][2] is not None:
+                self._leave_defined(base + pos)
             if pos >= n:
                 return
         if self._pending:
@@ -171,20 +179,38 @@ class DatasetWalker:
             consumed = parsed[0]
             pos += consumed - have
             self._pending = b""
+            self._at = base + pos
             self._element(*parsed[1:])
             if self._skip:
                 pos = self._take_value(data, pos, n)
+            if not self._skip and self._stack[-1][2] is not None:
+                self._leave_defined(base + pos)
         header = self._header
         element = self._element
+        stack = self._stack
         while pos < n:
             parsed = header(data, pos, n)
             if parsed is None:
                 self._pending = bytes(data[pos:n])
                 return
             pos += parsed[0]
+            self._at = base + pos
             element(parsed[1], parsed[2], parsed[3])
             if self._skip:
                 pos = self._take_value(data, pos, n)
+            if stack[-1][2] is not None and not self._skip:
+                self._leave_defined(base + pos)
+
+    def _leave_defined(self, at: int) -> None:
+        """At offset ``at``, after an element: close the defined-length containers that end here."""
+        stack = self._stack
+        while stack[-1][2] is not None:
+            end = stack[-1][2]
+            if at < end:
+                return
+            if at > end:
+                raise MalformedDataset("an element overruns the sequence or item of defined length it is in")
+            stack.pop()
 
     def _take_value(self, data, pos: int, n: int) -> int:
         take = min(self._skip, n - pos)
@@ -217,24 +243,28 @@ class DatasetWalker:
 
     def _element(self, tag: int, vr: bytes | None, length: int) -> None:
         stack = self._stack
-        kind, implicit = stack[-1]
+        kind, implicit, end = stack[-1]
         if kind == _SEQUENCE or kind == _FRAGMENTS:
             if tag == ITEM:
                 if length == UNDEFINED:
                     if kind == _FRAGMENTS:
                         raise MalformedDataset("pixel data fragment of undefined length")
                     self._push(_ITEM, implicit)
+                elif kind == _SEQUENCE and length:
+                    self._push(_ITEM, implicit, self._at + length)  # its elements walked too
                 else:
                     self._skip = length
             elif tag == SEQUENCE_END:
                 if length:
                     raise MalformedDataset("sequence delimiter with a length")
+                if end is not None:
+                    raise MalformedDataset("sequence delimiter in a sequence of defined length")
                 stack.pop()
             else:
                 raise MalformedDataset(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) where an item was expected")
             return
         if tag >> 16 == 0xFFFE:
-            if tag == ITEM_END and kind == _ITEM:
+            if tag == ITEM_END and kind == _ITEM and end is None:
                 if length:
                     raise MalformedDataset("item delimiter with a length")
                 stack.pop()
@@ -250,6 +280,9 @@ class DatasetWalker:
             else:
                 raise MalformedDataset(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) of undefined length")
             return
+        if vr == b"SQ" and length:  # explicit VR (implicit VR names no SQ: its value is skipped)
+            self._push(_SEQUENCE, implicit, self._at + length)
+            return
         self._skip = length
         if kind == _DATASET and len(stack) == 1 and tag in self._capture and length <= self._max_capture:
             if length:
@@ -257,10 +290,12 @@ class DatasetWalker:
             else:
                 self.raw[tag] = (vr, b"")
 
-    def _push(self, kind: int, implicit: bool) -> None:
+    def _push(self, kind: int, implicit: bool, end: int | None = None) -> None:
         if len(self._stack) > MAX_DEPTH:
             raise MalformedDataset("sequences nested too deep")
-        self._stack.append((kind, implicit))
+        if end is not None and self._stack[-1][2] is not None and end > self._stack[-1][2]:
+            raise MalformedDataset("a sequence or item is longer than the sequence or item it is in")
+        self._stack.append((kind, implicit, end))
 
 
 def decode_value(tag: int, vr: bytes | None, raw: bytes, little: bool = True) -> str:
