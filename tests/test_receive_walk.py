@@ -156,7 +156,7 @@ def test_inside_a_defined_length_sequence_garbage_and_overruns_are_refused():
     walk(raw, ts)
     start = raw.index(struct.pack("<HH", 0x0008, 0x1032) + b"SQ")  # ProcedureCodeSequence, defined length
     vr = raw.index(b"SH", start)  # CodeValue in its first item: every length around it still adds up
-    with pytest.raises(MalformedDataset, match="no valid VR"):
+    with pytest.raises(MalformedDataset):  # read as an implicit VR item (below), it overruns its item
         walk(raw[:vr] + b"\x01\x02" + raw[vr + 2:], ts)
     # an item declared longer than its sequence; a nested element running past its item
     item_too_long = (struct.pack("<HH2sHI", 0x0008, 0x1032, b"SQ", 0, 16)
@@ -172,6 +172,31 @@ def test_inside_a_defined_length_sequence_garbage_and_overruns_are_refused():
                  + struct.pack("<HHI", 0xFFFE, 0xE000, 8) + struct.pack("<HHI", 0xFFFE, 0xE00D, 0))
     with pytest.raises(MalformedDataset):
         walk(delimited, ts)
+
+
+@pytest.mark.parametrize("undefined_sequence", [True, False], ids=["undefined-length", "defined-length"])
+def test_implicit_vr_items_in_an_explicit_vr_dataset_are_read_as_pydicom_reads_them(undefined_sequence):
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+
+    item = Dataset()
+    item.CodeValue, item.CodeMeaning = "X1", "written implicit"
+    body = encode(item, True, True)
+    items = struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body
+    if undefined_sequence:
+        sequence = (struct.pack("<HH2sHI", 0x0008, 0x1032, b"SQ", 0, 0xFFFFFFFF) + items
+                    + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    else:
+        sequence = struct.pack("<HH2sHI", 0x0008, 0x1032, b"SQ", 0, len(items)) + items
+    after = Dataset()
+    after.PatientID = "PAT 8"
+    raw = sequence + encode(after, False, True)
+    read = read_dataset(BytesIO(raw), is_implicit_VR=False, is_little_endian=True)
+    assert read.ProcedureCodeSequence[0].CodeMeaning == "written implicit" and read.PatientID == "PAT 8"
+    assert walk(raw, "1.2.840.10008.1.2.1", {PATIENT}) == {PATIENT: "PAT 8"}
+    with pytest.raises(MalformedDataset):
+        walk(raw[:-3], "1.2.840.10008.1.2.1")
 
 
 def test_garbage_and_misplaced_delimiters_are_refused():

@@ -238,6 +238,12 @@ class DatasetWalker:
                 return None
             return 12, tag, vr, self._u32.unpack_from(buf, pos + 8)[0]
         if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+            kind, _, end = self._stack[-1]
+            if kind == _ITEM:
+                # Some writers put implicit VR items into explicit VR datasets; pydicom reads
+                # them so, and so does the walk (the rest of the item, and what it nests)
+                self._stack[-1] = (kind, True, end)
+                return 8, tag, None, self._u32.unpack_from(buf, pos + 4)[0]
             raise MalformedDataset(f"element ({group:04X},{elem:04X}) has no valid VR")
         return 8, tag, vr, self._u16.unpack_from(buf, pos + 6)[0]
 
