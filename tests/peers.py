@@ -296,6 +296,12 @@ class LocalAdapter(Process):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/health/status", timeout=5) as rsp:
             return json.loads(rsp.read())
 
+    def settled(self) -> bool:
+        """No group open and no job submission pending (/health/status): every job this
+        adapter will make of what it holds exists. Tests wait for this, then count jobs."""
+        status = self.status()
+        return status["groupsOpen"] == 0 and status["jobSubmissionsPending"] == 0
+
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=5) as rsp:
             return rsp.read().decode()

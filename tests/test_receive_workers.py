@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -128,7 +127,7 @@ def test_concurrent_associations_over_workers_make_exactly_one_job(tmp_path, loc
         assert sender.returncode == 0, out
     (job,) = wait_for(lambda: adapter.jobs(), 60, what="the job")
     assert payload_sops(job) == sops(files)
-    time.sleep(6)  # a second job would appear within the quiet period if the study had been split
+    wait_for(adapter.settled, 30, what="no open group, no pending job")  # a split study would show now
     assert len(adapter.jobs()) == 1
     metrics = adapter.metrics()
     # counted by the coordinator from what every worker reports
@@ -173,7 +172,7 @@ def test_worker_sigkill_mid_study_aborts_its_association_and_loses_or_duplicates
     (job,) = wait_for(lambda: adapter.jobs(), timeout + 30, what="the job")
     got = payload_sops(job)
     assert len(got) == len(set(got)) and got == sops(files)  # everything once
-    time.sleep(timeout + 1)
+    wait_for(adapter.settled, timeout + 30, what="no open group, no pending job")
     assert len(adapter.jobs()) == 1
     assert leftovers(state) == []  # no partial file of the dead worker, nothing unreleased
 
@@ -200,7 +199,7 @@ def test_coordinator_sigkill_takes_the_workers_down_and_a_restart_loses_or_dupli
     (job,) = wait_for(lambda: restarted.jobs(), timeout + 30, what="the job")
     got = payload_sops(job)
     assert len(got) == len(set(got)) and got == sops(files)
-    time.sleep(timeout + 1)
+    wait_for(restarted.settled, timeout + 30, what="no open group, no pending job")
     assert len(restarted.jobs()) == 1
     assert leftovers(state) == []
 

@@ -79,7 +79,8 @@ def test_three_replicas_started_together_make_one_job_per_pipeline(tmp_path, pos
     send_together([(group[i % 3], files[i::6]) for i in range(6)])
     state = group[0].state
     wait_for(lambda: len(group[0].jobs()) >= 2, timeout + 20, what="two jobs")
-    time.sleep(timeout + 1)  # a second job of either pipeline would show by now
+    # every replica: no group open (in the database), no job submission pending; a second job would exist now
+    wait_for(lambda: all(r.settled() for r in group), timeout + 30, what="no open group, no pending job")
     jobs = jobs_listed(state)  # the CLI sees every replica's jobs
     assert sorted(j["spec"]["pipeline"] for j in jobs) == ["p-qa", "p-seg"]
     for job in jobs:
@@ -107,7 +108,7 @@ def test_sigkill_of_the_replica_with_the_last_instance_still_closes_on_time(tmp_
         late = created_at(job) - (answered + timeout)
         assert late <= 1.0, f"job {job['metadata']['name']} created {late:.2f}s after the deadline"
         assert created_at(job) >= sent + timeout  # never before the quiet period ended
-    time.sleep(timeout + 1)
+    wait_for(lambda: a.settled() and b.settled(), timeout + 30, what="no open group, no pending job")
     jobs = jobs_listed(a.state)
     assert sorted(j["spec"]["pipeline"] for j in jobs) == ["p-qa", "p-seg"]
     for job in jobs:

@@ -103,7 +103,7 @@ def test_scenario_2b_four_instances_at_t1_t1p4_t2p3_t3p1_make_one_job(tmp_path, 
     (job,) = wait_for(lambda: adapter.jobs(), 15, what="one job")
     assert payload_sops(job) == sops(files)
     assert time.time() - last >= 4.5
-    time.sleep(1)
+    wait_for(adapter.settled, 15, what="no open group, no pending job")
     assert len(adapter.jobs()) == 1
 
 
@@ -128,7 +128,8 @@ def test_sigkill_mid_study_loses_and_duplicates_nothing(tmp_path, local_adapter)
     restarted = local_adapter(config, state=state)
     storescu(files[n_acked:], restarted.dicom_port)
     jobs = wait_for(lambda: len(restarted.jobs()) >= 2 and restarted.jobs(), timeout + 30, what="jobs after restart")
-    time.sleep(timeout + 1)  # a second group would appear by now if the restart had split or duplicated work
+    # a second group, had the restart split or duplicated work, would be open or its job pending until now
+    wait_for(restarted.settled, timeout + 30, what="no open group, no pending job")
     jobs = restarted.jobs()
     assert sorted(j["spec"]["pipeline"] for j in jobs) == ["p-qa", "p-seg"]
     everything = sops(files)
