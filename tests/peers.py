@@ -262,6 +262,14 @@ def adapter_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "clara_dicom.cli", *args]
 
 
+def adapter_settled(http_port: int) -> bool:
+    """No group open and no job submission pending (the adapter's /health/status): every job
+    it will make of what it holds exists. Tests wait for this, then count jobs."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health/status", timeout=5) as rsp:
+        status = json.loads(rsp.read())
+    return status["groupsOpen"] == 0 and status["jobSubmissionsPending"] == 0
+
+
 class LocalAdapter(Process):
     """`clara-dicom up` as a subprocess on free ports."""
 
@@ -297,10 +305,7 @@ class LocalAdapter(Process):
             return json.loads(rsp.read())
 
     def settled(self) -> bool:
-        """No group open and no job submission pending (/health/status): every job this
-        adapter will make of what it holds exists. Tests wait for this, then count jobs."""
-        status = self.status()
-        return status["groupsOpen"] == 0 and status["jobSubmissionsPending"] == 0
+        return adapter_settled(self.http_port)
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=5) as rsp:

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,8 @@ if str(TESTS) not in sys.path:
 
 from clara_dicom.synthetic import write_study  # noqa: E402
 from local_setup import SOURCES  # noqa: E402
-from peers import Process, adapter_command, dcmtk, dcmtk_env, echoscu, free_port, storescu, wait_for  # noqa: E402
+from peers import (Process, adapter_command, adapter_settled, dcmtk, dcmtk_env, echoscu, free_port,  # noqa: E402
+                   storescu, wait_for)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dcmtk]
 
@@ -82,10 +82,7 @@ class Stack:
             return None
 
     def settled(self) -> bool:
-        """Every group closed and its jobs submitted (the adapter's /health/status)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/health/status", timeout=5) as rsp:
-            status = json.load(rsp)
-        return status["groupsOpen"] == 0 and status["jobSubmissionsPending"] == 0
+        return adapter_settled(self.http_port)
 
     def in_sync(self) -> bool:
         rendered = self.rendered_version()
