@@ -39,6 +39,14 @@ def rr_status(rest: Rest, ns: str, name: str) -> dict:
     return (rest.get(f"{RR_PATH.format(ns=ns)}/{name}") or {}).get("status") or {}
 
 
+def results_settled(rest: Rest, ns: str, pj_name: str) -> bool:
+    """The PipelineJob's record of the RegisterResults it fires has none left Pending: each has
+    its Job (Created, recorded after the create) or waits for its spec to be fixed (Waiting)."""
+    status = (rest.get(f"{PJ_PATH.format(ns=ns)}/{pj_name}") or {}).get("status") or {}
+    record = status.get("registerResults") or {}
+    return bool(record) and all(entry.get("state") != "Pending" for entry in record.values())
+
+
 def by_rr(jobs: list[dict]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for job in jobs:
@@ -73,8 +81,7 @@ def test_succeeded_pipelinejobs_fire_each_registerresults_once(k8s_cluster, k8s_
     # A PipelineJob succeeds: one Job per matching, valid RegisterResults.
     k8s_cluster.apply(pipelinejob("liver-rr-1", "liver-tumor-example", "higher"), namespace=ns)
     done = wait_for(lambda: phase(rest, ns, "liver-rr-1", "Succeeded"), 60, "liver-rr-1 Succeeded", interval=0.2)
-    jobs = wait_for(lambda: (j := register_jobs(rest, ns)) and len(j) >= 2 and j, 20, "two register Jobs")
-    time.sleep(1)
+    wait_for(lambda: results_settled(rest, ns, "liver-rr-1"), 20, "liver-rr-1: no RegisterResults pending")
     jobs = register_jobs(rest, ns)
     assert by_rr(jobs) == {"export-pacs": ["liver-rr-1"], "export-all": ["liver-rr-1"]}
     (pacs,) = register_jobs(rest, ns, "export-pacs")
@@ -135,7 +142,7 @@ def test_succeeded_pipelinejobs_fire_each_registerresults_once(k8s_cluster, k8s_
     wait_for(lambda: phase(rest, ns, "liver-rr-2", "Succeeded"), 60, "liver-rr-2 Succeeded", interval=0.2)
     wait_for(lambda: len(register_jobs(rest, ns, "export-pacs")) == 2, 20, "export-pacs run for liver-rr-2")
     wait_for(lambda: len(register_jobs(rest, ns, "export-late")) == 1, 20, "export-late run for liver-rr-2")
-    time.sleep(2)
+    wait_for(lambda: results_settled(rest, ns, "liver-rr-2"), 20, "liver-rr-2: no RegisterResults pending")
     assert by_rr(register_jobs(rest, ns)) == {"export-pacs": ["liver-rr-1", "liver-rr-2"],
                                               "export-all": ["liver-rr-1"], "export-late": ["liver-rr-2"]}
     assert {j["metadata"]["uid"] for j in register_jobs(rest, ns, "export-pacs")} >= {meta["uid"]}
