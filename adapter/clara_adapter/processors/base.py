@@ -13,6 +13,8 @@ Contract — commit, then publish:
   that records the instance; that transaction may also hold other instances
   (the adapter batches concurrent C-STOREs into one commit), so calls are
   serialised, but memory is not yet updated for the instances before it.
+  Keep it short: the C-STORE-RSP waits for it, and on PostgreSQL the server
+  ends a transaction left idle for 10 s (the replica then answers 0xA700).
 
   - Write durable state through ``tx.journal``; its reads see the transaction's
     own writes. ``tx.pending`` is a dict for what later instances of the same
