@@ -85,12 +85,15 @@ class ConfigWatcher:
         backoff = KUBE_WATCH.backoff()
         while not self.stopping:
             try:
-                config = await self._read()
-                if config is not None:
-                    self._deliver(config)
+                # The state and the version to watch from in one list: a separate read before it
+                # missed a ConfigMap created between the two (the watch starts after its creation).
                 cm_list = await core.list_namespaced_config_map(
                     self.namespace, field_selector=f"metadata.name={self.config_map}", _request_timeout=API_TIMEOUT)
                 version = cm_list.metadata.resource_version
+                config = (self._parse(cm_list.items[0].data or {}) if cm_list.items
+                          else RenderedConfig(namespace=self.namespace).with_version())
+                if config is not None:
+                    self._deliver(config)
                 w = watch.Watch()
                 async with w.stream(core.list_namespaced_config_map, self.namespace,
                                     field_selector=f"metadata.name={self.config_map}", resource_version=version,
