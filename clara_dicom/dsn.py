@@ -1,5 +1,6 @@
 """PostgreSQL DSNs as settings (adapter ``journal``, Results Service ``resultsDatabase``):
-which strings name PostgreSQL, and how to show one without its password.
+which strings name PostgreSQL, how to show one without its password, and the session
+limits both open their connections with (``session_limits``).
 
 libpq takes a URL (``postgresql://`` or ``postgres://``) or ``key=value`` pairs. A
 password may sit in the URL's user part, in its query (``?password=``) or in a
@@ -41,3 +42,26 @@ def redacted(spec: str) -> str:
         spec = _URL_USERINFO_PASSWORD.sub(r"\1:***@", spec)
         return _URL_QUERY_PASSWORD.sub(r"\1***", spec)
     return _KEYWORD_PASSWORD.sub(r"\1***", spec)
+
+
+FOREIGN_URL_HINT = ("not a postgresql:// DSN (the scheme is lowercase postgresql:// or postgres://), "
+                    "nor a SQLite file path")
+
+# A transaction idle this long between statements belongs to a replica that stalled (SIGSTOP,
+# a frozen node): the server ends its session, so the rows it locked do not stall the other
+# replicas until it resumes; its own transaction then fails. Legitimate gaps are milliseconds.
+IDLE_IN_TRANSACTION_SECONDS = 10.0
+# The database cut off by the network (packets dropped, no reset): data unacknowledged this
+# long fails the connection (libpq tcp_user_timeout; keepalives for idle connections), instead
+# of a request blocking until TCP gives up (~15 min).
+NETWORK_TIMEOUT_SECONDS = 10.0
+
+
+def session_limits(idle_in_transaction: float = IDLE_IN_TRANSACTION_SECONDS,
+                   network_timeout: float = NETWORK_TIMEOUT_SECONDS, options: str = "") -> dict[str, object]:
+    """libpq connection keywords for both limits above (``options``: more ``-c`` settings)."""
+    half = max(1, round(network_timeout / 2))
+    return {"tcp_user_timeout": max(1, round(network_timeout * 1000)), "keepalives": 1,
+            "keepalives_idle": half, "keepalives_interval": 1, "keepalives_count": half,
+            "options": f"{options} -c idle_in_transaction_session_timeout={max(1, round(idle_in_transaction * 1000))}"
+                       .strip()}

@@ -503,12 +503,11 @@ def open_journal(spec: str | None, root: str | Path, durable: bool = False) -> J
     """The journal named by ``spec`` (setting ``journal``): empty for the SQLite file
     ``<root>/journal.sqlite``, a file path for SQLite elsewhere, or a
     PostgreSQL DSN (``postgresql://…`` or libpq ``key=value`` pairs)."""
-    from clara_dicom.dsn import is_foreign_url, is_postgres_dsn, redacted
+    from clara_dicom.dsn import FOREIGN_URL_HINT, is_foreign_url, is_postgres_dsn, redacted
     from clara_dicom.errors import UserError
 
     if spec and is_foreign_url(spec):  # not a file name: refused, not made a SQLite file named after it
-        raise UserError(f"journal {redacted(spec)}: not a postgresql:// DSN (the scheme is lowercase "
-                        "postgresql:// or postgres://) nor a SQLite file path")
+        raise UserError(f"journal {redacted(spec)}: {FOREIGN_URL_HINT}")
     if spec and is_postgres_dsn(spec):
         from clara_adapter.journal_pg import PostgresJournal
 

@@ -46,7 +46,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from clara_dicom.dsn import redacted
+from clara_dicom.dsn import IDLE_IN_TRANSACTION_SECONDS, NETWORK_TIMEOUT_SECONDS, redacted, session_limits
 from clara_adapter.journal import (_INSTANCE_COLUMNS, SCHEMA, GroupRecord, GroupTakenOver,  # noqa: F401
                                    InstanceRecord, JournalBase, Transaction, TransactionAborted, _group)
 
@@ -112,13 +112,6 @@ _DUE = ("COALESCE((SELECT max(i.acked_at) FROM instances i WHERE i.group_id = gr
 _NOW = "COALESCE(?::double precision, extract(epoch from clock_timestamp())::double precision)"
 
 
-def _network_timeouts(seconds: float) -> dict[str, int]:
-    """libpq options that fail a connection whose peer stopped answering for ``seconds``."""
-    return {"tcp_user_timeout": max(1, round(seconds * 1000)), "keepalives": 1,
-            "keepalives_idle": max(1, round(seconds / 2)), "keepalives_interval": 1,
-            "keepalives_count": max(1, round(seconds / 2))}
-
-
 def _float_literal(value: float) -> str:
     return repr(value) if math.isfinite(value) else f"'{value}'::float8"  # 'nan', 'inf', '-inf'
 
@@ -172,19 +165,6 @@ CONCURRENT_TRANSACTIONS = 2
 class PostgresJournal(JournalBase):
     shared = True
 
-    # A transaction idle this long between statements belongs to a replica that stalled
-    # (SIGSTOP, a frozen node, a partition with the TCP connection still up): the server
-    # ends its session, so the row locks it holds (a closer's FOR UPDATE blocks every
-    # replica's joins of that group; a joiner's KEY SHARE keeps the group from closing)
-    # do not stall the others until it resumes. Its transaction then fails and is
-    # answered 0xA700, nothing acknowledged. Legitimate gaps are milliseconds.
-    IDLE_IN_TRANSACTION_SECONDS = 10.0
-    # The database cut off by the network (packets dropped, no reset): sent data not
-    # acknowledged for this long fails the connection (libpq's tcp_user_timeout;
-    # keepalives for idle ones), so a transaction or the reachability probe answers
-    # "unreachable" (0xA700, refusal) instead of blocking until TCP gives up (~15 min).
-    NETWORK_TIMEOUT_SECONDS = 10.0
-
     def __init__(self, dsn: str, root: str | Path, max_connections: int | None = None, timeout: float = 5.0,
                  clock: Callable[[], float] | None = None,
                  concurrent_transactions: int = CONCURRENT_TRANSACTIONS,
@@ -194,7 +174,10 @@ class PostgresJournal(JournalBase):
         (tests on a controllable clock); None in production. ``max_connections``:
         the pool's size, by default the concurrent transactions plus three (the
         journal's lock holder, the reachability probe, one spare).
-        ``idle_in_transaction``, ``network_timeout``: see IDLE_IN_TRANSACTION_SECONDS, NETWORK_TIMEOUT_SECONDS."""
+        ``idle_in_transaction``, ``network_timeout``: ``clara_dicom.dsn.session_limits``. Here the
+        first means a closer's FOR UPDATE (or a joiner's KEY SHARE) of a stalled replica stops
+        blocking the others; its transaction fails and is answered 0xA700, nothing acknowledged.
+        The second makes a transaction or the reachability probe answer "unreachable"."""
         import psycopg
         from psycopg_pool import ConnectionPool
 
@@ -222,9 +205,8 @@ class PostgresJournal(JournalBase):
             # Give up a reconnection chain after ``timeout``: the pool's backoff doubles without a
             # cap, so after a long outage it could wait as long again; the next checkout starts anew.
             reconnect_timeout=timeout,
-            kwargs={"autocommit": True, "connect_timeout": 5, **_network_timeouts(network_timeout),
-                    "options": f"-c search_path={PG_SCHEMA_NAME} "
-                               f"-c idle_in_transaction_session_timeout={max(1, round(idle_in_transaction * 1000))}"},
+            kwargs={"autocommit": True, "connect_timeout": 5,
+                    **session_limits(idle_in_transaction, network_timeout, f"-c search_path={PG_SCHEMA_NAME}")},
         )
         self._pool.open(wait=True, timeout=timeout)
         self._create_or_migrate_schema()

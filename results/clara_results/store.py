@@ -45,7 +45,8 @@ import time
 import uuid
 from typing import Any, Callable, Iterator, Sequence
 
-from clara_dicom.dsn import is_foreign_url, is_postgres_dsn, redacted
+from clara_dicom.dsn import (FOREIGN_URL_HINT, IDLE_IN_TRANSACTION_SECONDS, NETWORK_TIMEOUT_SECONDS,
+                             is_foreign_url, is_postgres_dsn, redacted, session_limits)
 from clara_results.models import NewTask, Task, TaskState
 
 log = logging.getLogger(__name__)
@@ -423,11 +424,11 @@ _TABLE_COLUMNS = """
     finished_at {real},
     lease_id TEXT
 """
-_INDEXES = (
-    "CREATE INDEX IF NOT EXISTS tasks_agent_state ON tasks (agent, state, seq)",
-    "CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (state, finished_at)",
-    "CREATE INDEX IF NOT EXISTS tasks_job ON tasks (job_id)",
-)
+_INDEXES = {  # name: its DDL
+    "tasks_agent_state": "CREATE INDEX IF NOT EXISTS tasks_agent_state ON tasks (agent, state, seq)",
+    "tasks_finished": "CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (state, finished_at)",
+    "tasks_job": "CREATE INDEX IF NOT EXISTS tasks_job ON tasks (job_id)",
+}
 
 
 class SQLiteStore(TaskStore):
@@ -457,7 +458,7 @@ class SQLiteStore(TaskStore):
             cur.execute("PRAGMA table_info(tasks)")
             if "lease_id" not in {r[1] for r in cur.fetchall()}:  # a database made before leases were fenced
                 cur.execute("ALTER TABLE tasks ADD COLUMN lease_id TEXT")
-            for ddl in _INDEXES:
+            for ddl in _INDEXES.values():
                 cur.execute(ddl)
 
     @contextlib.contextmanager
@@ -503,29 +504,19 @@ class PostgresStore(TaskStore):
     #: pg_advisory_xact_lock key serialising schema creation and migrations.
     SCHEMA_LOCK = 7316541
 
-    # A transaction idle this long between statements belongs to a replica that stalled
-    # (SIGSTOP, a frozen node): the server ends its session, so the task row it locked
-    # can be leased and reported again instead of waiting until it resumes (its own
-    # transaction then fails). Legitimate gaps are milliseconds.
-    IDLE_IN_TRANSACTION_SECONDS = 10.0
-    # The database cut off by the network (packets dropped): a request fails (503) after
-    # this long without an acknowledgement (libpq tcp_user_timeout; keepalives for idle
-    # connections), instead of hanging until TCP gives up (~15 min).
-    NETWORK_TIMEOUT_SECONDS = 10.0
-
     def __init__(self, dsn: str, pool_size: int = 8, connect_timeout: float = 5.0,
                  pool_timeout: float = 10.0, clock: Callable[[], float] | None = None,
                  idle_in_transaction: float = IDLE_IN_TRANSACTION_SECONDS,
                  network_timeout: float = NETWORK_TIMEOUT_SECONDS, **kwargs: Any) -> None:
-        """``clock``: for tests; by default the database's clock (see the module docstring)."""
+        """``clock``: for tests; by default the database's clock (see the module docstring).
+        ``idle_in_transaction``, ``network_timeout``: ``clara_dicom.dsn.session_limits`` (a
+        stalled replica's locked task row is freed; a cut-off database answers 503)."""
         super().__init__(clock=clock or self._database_now, **kwargs)
         import psycopg
         from psycopg_pool import ConnectionPool
 
-        connect_kwargs: dict[str, Any] = {
-            "connect_timeout": max(1, int(connect_timeout)), "tcp_user_timeout": max(1, round(network_timeout * 1000)),
-            "keepalives": 1, "keepalives_idle": max(1, round(network_timeout / 2)), "keepalives_interval": 1,
-            "keepalives_count": max(1, round(network_timeout / 2))}
+        connect_kwargs: dict[str, Any] = {"connect_timeout": max(1, int(connect_timeout)),
+                                          **session_limits(idle_in_transaction, network_timeout)}
         # The schema on a connection of its own: its failure carries libpq's own reason
         # (a pool would only say it timed out).
         try:
@@ -534,7 +525,6 @@ class PostgresStore(TaskStore):
         except psycopg.Error as exc:
             # The DSN may hold a password: never echo it.
             raise StoreUnavailable(f"cannot use PostgreSQL: {_first_line(exc)}") from exc
-        connect_kwargs["options"] = f"-c idle_in_transaction_session_timeout={max(1, round(idle_in_transaction * 1000))}"
         self._pool = ConnectionPool(dsn, kwargs=connect_kwargs, min_size=1, max_size=pool_size,
                                     timeout=pool_timeout, name="clara-results", open=True)
 
@@ -546,18 +536,16 @@ class PostgresStore(TaskStore):
         replica's requests queue behind it."""
         with conn.transaction(), conn.cursor() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (cls.SCHEMA_LOCK,))
-            cur.execute("SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass('tasks') "
-                        "AND attname = 'lease_id' AND NOT attisdropped")
-            current = cur.fetchone()[0] == 1
-            for ddl in _INDEXES:
-                cur.execute("SELECT to_regclass(%s)", (ddl.split(" IF NOT EXISTS ")[1].split()[0],))
-                current = current and cur.fetchone()[0] is not None
-            if current:
+            cur.execute("SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass('tasks') "
+                        "AND attname = 'lease_id' AND NOT attisdropped) "
+                        "AND NOT EXISTS (SELECT FROM unnest(%s::text[]) AS name WHERE to_regclass(name) IS NULL)",
+                        (list(_INDEXES),))
+            if cur.fetchone()[0]:
                 return
             cur.execute("CREATE TABLE IF NOT EXISTS tasks (seq BIGSERIAL PRIMARY KEY,"
                         + _TABLE_COLUMNS.format(real="DOUBLE PRECISION") + ")")
             cur.execute("ALTER TABLE tasks ADD COLUMN IF NOT EXISTS lease_id TEXT")
-            for ddl in _INDEXES:
+            for ddl in _INDEXES.values():
                 cur.execute(ddl)
 
     def _skip_locked(self) -> str:
@@ -618,6 +606,5 @@ def open_store(dsn: str, **kwargs: Any) -> TaskStore:
     if is_postgres_dsn(dsn):
         return PostgresStore(dsn, **kwargs)
     if is_foreign_url(dsn):  # not a file name: refused, not made a SQLite file named after it
-        raise StoreUnavailable("not a postgresql:// DSN (the scheme is lowercase postgresql:// or postgres://), "
-                               "nor sqlite:///PATH or a file path")
+        raise StoreUnavailable(f"{FOREIGN_URL_HINT} (sqlite:///PATH)")
     return SQLiteStore(sqlite_path(dsn), **kwargs)
