@@ -24,9 +24,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import re
 import time
 from typing import TYPE_CHECKING, Any
+
+from pydicom.uid import RE_VALID_UID
 
 from clara_adapter import dimse, dul_pdu
 from clara_adapter.dul_pdu import AssociateRequest, PduError, PduStream
@@ -57,12 +58,10 @@ def is_storage_like(abstract_syntax: str) -> bool:
     return uid_to_service_class(abstract_syntax).__name__ in _STORAGE_LIKE
 
 
-_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
-
-
 def is_uid(value: str) -> bool:
-    """A syntactically valid UID (PS3.5 9.1): dot-separated numbers, at most 64 characters."""
-    return len(value) <= 64 and _UID.fullmatch(value) is not None
+    """A syntactically valid UID (PS3.5 9.1): dot-separated numbers, at most 64 characters
+    (pydicom's pattern; its ``UID.is_valid`` would also log a warning per hostile name)."""
+    return len(value) <= 64 and RE_VALID_UID.fullmatch(value) is not None
 
 
 def negotiate_contexts(rq: AssociateRequest) -> list[tuple[int, int, str]]:
