@@ -2,11 +2,10 @@
 whatever the moment the ConfigMap appears (a race the e2e suite once lost)."""
 from __future__ import annotations
 
-import json
 import threading
 
 import pytest
-from peers import wait_for  # noqa: E402
+from peers import wait_for
 
 from clara_adapter.k8s_client import KubeClient
 from clara_adapter.k8s_config import CONFIG_KEY, ConfigWatcher
@@ -24,16 +23,13 @@ def config_map(namespace: str, version_of: RenderedConfig) -> dict:
 
 def test_a_configmap_created_just_before_the_watch_starts_is_delivered(k8s_cluster, k8s_namespace, tmp_path):
     ns = k8s_namespace
-    wanted = RenderedConfig(namespace=ns).with_version()
-    wanted = RenderedConfig.from_json(json.dumps({**json.loads(wanted.to_json()), "version": "created-in-the-gap"}))
+    wanted = RenderedConfig(namespace=ns, version="created-in-the-gap")
     client = KubeClient(str(k8s_cluster.kubeconfig))
     client.start()
-    seen: list[str] = []
     got = threading.Event()
 
     def on_config(config: RenderedConfig) -> None:
-        seen.append(config.version)
-        if config.version == "created-in-the-gap":
+        if config.version == wanted.version:
             got.set()
 
     # The operator creates the ConfigMap after the adapter found none and before its watch
@@ -51,7 +47,7 @@ def test_a_configmap_created_just_before_the_watch_starts_is_delivered(k8s_clust
     watcher = ConfigWatcher(client, ns, NAME, tmp_path / "applied-config.json")
     try:
         first = watcher.start(on_config)
-        assert first is not None and first.version != "created-in-the-gap"  # nothing there at the start
+        assert first is not None and first.version != wanted.version  # nothing there at the start
         wait_for(got.is_set, 20, what="the ConfigMap created in the gap delivered")
         assert created
     finally:
